@@ -1,0 +1,163 @@
+//! The 32→64-bit trampoline shared by the PVH and Multiboot2 entries.
+//!
+//! Both boot protocols enter in 32-bit protected mode with paging off: PVH (QEMU `-kernel`,
+//! Firecracker, cloud-hypervisor) with `ebx` = physical address of `hvm_start_info`; Multiboot2
+//! (GRUB) with `eax` = 0x36d76289 and `ebx` = the boot information. One routine serves both: it
+//! identity-maps the first 4 GiB with 2 MiB pages (just enough to reach the Rust code and the
+//! boot information; `mm::paging` builds the real tables from the memory map), enables PAE,
+//! long mode, SSE (prebuilt `core` uses it) and paging, and calls
+//! `tandem_kernel_entry(eax, ebx)`.
+
+use core::arch::global_asm;
+
+/// Size of the boot stack the trampoline switches to; Rust runs on it until the app exits.
+pub const BOOT_STACK_SIZE: usize = 256 * 1024;
+
+global_asm!(
+    r#"
+    .section .multiboot2, "a"
+    .balign 8
+tandem_multiboot2_header:
+    .long 0xE85250D6
+    .long 0
+    .long tandem_multiboot2_header_end - tandem_multiboot2_header
+    .long -(0xE85250D6 + (tandem_multiboot2_header_end - tandem_multiboot2_header))
+    /* information request tag: command line, memory map, ACPI RSDP (old and new) */
+    .balign 8
+    .short 1
+    .short 0
+    .long 24
+    .long 1
+    .long 6
+    .long 14
+    .long 15
+    /* end tag */
+    .balign 8
+    .short 0
+    .short 0
+    .long 8
+tandem_multiboot2_header_end:
+
+    .section .note.Xen, "a", @note
+    .balign 4
+    .long 4
+    .long 4
+    .long 18                    /* XEN_ELFNOTE_PHYS32_ENTRY */
+    .asciz "Xen"
+    .balign 4
+    .long tandem_entry32
+    .balign 4
+
+    .section .text.boot, "ax"
+    .code32
+    .global tandem_entry32
+tandem_entry32:
+    cli
+    cld
+    movl %eax, %edi             /* boot magic (Multiboot2) or garbage (PVH) */
+    movl %ebx, %esi             /* boot information */
+    movl $tandem_boot_stack_top, %esp
+
+    /* PML4[0] -> PDPT, PDPT[0..4] -> four page directories of 2 MiB pages = 0..4 GiB. */
+    movl $tandem_boot_pdpt, %eax
+    orl $0x3, %eax
+    movl %eax, tandem_boot_pml4
+    movl $0, tandem_boot_pml4 + 4
+
+    xorl %ecx, %ecx
+1:
+    movl %ecx, %eax
+    shll $12, %eax
+    addl $tandem_boot_pd, %eax
+    orl $0x3, %eax
+    movl %eax, tandem_boot_pdpt(,%ecx,8)
+    movl $0, tandem_boot_pdpt + 4(,%ecx,8)
+    incl %ecx
+    cmpl $4, %ecx
+    jne 1b
+
+    xorl %ecx, %ecx
+2:
+    movl %ecx, %eax
+    shll $21, %eax
+    orl $0x83, %eax             /* present | writable | 2 MiB page */
+    movl %eax, tandem_boot_pd(,%ecx,8)
+    movl %ecx, %eax
+    shrl $11, %eax              /* bits 32.. of (ecx << 21) */
+    movl %eax, tandem_boot_pd + 4(,%ecx,8)
+    incl %ecx
+    cmpl $2048, %ecx
+    jne 2b
+
+    movl $tandem_boot_pml4, %eax
+    movl %eax, %cr3
+
+    /* CR4: PAE (5), OSFXSR (9), OSXMMEXCPT (10). */
+    movl %cr4, %eax
+    orl $((1 << 5) | (1 << 9) | (1 << 10)), %eax
+    movl %eax, %cr4
+
+    /* EFER.LME */
+    movl $0xC0000080, %ecx
+    rdmsr
+    orl $(1 << 8), %eax
+    wrmsr
+
+    /* CR0: PG (31), WP (16), NE (5), MP (1); clear EM (2) and TS (3) so SSE works. */
+    movl %cr0, %eax
+    andl $~((1 << 2) | (1 << 3)), %eax
+    orl $((1 << 31) | (1 << 16) | (1 << 5) | (1 << 1)), %eax
+    movl %eax, %cr0
+
+    lgdt tandem_boot_gdt_pointer
+    ljmp $0x08, $tandem_entry64
+
+    .code64
+tandem_entry64:
+    movw $0x10, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    xorw %ax, %ax
+    movw %ax, %fs
+    movw %ax, %gs
+    movl %edi, %edi             /* zero-extend: upper halves are undefined after the switch */
+    movl %esi, %esi
+    movabsq $tandem_boot_stack_top, %rsp
+    xorl %ebp, %ebp
+    fninit
+    call tandem_kernel_entry
+3:
+    cli
+    hlt
+    jmp 3b
+
+    .section .rodata
+    .balign 16
+tandem_boot_gdt:
+    .quad 0
+    .quad 0x00AF9A000000FFFF    /* 0x08: 64-bit code */
+    .quad 0x00CF92000000FFFF    /* 0x10: data */
+tandem_boot_gdt_end:
+    .balign 4
+tandem_boot_gdt_pointer:
+    .short tandem_boot_gdt_end - tandem_boot_gdt - 1
+    .long tandem_boot_gdt
+
+    .section .bss
+    .balign 4096
+tandem_boot_pml4:
+    .skip 4096
+tandem_boot_pdpt:
+    .skip 4096
+tandem_boot_pd:
+    .skip 4096 * 4
+    .balign 16
+tandem_boot_stack_bottom:
+    .skip {stack_size}
+tandem_boot_stack_top:
+    .code64
+    "#,
+    stack_size = const BOOT_STACK_SIZE,
+    options(att_syntax)
+);
