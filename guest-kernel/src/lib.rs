@@ -21,6 +21,7 @@ pub mod exit;
 #[cfg(not(test))]
 pub mod interrupts;
 pub mod mm;
+pub mod pci;
 #[cfg(not(test))]
 mod rt;
 #[cfg(not(test))]

@@ -157,7 +157,7 @@ impl DmaRegion {
     /// Volatile read of a little-endian u64 at `offset` (descriptor fields the device writes).
     /// Returns `None` when the access would leave the region.
     pub fn read_volatile_u64(&self, offset: usize) -> Option<u64> {
-        if offset % 8 != 0 || offset.checked_add(8)? > self.len {
+        if !offset.is_multiple_of(8) || offset.checked_add(8)? > self.len {
             return None;
         }
         // SAFETY: in bounds and 8-byte aligned relative to a page-aligned (or heap-aligned to 8)
@@ -169,7 +169,7 @@ impl DmaRegion {
 
     /// Volatile write of a little-endian u64 at `offset`. Returns `false` when out of bounds.
     pub fn write_volatile_u64(&mut self, offset: usize, value: u64) -> bool {
-        if offset % 8 != 0 || offset.checked_add(8).is_none_or(|end| end > self.len) {
+        if !offset.is_multiple_of(8) || offset.checked_add(8).is_none_or(|end| end > self.len) {
             return false;
         }
         // SAFETY: in bounds and aligned, checked above.

@@ -81,7 +81,7 @@ impl FrameAllocator {
     /// Returns `count` frames starting at `address`. Frames outside the pool or already free
     /// are ignored (and reported by the return value: how many were actually freed).
     pub fn free(&mut self, address: u64, count: usize) -> usize {
-        if address < self.base || address % PAGE_SIZE != 0 {
+        if address < self.base || !address.is_multiple_of(PAGE_SIZE) {
             return 0;
         }
         let first = ((address - self.base) / PAGE_SIZE) as usize;

@@ -35,7 +35,7 @@ impl MmioRegion {
     }
 
     fn in_bounds(&self, offset: usize, width: usize) -> bool {
-        offset % width == 0 && offset.checked_add(width).is_some_and(|end| end <= self.len)
+        offset.is_multiple_of(width) && offset.checked_add(width).is_some_and(|end| end <= self.len)
     }
 }
 

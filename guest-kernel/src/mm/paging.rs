@@ -101,7 +101,7 @@ fn map_locked(
         let pd_entry = unsafe { table(pd).add(pd_index) };
         // SAFETY: as above.
         let pd_value = unsafe { pd_entry.read_volatile() };
-        let large_fits = address % LARGE_PAGE == 0 && address + LARGE_PAGE <= end;
+        let large_fits = address.is_multiple_of(LARGE_PAGE) && address + LARGE_PAGE <= end;
         if pd_value & PRESENT == 0 && large_fits && cacheability == Cacheability::WriteBack {
             // SAFETY: as above.
             unsafe { pd_entry.write_volatile(address | attributes | HUGE_PAGE) };
