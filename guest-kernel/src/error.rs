@@ -1,5 +1,6 @@
 //! The kernel's error type.
 
+use alloc::string::String;
 use core::fmt;
 
 /// Everything that can go wrong in the kernel's control paths.
@@ -33,6 +34,23 @@ pub enum KernelError {
     },
     /// A PCI operation failed.
     Pci(PciErrorKind),
+    /// No NIC the kernel can drive was found.
+    NoNetworkDevice {
+        /// What was looked for and what was found instead.
+        reason: &'static str,
+    },
+    /// A NIC driver refused to start.
+    Driver {
+        /// The device, e.g. "virtio-net 00:03.0".
+        device: String,
+        /// The driver's error.
+        reason: String,
+    },
+    /// The network stack refused its configuration.
+    Network {
+        /// The stack's error.
+        reason: String,
+    },
 }
 
 /// The PCI-specific part of [`KernelError`].
@@ -79,6 +97,9 @@ impl fmt::Display for KernelError {
             }
             KernelError::BadBootInfo { reason } => write!(f, "boot information: {reason}"),
             KernelError::Pci(kind) => write!(f, "PCI: {kind}"),
+            KernelError::NoNetworkDevice { reason } => write!(f, "no network device: {reason}"),
+            KernelError::Driver { device, reason } => write!(f, "{device}: {reason}"),
+            KernelError::Network { reason } => write!(f, "network stack: {reason}"),
         }
     }
 }

@@ -21,6 +21,8 @@ pub mod exit;
 #[cfg(not(test))]
 pub mod interrupts;
 pub mod mm;
+#[cfg(not(test))]
+pub mod net;
 pub mod pci;
 #[cfg(not(test))]
 mod rt;

@@ -99,3 +99,13 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
     }
     crate::exit::exit(PANIC_EXIT_CODE)
 }
+
+/// Referenced by cleanup paths in the prebuilt `liballoc`; with `panic = "abort"` no unwinding
+/// ever starts, so reaching this is a kernel bug.
+#[unsafe(no_mangle)]
+pub extern "C" fn _Unwind_Resume() -> ! {
+    crate::console::emergency_print(format_args!(
+        "panic: _Unwind_Resume called without an unwinder\n"
+    ));
+    crate::exit::exit(PANIC_EXIT_CODE)
+}

@@ -116,3 +116,22 @@ pub fn halt_forever() -> ! {
         unsafe { asm!("cli; hlt", options(nomem, nostack)) };
     }
 }
+
+/// A hardware random number (RDRAND), or `None` when the CPU has none or it failed 10 times.
+pub fn rdrand() -> Option<u64> {
+    if cpuid(1, 0).ecx & (1 << 30) == 0 {
+        return None;
+    }
+    for _ in 0..10 {
+        let value: u64;
+        let ok: u8;
+        // SAFETY: RDRAND exists (CPUID.1:ECX[30] checked above) and only writes registers.
+        unsafe {
+            asm!("rdrand {}", "setc {}", out(reg) value, out(reg_byte) ok, options(nomem, nostack))
+        };
+        if ok != 0 {
+            return Some(value);
+        }
+    }
+    None
+}
