@@ -329,9 +329,8 @@ mod hardware {
 
     impl ReferenceTsc {
         fn sample(&self) -> PageSample {
-            let sequence = |page: &DmaRegion| {
-                page.read_volatile_u64(PAGE_SEQUENCE).unwrap_or(0) as u32
-            };
+            let sequence =
+                |page: &DmaRegion| page.read_volatile_u64(PAGE_SEQUENCE).unwrap_or(0) as u32;
             let sequence_before = sequence(&self.page);
             let scale = self.page.read_volatile_u64(PAGE_SCALE).unwrap_or(0);
             let offset = self.page.read_volatile_u64(PAGE_OFFSET).unwrap_or(0) as i64;
@@ -396,7 +395,10 @@ mod tests {
             (0x4000_0002, regs(20348, 0x000a_0000, 0, 0)),
             // EAX: privilege bits 0–7, 9–11 and 13; EBX: post messages, signal events; EDX: bit 8 among
             // others.
-            (0x4000_0003, regs(0x2eff, 0x0000_0030, 0x0000_0002, 0x0000_0d3e)),
+            (
+                0x4000_0003,
+                regs(0x2eff, 0x0000_0030, 0x0000_0002, 0x0000_0d3e),
+            ),
         ])
     }
 
@@ -460,7 +462,11 @@ mod tests {
         assert_eq!(tsc_hz_from_scale(scale), Some(2_500_000_000));
         assert_eq!(tsc_hz_from_scale(0), None);
         assert_eq!(tsc_hz_from_scale(1), None, "overflows: implausible");
-        assert_eq!(tsc_hz_from_scale(u64::MAX), Some(10_000_000), "the slowest TSC a scale can express");
+        assert_eq!(
+            tsc_hz_from_scale(u64::MAX),
+            Some(10_000_000),
+            "the slowest TSC a scale can express"
+        );
         // One second of TSC ticks is 10^7 reference ticks, plus the offset.
         assert_eq!(reference_time(2_500_000_000, scale, 0), 9_999_999);
         assert_eq!(reference_time(2_500_000_000, scale, 1_000), 10_000_999);

@@ -1,6 +1,8 @@
 //! Network bring-up: finds the NICs on PCI, starts their drivers with MSI-X, hands them to the
 //! network stack, and runs the stack's event loop together with PCIe hot-plug service.
 
+pub mod vf_path;
+
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::ToString;
@@ -30,7 +32,7 @@ const VIRTIO_NET_MODERN: u16 = 0x1041;
 const VIRTIO_NET_TRANSITIONAL: u16 = 0x1000;
 
 /// The PCI bus, kept for hot-plug service by the event loop.
-static PCI: Mutex<Option<Pci>> = Mutex::new(None);
+pub(crate) static PCI: Mutex<Option<Pci>> = Mutex::new(None);
 
 /// Time, sleep and randomness for the network stack.
 pub struct KernelPlatform;
@@ -61,14 +63,14 @@ fn running_on_hyper_v() -> bool {
 
 /// Device interrupts only need to wake the event loop (the dispatcher counts them); the loop
 /// polls every device afterwards.
-fn wake_event_loop(_vector: u8) {}
+pub(crate) fn wake_event_loop(_vector: u8) {}
 
 fn is_virtio_net(device: &PciDevice) -> bool {
     device.vendor_id == VIRTIO_VENDOR
         && (device.device_id == VIRTIO_NET_MODERN || device.device_id == VIRTIO_NET_TRANSITIONAL)
 }
 
-fn name_of(prefix: &str, address: PciAddress) -> alloc::string::String {
+pub(crate) fn name_of(prefix: &str, address: PciAddress) -> alloc::string::String {
     format!(
         "{prefix} {:02x}:{:02x}.{}",
         address.bus(),
@@ -181,8 +183,9 @@ fn start_virtio_net(
     Ok(Box::new(driver))
 }
 
-/// Finds the synthetic NIC, starts it, and builds the network stack over it with the
-/// addressing from the command line (`ip=`, `gw=`, ... or DHCP).
+/// Finds the synthetic NIC, starts it, builds the network stack over it with the addressing
+/// from the command line (`ip=`, `gw=`, ... or DHCP), and pairs a VF with it when one is there
+/// (with `igb.lab_pf=1`, this image also plays the igb PF's driver to create the VF).
 pub fn bring_up() -> Result<NetStack, KernelError> {
     let mut pci = pci::init()?;
     let config =
@@ -205,28 +208,86 @@ pub fn bring_up() -> Result<NetStack, KernelError> {
         });
     };
     let synthetic = start_virtio_net(&mut pci, address)?;
-    let stack = NetStack::new(config, synthetic, Box::new(KernelPlatform)).map_err(|error| {
-        KernelError::Network {
-            reason: error.to_string(),
-        }
-    })?;
+    let mut stack =
+        NetStack::new(config, synthetic, Box::new(KernelPlatform)).map_err(|error| {
+            KernelError::Network {
+                reason: error.to_string(),
+            }
+        })?;
     *PCI.lock() = Some(pci);
+    attach_vf_if_present(&mut stack);
     Ok(stack)
 }
 
-/// Handles PCIe hot-plug events: devices without a driver are let go at once (the PCI layer
-/// completes their removal itself).
-fn service_hotplug(_stack: &mut NetStack) {
-    let mut guard = PCI.lock();
-    let Some(pci) = guard.as_mut() else { return };
-    for event in pci.service() {
+/// Starts the VF path (and the lab PF when asked) and attaches it to the bond; failures leave
+/// the synthetic path alone in charge.
+fn attach_vf_if_present(stack: &mut NetStack) {
+    match vf_path::bring_up_vf_path(stack.mac_address()) {
+        Ok(Some(vf)) => {
+            if let Err(rejected) = stack.attach_vf(vf) {
+                log::warn!("net: VF not paired: {rejected:?}");
+            }
+        }
+        Ok(None) => {}
+        Err(error) => {
+            log::warn!("net: VF path unavailable, staying on the synthetic path: {error}")
+        }
+    }
+}
+
+/// True when `devices` include the PF or VF of the VF path.
+fn carries_vf_path(devices: &[PciDevice]) -> bool {
+    devices
+        .iter()
+        .any(|device| vf_path::is_lab_pf_device(device) || vf_path::is_igb_vf(device))
+}
+
+/// Handles PCIe hot-plug events. The VF path's slot leaving: stop choosing the VF, quiesce it
+/// (no DMA in flight), drop it and the lab PF, then let the slot power off. A VF path
+/// arriving: bring it up and attach it (the bond switches once it is ready). Devices nobody
+/// drives are let go at once.
+fn service_hotplug(stack: &mut NetStack) {
+    let events = match PCI.lock().as_mut() {
+        Some(pci) => pci.service(),
+        None => return,
+    };
+    for event in events {
         match event {
-            HotplugEvent::DeviceLeaving { slot, .. } => {
-                if let Err(error) = pci.complete_removal(slot) {
-                    log::warn!("hotplug: completing removal on {slot:?}: {error}");
+            HotplugEvent::DeviceLeaving { slot, devices } => {
+                if carries_vf_path(&devices) {
+                    let started = time::now_ns();
+                    if let Some(mut vf) = stack.detach_vf() {
+                        vf.stop();
+                    }
+                    vf_path::stop_lab_pf();
+                    log::info!(
+                        "net: VF path quiesced for unplug in {} us",
+                        (time::now_ns() - started) / 1000
+                    );
+                }
+                if let Some(pci) = PCI.lock().as_mut() {
+                    for device in &devices {
+                        pci.release(device.address);
+                    }
+                    if let Err(error) = pci.complete_removal(slot) {
+                        log::warn!("hotplug: completing removal on {slot:?}: {error}");
+                    }
                 }
             }
-            other => log::debug!("hotplug: {other:?}"),
+            HotplugEvent::DeviceRemoved { devices, .. }
+            | HotplugEvent::UnplugComplete { devices, .. } => {
+                if carries_vf_path(&devices) {
+                    if let Some(mut vf) = stack.detach_vf() {
+                        vf.mark_gone();
+                    }
+                    vf_path::stop_lab_pf();
+                }
+            }
+            HotplugEvent::DeviceArrived { devices, .. } => {
+                if carries_vf_path(&devices) && !stack.bond().has_vf() {
+                    attach_vf_if_present(stack);
+                }
+            }
         }
     }
 }
@@ -236,6 +297,7 @@ fn service_hotplug(_stack: &mut NetStack) {
 pub fn run(stack: &mut NetStack, mut app: impl FnMut(&mut NetStack) -> ControlFlow<i32>) -> i32 {
     loop {
         service_hotplug(stack);
+        vf_path::service_lab_pf();
         let did_work = stack.poll();
         if let ControlFlow::Break(code) = app(stack) {
             return code;

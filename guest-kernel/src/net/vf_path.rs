@@ -1,0 +1,283 @@
+//! The VF path: starting the igbvf driver on an SR-IOV VF, and (in lab images only) the PF
+//! responder that plays the host's PF driver for QEMU's igb emulation.
+//!
+//! The lab PF is test-bed scaffolding: it runs only when the command line says
+//! `igb.lab_pf=1`. On a real SR-IOV host the PF belongs to the host and the VF arrives alone.
+
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::ToString;
+use alloc::vec;
+
+use net_device::{MacAddress, NetDevice};
+use spin::Mutex;
+use vf_driver::{Config, IgbVf, LabPf, LabPfConfig, SriovControl, WaitHost};
+
+use super::{PCI, name_of, wake_event_loop};
+use crate::error::KernelError;
+use crate::mm::heap::KernelDma;
+use crate::mm::mmio::MmioRegion;
+use crate::pci::{Command, ConfigAccess, PciAddress, PciDevice, capability};
+use crate::{interrupts, time};
+
+/// Intel's PCI vendor ID.
+const INTEL_VENDOR: u16 = 0x8086;
+/// 82576 PF (what QEMU's `igb` device is).
+const IGB_82576_PF: u16 = 0x10c9;
+
+/// The lab PF responder, when running.
+pub(super) static LAB_PF: Mutex<Option<LabPf<MmioRegion, KernelSriov>>> = Mutex::new(None);
+
+/// True when the command line asks for the lab PF responder.
+pub fn lab_pf_requested() -> bool {
+    matches!(
+        crate::cmdline_value("igb.lab_pf"),
+        Some("1" | "on" | "yes" | "true")
+    )
+}
+
+/// True for a PF the lab responder can drive.
+pub fn is_lab_pf_device(device: &PciDevice) -> bool {
+    device.vendor_id == INTEL_VENDOR
+        && device.device_id == IGB_82576_PF
+        && !device.is_virtual_function()
+}
+
+/// True for a VF the igbvf driver drives.
+pub fn is_igb_vf(device: &PciDevice) -> bool {
+    device.is_virtual_function()
+        && vf_driver::regs::is_supported_device(device.vendor_id, device.device_id)
+}
+
+/// Waits in driver bring-up: the clock, and a turn of the lab PF (the VF's mailbox peer lives
+/// in this image when the lab PF runs).
+struct KernelWaitHost;
+
+impl WaitHost for KernelWaitHost {
+    fn now_ns(&mut self) -> u64 {
+        time::now_ns()
+    }
+
+    fn idle(&mut self) {
+        if let Some(mut lab) = LAB_PF.try_lock()
+            && let Some(lab) = lab.as_mut()
+        {
+            lab.service();
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// The PF's SR-IOV controls, through the kernel's PCI bus.
+pub(super) struct KernelSriov {
+    pf: PciAddress,
+}
+
+impl KernelSriov {
+    fn with_pci<T>(&self, default: T, f: impl FnOnce(&mut crate::pci::Pci) -> T) -> T {
+        match PCI.lock().as_mut() {
+            Some(pci) => f(pci),
+            None => default,
+        }
+    }
+}
+
+impl SriovControl for KernelSriov {
+    fn total_vfs(&self) -> u16 {
+        self.with_pci(0, |pci| {
+            capability::SriovCapability::find(pci.config(), self.pf).map_or(0, |cap| cap.total_vfs)
+        })
+    }
+
+    fn enable_vfs(&mut self, count: u16) -> Result<(), vf_driver::Error> {
+        let pf = self.pf;
+        self.with_pci(Err("no PCI bus"), |pci| {
+            pci.enable_sriov(pf, count)
+                .map(|_| ())
+                .map_err(|_| "PCI refused")
+        })
+        .map_err(|reason| vf_driver::Error::SriovEnable {
+            requested: count,
+            reason,
+        })
+    }
+
+    fn disable_vfs(&mut self) {
+        let pf = self.pf;
+        self.with_pci((), |pci| {
+            if let Err(error) = pci.disable_sriov(pf) {
+                log::warn!("lab PF: disabling VFs: {error}");
+            }
+        });
+    }
+
+    fn enabled_vfs(&self) -> u16 {
+        self.with_pci(0, |pci| {
+            pci.device(self.pf)
+                .and_then(|pf| pf.sriov.as_ref())
+                .map_or(0, |state| state.num_vfs)
+        })
+    }
+
+    fn function_level_reset(&mut self, vf: u16) -> Result<(), vf_driver::Error> {
+        let pf = self.pf;
+        self.with_pci(Err(vf_driver::Error::NoSuchVf { vf, count: 0 }), |pci| {
+            let state = pci.device(pf).and_then(|pf| pf.sriov.clone());
+            let count = state.as_ref().map_or(0, |state| state.num_vfs);
+            let address = state
+                .and_then(|state| state.vfs.get(usize::from(vf)).copied())
+                .ok_or(vf_driver::Error::NoSuchVf { vf, count })?;
+            let express =
+                capability::find_capability(pci.config(), address, capability::id::PCI_EXPRESS)
+                    .ok_or(vf_driver::Error::NoSuchVf { vf, count })?;
+            // PCIe Device Control (capability + 8), bit 15: Initiate Function Level Reset.
+            let control = pci.config().read16(address, express + 8);
+            pci.config().write16(address, express + 8, control | 0x8000);
+            // FLR clears the VF's Command register; QEMU gates its BARs and DMA on it.
+            pci.set_command(address, Command::MEMORY_SPACE | Command::BUS_MASTER);
+            Ok(())
+        })
+    }
+}
+
+/// Starts the lab PF responder on `pf`, giving VF 0 the MAC `mac` (the synthetic NIC's, as a
+/// host administrator or libvirt `<teaming>` would), and enables one VF.
+pub fn start_lab_pf(pf: PciAddress, mac: MacAddress) -> Result<(), KernelError> {
+    let name = name_of("lab PF", pf);
+    let lab_error = |error: vf_driver::Error| KernelError::Driver {
+        device: name.clone(),
+        reason: error.to_string(),
+    };
+    let registers = {
+        let guard = PCI.lock();
+        let pci = guard.as_ref().ok_or(KernelError::NoNetworkDevice {
+            reason: "PCI not initialised",
+        })?;
+        // QEMU needs PF bus mastering for the VFs' DMA too.
+        pci.enable_command(pf, Command::MEMORY_SPACE | Command::BUS_MASTER)?;
+        pci.map_bar(pf, 0)?
+    };
+    let config = LabPfConfig {
+        num_vfs: 1,
+        vf_macs: vec![Some(mac)],
+        ..LabPfConfig::default()
+    };
+    let mut lab = LabPf::new(registers, KernelSriov { pf }, config).map_err(lab_error)?;
+    let link_up = lab.bring_up(&mut KernelWaitHost).map_err(lab_error)?;
+    log::info!(
+        "{name}: SR-IOV enabled, VF 0 MAC {mac}, link {}",
+        if link_up { "up" } else { "down" }
+    );
+    *LAB_PF.lock() = Some(lab);
+    Ok(())
+}
+
+/// Starts the igbvf driver on `vf` with MSI-X.
+pub fn start_vf(vf: PciAddress) -> Result<Box<dyn NetDevice>, KernelError> {
+    let name = name_of("igbvf", vf);
+    let (registers, msix) = {
+        let guard = PCI.lock();
+        let pci = guard.as_ref().ok_or(KernelError::NoNetworkDevice {
+            reason: "PCI not initialised",
+        })?;
+        pci.enable_command(vf, Command::MEMORY_SPACE | Command::BUS_MASTER)?;
+        let registers = pci.map_bar(vf, 0)?;
+        let vectors = [
+            interrupts::allocate_vector(wake_event_loop)?,
+            interrupts::allocate_vector(wake_event_loop)?,
+            interrupts::allocate_vector(wake_event_loop)?,
+        ];
+        let msix = match pci.enable_msix(vf, &vectors) {
+            Ok(_) => true,
+            Err(error) => {
+                log::warn!("{name}: no MSI-X ({error}); polling");
+                vectors.into_iter().for_each(interrupts::free_vector);
+                false
+            }
+        };
+        (registers, msix)
+    };
+    let config = Config {
+        name: name.clone(),
+        ..Config::default()
+    };
+    let mut driver =
+        IgbVf::new(registers, KernelDma, Box::new(KernelWaitHost), config).map_err(|error| {
+            KernelError::Driver {
+                device: name.clone(),
+                reason: error.to_string(),
+            }
+        })?;
+    if msix && let Err(error) = driver.configure_msix(0, 1) {
+        log::warn!("{name}: MSI-X vector mapping refused: {error}");
+    }
+    log::info!("{name}: up, MAC {}", driver.mac_address());
+    Ok(Box::new(driver))
+}
+
+/// Brings up the lab PF on the first igb PF (if asked for) and its VF 0; returns the VF
+/// driver. `Ok(None)` when there is nothing to do.
+pub fn bring_up_vf_path(mac: MacAddress) -> Result<Option<Box<dyn NetDevice>>, KernelError> {
+    let (pf, existing_vf) = {
+        let guard = PCI.lock();
+        let Some(pci) = guard.as_ref() else {
+            return Ok(None);
+        };
+        let pf = pci
+            .devices()
+            .iter()
+            .find(|device| is_lab_pf_device(device))
+            .map(|device| device.address);
+        let vf = pci
+            .devices()
+            .iter()
+            .find(|device| is_igb_vf(device))
+            .map(|device| device.address);
+        (pf, vf)
+    };
+    let vf = match (existing_vf, pf) {
+        (Some(vf), _) => vf,
+        (None, Some(pf)) if lab_pf_requested() => {
+            start_lab_pf(pf, mac)?;
+            let guard = PCI.lock();
+            let pci = guard.as_ref().ok_or(KernelError::NoNetworkDevice {
+                reason: "PCI not initialised",
+            })?;
+            let vfs = pci
+                .device(pf)
+                .and_then(|device| device.sriov.as_ref())
+                .map(|state| state.vfs.clone());
+            match vfs.and_then(|vfs| vfs.first().copied()) {
+                Some(vf) => vf,
+                None => {
+                    return Err(KernelError::NoNetworkDevice {
+                        reason: "the lab PF enabled no VF",
+                    });
+                }
+            }
+        }
+        (None, Some(pf)) => {
+            log::info!(
+                "{}: igb PF present but igb.lab_pf=1 not given: it belongs to the host",
+                format!("{:?}", pf)
+            );
+            return Ok(None);
+        }
+        (None, None) => return Ok(None),
+    };
+    start_vf(vf).map(Some)
+}
+
+/// Services the lab PF's mailbox (VF requests) once; cheap when idle.
+pub fn service_lab_pf() {
+    if let Some(mut lab) = LAB_PF.try_lock()
+        && let Some(lab) = lab.as_mut()
+    {
+        lab.service();
+    }
+}
+
+/// Drops the lab PF (its device is leaving or gone).
+pub fn stop_lab_pf() {
+    LAB_PF.lock().take();
+}
