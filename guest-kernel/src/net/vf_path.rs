@@ -5,7 +5,6 @@
 //! `igb.lab_pf=1`. On a real SR-IOV host the PF belongs to the host and the VF arrives alone.
 
 use alloc::boxed::Box;
-use alloc::format;
 use alloc::string::ToString;
 use alloc::vec;
 
@@ -257,10 +256,7 @@ pub fn bring_up_vf_path(mac: MacAddress) -> Result<Option<Box<dyn NetDevice>>, K
             }
         }
         (None, Some(pf)) => {
-            log::info!(
-                "{}: igb PF present but igb.lab_pf=1 not given: it belongs to the host",
-                format!("{:?}", pf)
-            );
+            log::info!("igb PF {pf} present but igb.lab_pf=1 not given: it belongs to the host");
             return Ok(None);
         }
         (None, None) => return Ok(None),
