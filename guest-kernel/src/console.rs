@@ -155,3 +155,56 @@ pub fn init_logging(level: Option<&str>) {
         log::warn!("unknown log level {text:?}: using info");
     }
 }
+
+/// COM2, the lab control channel (commands from the test host; see `net::lab_control`).
+const COM2: u16 = 0x2f8;
+const LINE_STATUS_DATA_READY: u8 = 1 << 0;
+
+static COM2_PRESENT: AtomicBool = AtomicBool::new(false);
+
+/// Initialises COM2 (115200 8N1, no interrupts). Returns false when there is no UART there.
+pub fn init_control_port() -> bool {
+    // SAFETY: COM2's registers; same programming as COM1. A missing UART reads 0xff.
+    let present = unsafe {
+        port::outb(COM2 + REG_INTERRUPT_ENABLE, 0);
+        port::outb(COM2 + REG_LINE_CONTROL, 0x80);
+        port::outb(COM2 + REG_DATA, 1);
+        port::outb(COM2 + REG_INTERRUPT_ENABLE, 0);
+        port::outb(COM2 + REG_LINE_CONTROL, 0x03);
+        port::outb(COM2 + REG_FIFO_CONTROL, 0xc7);
+        port::outb(COM2 + REG_MODEM_CONTROL, 0x03);
+        port::inb(COM2 + REG_LINE_STATUS) != 0xff
+    };
+    COM2_PRESENT.store(present, Ordering::Relaxed);
+    present
+}
+
+/// One byte from COM2 if one is waiting (never blocks).
+pub fn read_control_byte() -> Option<u8> {
+    if !COM2_PRESENT.load(Ordering::Relaxed) {
+        return None;
+    }
+    // SAFETY: reading COM2's line status has no side effects; reading the data register only
+    // when data is ready consumes exactly that byte.
+    unsafe {
+        (port::inb(COM2 + REG_LINE_STATUS) & LINE_STATUS_DATA_READY != 0)
+            .then(|| port::inb(COM2 + REG_DATA))
+    }
+}
+
+/// Writes a line to COM2 (answers to control commands).
+pub fn write_control_line(text: &str) {
+    if !COM2_PRESENT.load(Ordering::Relaxed) {
+        return;
+    }
+    for byte in text.bytes().chain(core::iter::once(b'\n')) {
+        for _ in 0..100_000 {
+            // SAFETY: as in read_control_byte.
+            if unsafe { port::inb(COM2 + REG_LINE_STATUS) } & LINE_STATUS_THR_EMPTY != 0 {
+                break;
+            }
+        }
+        // SAFETY: writing COM2's transmit register sends one byte.
+        unsafe { port::outb(COM2 + REG_DATA, byte) };
+    }
+}

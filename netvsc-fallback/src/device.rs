@@ -24,10 +24,14 @@ use control::ControlPath;
 use receive::ReceivePath;
 use transmit::TransmitPath;
 
-/// Ethernet header plus one VLAN tag: what a frame adds to the MTU.
+/// Ethernet header plus one VLAN tag: what a transmitted frame may add to the MTU.
 const ETHERNET_OVERHEAD: usize = 18;
+/// Ethernet header plus two VLAN tags (QinQ): what a received frame may add to the MTU.
+const RECEIVE_ETHERNET_OVERHEAD: usize = 22;
 /// MTU assumed without VIRTIO_NET_F_MTU.
 const DEFAULT_MTU: usize = 1500;
+/// Largest frame without VIRTIO_NET_F_MTU and without GSO (virtio 1.x §5.1.6.3).
+const DEFAULT_MAX_FRAME: usize = 1514;
 /// Largest IP packet: the limit of a TSO frame's IP total length.
 const MAX_IP_PACKET: usize = 65_535;
 /// Largest frame the device delivers with GUEST_TSO: Ethernet + VLAN + IPv6 header + payload
@@ -245,6 +249,7 @@ pub struct VirtioNet<R: RegisterIo, D: DmaAllocator> {
     last_health_check_ns: Option<u64>,
     rx_warnings: LogLimiter,
     tx_warnings: LogLimiter,
+    control_warnings: LogLimiter,
 }
 
 impl<R: RegisterIo, D: DmaAllocator> VirtioNet<R, D> {
@@ -272,7 +277,7 @@ impl<R: RegisterIo, D: DmaAllocator> VirtioNet<R, D> {
             mtu: DEFAULT_MTU,
             max_tx_frame: DEFAULT_MTU + ETHERNET_OVERHEAD,
             max_tso_frame: 0,
-            max_rx_frame: DEFAULT_MTU + ETHERNET_OVERHEAD,
+            max_rx_frame: DEFAULT_MTU + RECEIVE_ETHERNET_OVERHEAD,
             link_up: false,
             rx,
             tx,
@@ -284,6 +289,7 @@ impl<R: RegisterIo, D: DmaAllocator> VirtioNet<R, D> {
             last_health_check_ns: None,
             rx_warnings: LogLimiter::default(),
             tx_warnings: LogLimiter::default(),
+            control_warnings: LogLimiter::default(),
         };
         device.bring_up()?;
         Ok(device)
@@ -450,9 +456,12 @@ impl<R: RegisterIo, D: DmaAllocator> VirtioNet<R, D> {
             }
             Err(error) => {
                 if self.state != DriverState::Gone {
-                    // §3.1.1: tell the device we gave up, then stop it touching our memory.
+                    // §3.1.1: tell the device we gave up. If queues were already enabled, also
+                    // reset it so it stops touching our memory (that clears FAILED again).
                     self.write_status(self.read_status() | DeviceStatus::FAILED);
-                    let _ = self.reset_device();
+                    if self.dma_may_be_active {
+                        let _ = self.reset_device();
+                    }
                 }
                 error!("{}: initialisation failed: {error}", self.name);
                 Err(error)
@@ -573,10 +582,11 @@ impl<R: RegisterIo, D: DmaAllocator> VirtioNet<R, D> {
             // §5.1.4.2: with MTU negotiated we must be able to receive an MTU-sized frame.
             wanted.remove(Features::MTU);
         }
-        if !mergeable && receive_capacity < DEFAULT_MTU + ETHERNET_OVERHEAD - 4 {
+        if !mergeable && receive_capacity < DEFAULT_MAX_FRAME {
+            // §5.1.6.3.1: without merging, each buffer must hold a whole frame.
             return Err(Error::ReceiveBufferTooSmall {
                 size: self.config.rx_buffer_size,
-                needed: NET_HEADER_LEN + DEFAULT_MTU + ETHERNET_OVERHEAD - 4,
+                needed: NET_HEADER_LEN + DEFAULT_MAX_FRAME,
             });
         }
         let mut features = select_features(offered, wanted);
@@ -623,7 +633,7 @@ impl<R: RegisterIo, D: DmaAllocator> VirtioNet<R, D> {
         self.max_rx_frame = if features.intersects(Features::GUEST_TSO4 | Features::GUEST_TSO6) {
             MAX_GSO_RECEIVE_FRAME
         } else {
-            self.mtu + ETHERNET_OVERHEAD
+            self.mtu + RECEIVE_ETHERNET_OVERHEAD
         };
 
         if let Some(vectors) = self.config.msix {
@@ -661,10 +671,18 @@ impl<R: RegisterIo, D: DmaAllocator> VirtioNet<R, D> {
             let capacity = self
                 .control
                 .as_ref()
-                .map_or(CONTROL_QUEUE_SIZE, |c| c.queue.capacity());
+                .map_or(CONTROL_QUEUE_SIZE, |control| control.queue.capacity());
             // Control completions are reaped by poll; no interrupt vector needed.
             let (size, notify) =
                 self.select_queue(CONTROL_QUEUE_INDEX, QueueKind::Control, capacity, None)?;
+            // The announce command is a chain of two descriptors.
+            if size < 2 {
+                return Err(Error::QueueTooSmall {
+                    queue: QueueKind::Control,
+                    size,
+                    needed: 2,
+                });
+            }
             if let Some(control) = &mut self.control {
                 control.configure(size, event_idx);
                 control.notify_offset = notify;
@@ -682,10 +700,12 @@ impl<R: RegisterIo, D: DmaAllocator> VirtioNet<R, D> {
         // Step 8.
         self.write_status(negotiating | DeviceStatus::DRIVER_OK);
         self.state = DriverState::Running;
-        self.regions
-            .notify
-            .write16(self.rx.notify_offset, RECEIVE_QUEUE_INDEX);
-        self.counters.rx_notifications += 1;
+        if self.rx.queue.needs_notification() {
+            self.regions
+                .notify
+                .write16(self.rx.notify_offset, RECEIVE_QUEUE_INDEX);
+            self.counters.rx_notifications += 1;
+        }
         Ok(())
     }
 

@@ -137,6 +137,15 @@ pub enum Error {
         /// Its virtqueue index.
         index: u16,
     },
+    /// The device's maximum size for a queue is too small for the driver's use of it.
+    QueueTooSmall {
+        /// Which queue.
+        queue: QueueKind,
+        /// The size available.
+        size: u16,
+        /// The size needed.
+        needed: u16,
+    },
     /// The queue's notification address lies outside the notify window.
     NotifyOutOfRange {
         /// Which queue.
@@ -248,6 +257,16 @@ impl fmt::Display for Error {
                 write!(
                     f,
                     "{queue:?} virtqueue {index} is unavailable (queue_size 0)"
+                )
+            }
+            Error::QueueTooSmall {
+                queue,
+                size,
+                needed,
+            } => {
+                write!(
+                    f,
+                    "{queue:?} virtqueue has {size} entries, driver needs {needed}"
                 )
             }
             Error::NotifyOutOfRange {

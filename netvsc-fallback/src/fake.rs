@@ -555,7 +555,7 @@ impl FakeState {
                 writable.push(descriptor);
             } else {
                 if !writable.is_empty() {
-                    // Readable after writable is not allowed (§2.7.4.2).
+                    // Readable after writable is not allowed (§2.7.4.1).
                     return Err(FakeError::BadDescriptor);
                 }
                 let start = readable.len();

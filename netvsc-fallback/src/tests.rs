@@ -174,7 +174,11 @@ fn refuses_a_device_without_version_1() {
     });
     let (result, allocator) = try_init(&device, VirtioNetConfig::default());
     assert!(matches!(result, Err(Error::MissingVersion1 { .. })));
-    assert_eq!(device.device_status(), DeviceStatus::empty(), "left reset");
+    assert!(
+        device.device_status().contains(DeviceStatus::FAILED),
+        "told the device"
+    );
+    assert!(!device.queue_enabled(RX));
     assert_eq!(allocator.live_regions(), 0, "all DMA memory returned");
 }
 
@@ -300,10 +304,14 @@ fn receive_respects_the_budget_and_refills_in_batches() {
         device.inject_rx_frame(&test_frame(100, index)).unwrap();
     }
     let mut count = 0;
+    let interrupts = device.interrupts(RX);
     assert_eq!(driver.receive(10, &mut |_, _| count += 1), 10);
     assert!(driver.rx_pending());
-    assert_eq!(driver.receive(100, &mut |_, _| count += 1), 30);
-    assert_eq!(count, 40);
+    // Leaving frames behind still arms the interrupt for the next new frame.
+    device.inject_rx_frame(&test_frame(100, 40)).unwrap();
+    assert_eq!(device.interrupts(RX), interrupts + 1);
+    assert_eq!(driver.receive(100, &mut |_, _| count += 1), 31);
+    assert_eq!(count, 41);
     assert!(!driver.rx_pending());
     // The device asked for a refill notification once; each batch rings at most once.
     assert!(
@@ -1087,8 +1095,6 @@ fn drop_leaks_memory_when_the_device_will_not_reset() {
         allocator,
         driver,
     } = setup();
-    let config = VirtioNetConfig::default();
-    assert!(config.reset_poll_limit > 0);
     device.set_reset_behaviour(0, true);
     drop(driver);
     assert!(
@@ -1195,4 +1201,70 @@ fn dma_regions_of_the_fake_allocator_are_usable_by_the_driver() {
     let region = allocator.allocate(64, 4096).unwrap();
     assert_eq!(region.phys().0 % 4096, 0);
     assert_eq!(region.phys().0, region.as_ptr() as u64);
+}
+
+#[test]
+fn jumbo_mtu_from_the_device_is_used_both_ways() {
+    let device_config = FakeDeviceConfig {
+        mtu: 9000,
+        ..FakeDeviceConfig::default()
+    };
+    let Setup {
+        device, mut driver, ..
+    } = setup_with(device_config, VirtioNetConfig::default());
+    assert_eq!(driver.capabilities().mtu, 9000);
+    let jumbo = test_frame(9014, 7);
+    device.inject_rx_frame(&jumbo).unwrap();
+    assert_eq!(
+        receive_all(&mut driver),
+        vec![(jumbo.clone(), RxMeta::default())]
+    );
+    assert_eq!(driver.counters().rx_merged_frames, 1);
+    send(&mut driver, &jumbo, TxMeta::default()).unwrap();
+    driver.flush();
+    assert_eq!(device.take_tx_frames(), vec![jumbo]);
+    assert_eq!(
+        send(&mut driver, &test_frame(9100, 1), TxMeta::default()),
+        Err(DeviceError::FrameTooLarge {
+            len: 9100,
+            max: 9018
+        })
+    );
+}
+
+#[test]
+fn receive_frames_beyond_the_mtu_are_dropped() {
+    let Setup {
+        device, mut driver, ..
+    } = setup();
+    // Fits the 2048-byte buffer, but no device may send it without GSO at MTU 1500.
+    device.inject_rx_frame(&test_frame(1600, 1)).unwrap();
+    assert!(receive_all(&mut driver).is_empty());
+    assert_eq!(driver.stats().rx_dropped_bad, 1);
+    // A double-tagged full-size frame is fine.
+    device.inject_rx_frame(&test_frame(1522, 2)).unwrap();
+    assert_eq!(receive_all(&mut driver).len(), 1);
+}
+
+#[test]
+fn a_control_queue_of_one_entry_is_refused() {
+    let device = FakeVirtioNet::new(FakeDeviceConfig {
+        control_queue_max_size: 1,
+        ..FakeDeviceConfig::default()
+    });
+    let (result, allocator) = try_init(&device, VirtioNetConfig::default());
+    assert_eq!(
+        result.err(),
+        Some(Error::QueueTooSmall {
+            queue: QueueKind::Control,
+            size: 1,
+            needed: 2
+        })
+    );
+    assert_eq!(
+        device.device_status(),
+        DeviceStatus::empty(),
+        "reset: queues were enabled"
+    );
+    assert_eq!(allocator.live_regions(), 0);
 }

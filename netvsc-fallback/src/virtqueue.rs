@@ -162,7 +162,8 @@ impl SplitQueue {
     /// Resets the queue to empty with `size` entries (a power of two, at most the capacity).
     /// Only call while the device does not use the queue (before enabling it, or after reset).
     pub(crate) fn configure(&mut self, size: u16, event_idx: bool) {
-        let size = size.clamp(1, self.capacity);
+        // Never panics, even on leaked (zero-capacity) memory.
+        let size = size.min(self.capacity).max(1);
         self.memory.as_mut_slice().fill(0);
         self.size = size;
         self.layout = RingLayout::new(size);

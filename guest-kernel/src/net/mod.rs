@@ -1,6 +1,7 @@
 //! Network bring-up: finds the NICs on PCI, starts their drivers with MSI-X, hands them to the
 //! network stack, and runs the stack's event loop together with PCIe hot-plug service.
 
+pub mod lab_control;
 pub mod vf_path;
 
 use alloc::boxed::Box;
@@ -295,9 +296,13 @@ fn service_hotplug(stack: &mut NetStack) {
 /// Runs the event loop: hot-plug service, stack poll, then the app; sleeps until an interrupt
 /// or the next deadline whenever a round did nothing. Returns the app's exit code.
 pub fn run(stack: &mut NetStack, mut app: impl FnMut(&mut NetStack) -> ControlFlow<i32>) -> i32 {
+    let mut control = lab_control::LabControl::open();
     loop {
         service_hotplug(stack);
         vf_path::service_lab_pf();
+        if let Some(control) = control.as_mut() {
+            control.service(stack);
+        }
         let did_work = stack.poll();
         if let ControlFlow::Break(code) = app(stack) {
             return code;

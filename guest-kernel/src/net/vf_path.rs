@@ -277,3 +277,70 @@ pub fn service_lab_pf() {
 pub fn stop_lab_pf() {
     LAB_PF.lock().take();
 }
+
+/// Host-side events the lab PF can inject (see `lab_control`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LabEvent {
+    /// Clear VF Enable: the VF vanishes (surprise removal).
+    DisableVfs,
+    /// Set VF Enable again and bring a fresh VF into the bond.
+    EnableVfs,
+    /// The VF's link goes down.
+    LinkDown,
+    /// The VF's link comes back.
+    LinkUp,
+    /// A PF reset/control message: the VF must re-initialise.
+    ControlMessage,
+}
+
+/// Executes a lab event; returns the answer line for the control channel.
+pub fn lab_event(event: LabEvent, stack: &mut net_stack::NetStack) -> alloc::string::String {
+    use alloc::string::String;
+    let result: Result<(), String> = {
+        let mut guard = LAB_PF.lock();
+        match guard.as_mut() {
+            None => Err(String::from(
+                "no lab PF (boot with igb.lab_pf=1 and an igb PF)",
+            )),
+            Some(lab) => match event {
+                LabEvent::DisableVfs => {
+                    lab.disable_vfs();
+                    Ok(())
+                }
+                LabEvent::EnableVfs => lab.enable_vfs().map_err(|error| error.to_string()),
+                LabEvent::LinkDown => lab.set_vf_link(0, false).map_err(|error| error.to_string()),
+                LabEvent::LinkUp => lab.set_vf_link(0, true).map_err(|error| error.to_string()),
+                LabEvent::ControlMessage => lab
+                    .send_control_message(0)
+                    .map_err(|error| error.to_string()),
+            },
+        }
+    };
+    if let Err(reason) = result {
+        return alloc::format!("error {reason}");
+    }
+    if event == LabEvent::EnableVfs {
+        // The re-enabled VF is a fresh device: drop the dead driver and start a new one.
+        if let Some(mut old) = stack.detach_vf() {
+            old.mark_gone();
+        }
+        let vf = PCI.lock().as_ref().and_then(|pci| {
+            pci.devices()
+                .iter()
+                .find(|device| is_igb_vf(device))
+                .map(|device| device.address)
+        });
+        match vf
+            .ok_or_else(|| String::from("no VF after enabling"))
+            .and_then(|vf| start_vf(vf).map_err(|e| e.to_string()))
+        {
+            Ok(driver) => {
+                if let Err(rejected) = stack.attach_vf(driver) {
+                    return alloc::format!("error VF not paired: {rejected:?}");
+                }
+            }
+            Err(reason) => return alloc::format!("error {reason}"),
+        }
+    }
+    alloc::format!("ok {event:?}")
+}

@@ -53,7 +53,7 @@ impl ControlPath {
     /// Resets the ring; descriptor 0 (class + command, read by the device) chains to
     /// descriptor 1 (the ack byte, written by the device) for good.
     pub(super) fn configure(&mut self, size: u16, event_idx: bool) {
-        self.queue.configure(size.max(2), event_idx);
+        self.queue.configure(size, event_idx);
         let base = self.command.phys().0;
         self.queue.write_descriptor(
             0,
@@ -179,18 +179,18 @@ impl<R: RegisterIo, D: DmaAllocator> VirtioNet<R, D> {
             }
             Some(Err(failure)) => {
                 self.counters.control_errors += 1;
-                match failure {
-                    ControlFailure::Ack(ack) => {
-                        warn!(
+                if self.control_warnings.should_log() {
+                    match failure {
+                        ControlFailure::Ack(ack) => warn!(
                             "{}: device answered the announce acknowledgement with {ack}",
                             self.name
-                        )
-                    }
-                    ControlFailure::UnexpectedEntry => {
-                        warn!(
-                            "{}: control queue used an entry that was not posted",
-                            self.name
-                        )
+                        ),
+                        ControlFailure::UnexpectedEntry => {
+                            warn!(
+                                "{}: control queue used an entry that was not posted",
+                                self.name
+                            )
+                        }
                     }
                 }
             }

@@ -259,8 +259,10 @@ impl<R: RegisterIo, D: DmaAllocator> VirtioNet<R, D> {
                 self.refill_receive_buffers();
             }
         }
-        // Leaving early (budget) keeps the interrupt armed for frames still to come.
-        self.rx.queue.enable_interrupts_after(0);
+        // Frames may still wait (budget exhausted; `rx_pending` tells the caller). Ask to be
+        // woken by the next frame the device adds, whatever is already there.
+        let waiting = self.rx.queue.used_pending().min(size);
+        self.rx.queue.enable_interrupts_after(waiting);
         self.refill_receive_buffers();
         delivered
     }

@@ -200,9 +200,10 @@ impl TransmitPool {
             span.completed = true;
         }
         // Release slot space oldest first: it is a ring.
+        let total = self.slots.slot_count().max(1);
         while self.spans.front().is_some_and(|span| span.completed) {
             if let Some(span) = self.spans.pop_front() {
-                self.tail = (self.tail + span.charged) % self.slots.slot_count();
+                self.tail = (self.tail + span.charged) % total;
                 self.in_use -= span.charged;
                 self.first_sequence += 1;
             }
