@@ -507,6 +507,8 @@ pub struct Bond {
     /// Time of the previous evaluation (start of the blind window for a VF that just died).
     last_evaluation_ns: Option<u64>,
     last_device_poll_ns: u64,
+    /// Duplicate suppression stays on until then after a VF detach.
+    dedup_grace_until_ns: u64,
     no_path_logged: bool,
     last_switch: Option<SwitchEvent>,
 }
@@ -546,6 +548,7 @@ impl Bond {
             vf_detaches: 0,
             last_evaluation_ns: None,
             last_device_poll_ns: 0,
+            dedup_grace_until_ns: 0,
             no_path_logged: false,
             last_switch: None,
             config,
@@ -652,7 +655,8 @@ impl Bond {
             device: path.device.stats(),
         });
         self.vf_detaches += 1;
-        self.dedup.clear();
+        // Copies of the VF's last frames may still arrive on the synthetic path.
+        self.dedup_grace_until_ns = now_ns.saturating_add(self.config.dedup_window_ns);
         log::info!(
             "bond: vf {} detached (rx {} frames, tx {} frames through the bond)",
             path.device.name(),
@@ -985,11 +989,13 @@ impl Bond {
 
     /// Moves up to the budget of received frames from one path's device into the queue.
     fn receive_from(&mut self, which: PathId, now_ns: u64) -> usize {
+        // Only needed while two paths deliver (and briefly after the VF left).
         let dedup_active = self
             .paths
             .vf
             .as_ref()
-            .is_some_and(|vf| vf.ineligible.is_none());
+            .is_some_and(|vf| vf.ineligible.is_none())
+            || now_ns < self.dedup_grace_until_ns;
         let (mac, max_frame) = (self.mac, self.ip_mtu + ETHERNET_HEADER_LEN + VLAN_TAG_LEN);
         let room = self
             .config
@@ -1025,20 +1031,24 @@ impl Bond {
                 counters.rx_ignored += 1;
                 return;
             }
-            if frame.len() < ETHERNET_HEADER_LEN || frame.len() > max_frame {
+            let rejection = if frame.len() < ETHERNET_HEADER_LEN || frame.len() > max_frame {
+                Some("length outside 14..=MTU+18")
+            } else if frame[6..12] == mac.0 {
+                // Our own frame looped back by a hub or bridge through the other path.
+                Some("our own source MAC (looped back)")
+            } else {
+                None
+            };
+            if let Some(reason) = rejection {
                 counters.rx_bad += 1;
+                // Logged at 1, 2, 4, 8... so a flood of bad frames cannot flood the log.
                 if counters.rx_bad.is_power_of_two() {
                     log::warn!(
-                        "bond: dropped a {}-byte frame from {which} (valid: {ETHERNET_HEADER_LEN}..={max_frame}); {} bad frames so far",
+                        "bond: dropped a {}-byte frame from {which}: {reason}; {} bad frames so far",
                         frame.len(),
                         counters.rx_bad
                     );
                 }
-                return;
-            }
-            if frame[6..12] == mac.0 {
-                // Our own frame looped back by a hub or bridge through the other path.
-                counters.rx_bad += 1;
                 return;
             }
             if dedup_active
@@ -1173,6 +1183,11 @@ mod tests {
         assert_eq!(bond.active_path(), PathId::Synthetic);
         assert_eq!(bond.last_switch().unwrap().cause, SwitchCause::VfDetached);
         assert_eq!(drain(&mut bond).len(), 2);
+        // The synthetic copies of those frames (hub) arrive just after: still suppressed.
+        synthetic.inject_rx(&frame(9, 100));
+        synthetic.inject_rx(&frame(10, 100));
+        bond.poll(71 * MS);
+        assert_eq!(bond.pending_rx(), 0);
         let after = bond.stats();
         assert!(after.vf.is_none());
         assert_eq!(after.vf_retired.bond.tx_frames, 2);

@@ -11,7 +11,8 @@ use net_device::{LinkState, MacAddress};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::socket::icmp;
 use smoltcp::wire::{
-    DhcpMessageType, DhcpPacket, DhcpRepr, Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr,
+    DhcpMessageType, DhcpPacket, DhcpRepr, EthernetRepr, Icmpv4Packet, Icmpv4Repr, Icmpv6Packet,
+    Icmpv6Repr, Ipv4Repr, TcpControl, TcpRepr, TcpSeqNumber,
 };
 
 use super::*;
@@ -641,7 +642,7 @@ fn vf_going_down_mid_transfer_moves_traffic_to_synthetic_without_losing_a_byte()
     let mut synthetic_tx_at_down = 0;
     let mut back_on_vf_at = None;
     let started = sim.now();
-    let (client, _server) = bulk_echo(&mut sim, 4 * MIB, &mut |sim, echoed| {
+    let (client, mut server) = bulk_echo(&mut sim, 4 * MIB, &mut |sim, echoed| {
         if phase == 0 && echoed >= MIB {
             let stats = sim.guest.stats().bond;
             vf_tx_at_down = stats.vf.unwrap().bond.tx_frames;
@@ -689,6 +690,13 @@ fn vf_going_down_mid_transfer_moves_traffic_to_synthetic_without_losing_a_byte()
     assert_eq!(stats.tx_dropped_no_path + stats.tx_blocked_no_path, 0);
     // One announcement per switch (plus the initial one), each for IPv4 and IPv6 link-local.
     assert!(sim.guest.stats().announcement_frames >= 8);
+    // Datagrams and pings work on the VF path too.
+    let vf_tx_before = sim.guest.stats().bond.vf.unwrap().bond.tx_frames;
+    udp_echo(&mut sim, &mut server);
+    ping_v4(&mut sim, guest_ip());
+    ping_v6(&mut sim, link_local_address(GUEST_MAC));
+    assert!(sim.guest.stats().bond.vf.unwrap().bond.tx_frames >= vf_tx_before + 8);
+    assert_eq!(sim.guest.active_path(), PathId::Vf);
 }
 
 #[test]
@@ -1252,4 +1260,177 @@ fn retransmitted_syn_does_not_open_a_second_connection() {
         got == 10
     });
     assert_eq!(&buffer[..10], b"still fine");
+}
+
+/// A stack alone on a wire, for event-loop tests.
+fn lone_stack(clock: &Rc<Cell<u64>>) -> (NetStack, FakeControl) {
+    init_logging();
+    let (nic, control) = FakeDevice::boxed("virtio-net", GUEST_MAC);
+    let stack = NetStack::new(
+        static_config([10, 0, 2, 15]),
+        nic,
+        Box::new(TestPlatform {
+            clock: clock.clone(),
+            seed: 1,
+        }),
+    )
+    .unwrap();
+    (stack, control)
+}
+
+#[test]
+fn run_sleeps_when_idle_and_returns_the_exit_code() {
+    let clock = Rc::new(Cell::new(0));
+    let (mut stack, control) = lone_stack(&clock);
+    let mut iterations = 0;
+    let code = stack.run(|net| {
+        iterations += 1;
+        if iterations > 1_000 {
+            ControlFlow::Break(-1) // spinning: the clock does not advance
+        } else if net.now_ns() >= 1_000 * MS {
+            ControlFlow::Break(7)
+        } else {
+            ControlFlow::Continue(())
+        }
+    });
+    assert_eq!(code, 7);
+    // Idle: woken by the 100 ms device watchdog only, not spinning.
+    assert!(
+        iterations <= 15,
+        "{iterations} iterations in one idle second"
+    );
+    assert!(
+        control.poll_and_flush_counts().0 >= 10,
+        "devices are polled by the watchdog"
+    );
+}
+
+#[test]
+fn no_usable_path_does_not_spin_the_event_loop() {
+    let clock = Rc::new(Cell::new(0));
+    let (mut stack, control) = lone_stack(&clock);
+    control.set_link(LinkState::Down);
+    // A connection attempt that smoltcp wants to send "now", forever.
+    let stream = stack
+        .tcp_connect(IpEndpoint::new(Ipv4Address::new(10, 0, 2, 2).into(), 80))
+        .unwrap();
+    let mut iterations = 0;
+    let code = stack.run(|net| {
+        iterations += 1;
+        if iterations > 1_000 {
+            ControlFlow::Break(-1) // spinning: the clock does not advance
+        } else if net.now_ns() >= 1_000 * MS {
+            ControlFlow::Break(0)
+        } else {
+            ControlFlow::Continue(())
+        }
+    });
+    assert_eq!(code, 0, "the loop slept instead of spinning");
+    assert!(
+        iterations <= 20,
+        "{iterations} iterations in one second without a path"
+    );
+    assert!(control.take_tx().is_empty());
+    // The link returns: the ARP request for the peer goes out at the next poll.
+    control.set_link(LinkState::Up);
+    stack.poll();
+    let frames = control.take_tx();
+    let gateway = [10, 0, 2, 2];
+    assert!(
+        frames
+            .iter()
+            .any(|frame| frame[12..14] == [0x08, 0x06] && frame[38..42] == gateway),
+        "an ARP request for the peer went out"
+    );
+    stack.tcp_abort(stream);
+}
+
+/// A TCP SYN from the client's addresses to the guest, built by hand.
+fn syn_frame(source_port: u16, destination_port: u16) -> Vec<u8> {
+    let source = Ipv4Address::new(10, 0, 2, 100);
+    let tcp = TcpRepr {
+        src_port: source_port,
+        dst_port: destination_port,
+        control: TcpControl::Syn,
+        seq_number: TcpSeqNumber(1000),
+        ack_number: None,
+        window_len: 65535,
+        window_scale: None,
+        max_seg_size: Some(1460),
+        sack_permitted: false,
+        sack_ranges: [None, None, None],
+        timestamp: None,
+        payload: &[],
+    };
+    let ip = Ipv4Repr {
+        src_addr: source,
+        dst_addr: guest_ip(),
+        next_header: IpProtocol::Tcp,
+        payload_len: tcp.buffer_len(),
+        hop_limit: 64,
+    };
+    let ethernet = EthernetRepr {
+        src_addr: EthernetAddress(CLIENT_MAC.0),
+        dst_addr: EthernetAddress(GUEST_MAC.0),
+        ethertype: EthernetProtocol::Ipv4,
+    };
+    let mut frame = vec![0u8; 14 + ip.buffer_len() + tcp.buffer_len()];
+    let mut ethernet_frame = EthernetFrame::new_unchecked(&mut frame[..]);
+    ethernet.emit(&mut ethernet_frame);
+    let mut ip_packet = Ipv4Packet::new_unchecked(ethernet_frame.payload_mut());
+    ip.emit(&mut ip_packet, &ChecksumCapabilities::default());
+    tcp.emit(
+        &mut TcpPacket::new_unchecked(ip_packet.payload_mut()),
+        &source.into(),
+        &guest_ip().into(),
+        &ChecksumCapabilities::default(),
+    );
+    frame
+}
+
+#[test]
+fn half_open_connections_expire_and_free_the_connection_limit() {
+    let clock = Rc::new(Cell::new(0));
+    let (mut stack, control) = lone_stack(&clock);
+    let options = TcpOptions {
+        spare_listeners: 1,
+        max_connections: 2,
+        ..TcpOptions::default()
+    };
+    let _listener = stack.tcp_listen_with(80, options).unwrap();
+    // Two clients send a SYN and vanish; the listener is then at its limit.
+    control.inject_rx(&syn_frame(40000, 80));
+    control.inject_rx(&syn_frame(40001, 80));
+    stack.poll();
+    let half_open = |stack: &NetStack| {
+        stack.sockets.iter().filter(|(_, socket)| {
+            matches!(socket, Socket::Tcp(tcp) if tcp.state() == TcpState::SynReceived)
+        })
+        .count()
+    };
+    assert_eq!(half_open(&stack), 2);
+    assert_eq!(
+        stack.stats().sockets_in_use,
+        2,
+        "no spare left: at the limit"
+    );
+    control.inject_rx(&syn_frame(40002, 80));
+    stack.poll();
+    assert_eq!(half_open(&stack), 2, "a third SYN is refused");
+    // The handshake timeout frees them.
+    while clock.get() < (HANDSHAKE_TIMEOUT_MS + 1_000) * MS {
+        stack.poll();
+        clock.set(clock.get() + 100 * MS);
+    }
+    stack.poll();
+    assert_eq!(half_open(&stack), 0);
+    assert_eq!(stack.stats().tcp_reclaimed, 2);
+    assert_eq!(
+        stack.stats().sockets_in_use,
+        1,
+        "one spare listening socket again"
+    );
+    control.inject_rx(&syn_frame(40003, 80));
+    stack.poll();
+    assert_eq!(half_open(&stack), 1, "new connections are accepted again");
 }

@@ -34,6 +34,7 @@ pub use config::{Ipv4Mode, Ipv6Static, NetConfig};
 pub use error::Error;
 pub use stack::{
     NetStack, NetStats, StackOptions, TcpListener, TcpOptions, TcpStream, UdpOptions, UdpSocket,
+    link_local_address,
 };
 
 /// Addresses and endpoints as the socket API takes and returns them (smoltcp's wire types; the

@@ -86,17 +86,9 @@ impl<T> Slab<T> {
         Some(value)
     }
 
-    /// Live keys (a snapshot, so the caller may remove while iterating).
-    pub fn keys(&self) -> Vec<Key> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter(|(_, slot)| slot.value.is_some())
-            .map(|(index, slot)| Key {
-                index: index as u32,
-                generation: slot.generation,
-            })
-            .collect()
+    /// Visits every live value (no allocation; the hot path uses this every poll).
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.slots.iter_mut().filter_map(|slot| slot.value.as_mut())
     }
 
     pub fn values(&self) -> impl Iterator<Item = &T> {
@@ -119,6 +111,6 @@ mod tests {
         assert_eq!(slab.remove(first), None);
         assert_eq!(slab.get(second), Some(&"second"));
         assert_eq!(slab.len(), 1);
-        assert_eq!(slab.keys(), [second]);
+        assert_eq!(slab.values().collect::<alloc::vec::Vec<_>>(), [&"second"]);
     }
 }

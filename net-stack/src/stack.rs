@@ -39,6 +39,9 @@ use crate::{Error, Platform, Result, TcpState};
 const NS_PER_MS: u64 = 1_000_000;
 const FIRST_EPHEMERAL_PORT: u16 = 49152;
 const EPHEMERAL_PORTS: u16 = 16384;
+/// A half-open connection (SYN received, our SYN-ACK unanswered) is dropped after this long, so
+/// clients that vanish mid-handshake cannot use up a listener's connection limit.
+const HANDSHAKE_TIMEOUT_MS: u64 = 20_000;
 
 /// Options of TCP sockets (per listener or per outgoing connection).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -351,6 +354,7 @@ fn replenish(listener: &mut Listener, sockets: &mut SocketSet<'static>) {
         && listener.open < listener.options.max_connections
     {
         let mut socket = new_tcp_socket(&listener.options);
+        socket.set_timeout(Some(Duration::from_millis(HANDSHAKE_TIMEOUT_MS)));
         if let Err(error) = socket.listen(listener.port) {
             log::error!("net: cannot listen on tcp port {}: {error}", listener.port);
             return;
@@ -601,10 +605,8 @@ impl NetStack {
                     let NetStack {
                         listeners, sockets, ..
                     } = self;
-                    for key in listeners.keys() {
-                        if let Some(listener) = listeners.get_mut(key) {
-                            replenish(listener, sockets);
-                        }
+                    for listener in listeners.values_mut() {
+                        replenish(listener, sockets);
                     }
                 }
             }
@@ -759,7 +761,6 @@ impl NetStack {
                 socket: handle,
                 origin: Some(listener.key),
             });
-            replenish(entry, sockets);
             return Some(TcpStream { key });
         }
         None
@@ -1319,16 +1320,16 @@ impl NetStack {
         } = self;
         let mut changed = false;
 
-        for key in listeners.keys() {
-            let Some(listener) = listeners.get_mut(key) else {
-                continue;
-            };
+        for listener in listeners.values_mut() {
             let mut index = 0;
             while index < listener.pending.len() {
                 let handle = listener.pending[index];
-                match sockets.get::<tcp::Socket>(handle).state() {
+                let socket = sockets.get_mut::<tcp::Socket>(handle);
+                match socket.state() {
                     TcpState::Listen | TcpState::SynReceived => index += 1,
                     TcpState::Established | TcpState::CloseWait => {
+                        // Handshake done: the connection's own timeout applies from now on.
+                        socket.set_timeout(listener.options.timeout_ms.map(Duration::from_millis));
                         listener.pending.swap_remove(index);
                         listener.ready.push_back(handle);
                         changed = true;
@@ -1356,10 +1357,7 @@ impl NetStack {
             replenish(listener, sockets);
         }
 
-        for key in streams.keys() {
-            let Some(stream) = streams.get_mut(key) else {
-                continue;
-            };
+        for stream in streams.values_mut() {
             let Stream::Live {
                 socket: handle,
                 origin,

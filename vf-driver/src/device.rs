@@ -220,11 +220,48 @@ pub struct IgbVf<R: RegisterIo, D: DmaAllocator> {
     /// When the oldest outstanding TX frame started waiting without progress.
     tx_watch_since_ns: Option<u64>,
     now_ns: u64,
+    /// When `poll` next tries to re-initialise a VF that is `Resetting` (PF reset or control
+    /// message, TX hang); `None` until the state is first seen.
+    reinit_at_ns: Option<u64>,
+    /// Delay before the next automatic re-initialisation; doubles on each failure.
+    reinit_backoff_ns: u64,
     /// Kept to the end (fields drop in order) so the allocator outlives the regions it gave out.
     _allocator: D,
 }
 
+/// First automatic re-initialisation attempt after the VF is seen `Resetting` (lets the PF
+/// finish its own reset first).
+const REINIT_INITIAL_BACKOFF_NS: u64 = 10_000_000;
+/// Longest delay between automatic re-initialisation attempts.
+const REINIT_MAX_BACKOFF_NS: u64 = 1_000_000_000;
+
 impl<R: RegisterIo, D: DmaAllocator> IgbVf<R, D> {
+    /// Re-initialises a `Resetting` VF from `poll` once its back-off has passed, so the VF comes
+    /// back by itself after a PF reset or control message (the bond only sees link states).
+    fn reinitialize_when_due(&mut self, now_ns: u64) {
+        let due = *self
+            .reinit_at_ns
+            .get_or_insert(now_ns + self.reinit_backoff_ns);
+        if now_ns < due {
+            return;
+        }
+        match self.reinitialize() {
+            Ok(()) => {
+                self.reinit_at_ns = None;
+                self.reinit_backoff_ns = REINIT_INITIAL_BACKOFF_NS;
+            }
+            Err(error) => {
+                self.reinit_backoff_ns = (self.reinit_backoff_ns * 2).min(REINIT_MAX_BACKOFF_NS);
+                self.reinit_at_ns = Some(now_ns + self.reinit_backoff_ns);
+                log::warn!(
+                    "{}: automatic re-initialisation failed ({error}); next try in {} ms",
+                    self.config.name,
+                    self.reinit_backoff_ns / 1_000_000
+                );
+            }
+        }
+    }
+
     /// Allocates the rings and brings the VF up: VF reset, VF_RESET with the PF (MAC address),
     /// max frame size, multicast list, queues. Every wait is bounded through `host`.
     ///
@@ -250,6 +287,8 @@ impl<R: RegisterIo, D: DmaAllocator> IgbVf<R, D> {
             multicast,
             tx_watch_since_ns: None,
             now_ns: 0,
+            reinit_at_ns: None,
+            reinit_backoff_ns: REINIT_INITIAL_BACKOFF_NS,
             config,
             _allocator: dma,
         };
@@ -659,6 +698,10 @@ impl<R: RegisterIo, D: DmaAllocator> NetDevice for IgbVf<R, D> {
             return;
         };
         self.service_mailbox();
+        if self.state == State::Resetting {
+            self.reinitialize_when_due(now_ns);
+            return;
+        }
         if matches!(self.state, State::Up | State::Down) {
             let progressed = self.reclaim_tx();
             self.update_link(status);

@@ -301,6 +301,30 @@ fn a_pf_control_message_makes_the_vf_reinitialise_and_come_back() {
 }
 
 #[test]
+fn a_resetting_vf_reinitialises_itself_from_poll_after_its_back_off() {
+    let rig = rig(1, alloc::vec![Some(VF0_MAC)]);
+    let mut vf = rig.start_vf(0, config()).expect("init");
+    rig.lab
+        .borrow_mut()
+        .send_control_message(0)
+        .expect("VF 0 exists");
+    vf.poll(0);
+    rig.run(&mut vf, 3);
+    assert_eq!(vf.link_state(), LinkState::Resetting);
+    vf.poll(1_000_000);
+    assert_eq!(
+        vf.link_state(),
+        LinkState::Resetting,
+        "not before the back-off"
+    );
+    vf.poll(50_000_000);
+    assert_eq!(vf.link_state(), LinkState::Up, "poll re-initialised the VF");
+    send(&mut vf, &frame(PEER, 64, 2)).expect("up");
+    vf.flush();
+    assert_eq!(rig.fake.take_transmitted(0).len(), 1);
+}
+
+#[test]
 fn the_lab_can_take_a_vf_link_down_and_up() {
     let rig = rig(1, alloc::vec![Some(VF0_MAC)]);
     let mut vf = rig.start_vf(0, config()).expect("init");
@@ -391,8 +415,14 @@ fn a_function_level_reset_is_noticed_by_the_pf_and_healed_by_the_tx_hang_check()
     vf.flush();
     vf.poll(1_000);
     vf.poll(200_000_000);
-    assert_eq!(vf.link_state(), LinkState::Resetting);
-    vf.reinitialize().expect("re-admitted");
+    // The hang check marks it Resetting; poll re-initialises it once the back-off passed.
+    vf.poll(400_000_000);
+    vf.poll(600_000_000);
+    assert_eq!(
+        vf.link_state(),
+        LinkState::Up,
+        "healed without outside help"
+    );
     send(&mut vf, &frame(PEER, 64, 1)).expect("up");
     vf.flush();
     assert_eq!(rig.fake.take_transmitted(0).len(), 1);
