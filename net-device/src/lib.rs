@@ -353,4 +353,12 @@ pub trait NetDevice {
     /// Tells the driver the device is gone (surprise removal noticed elsewhere, e.g. by the
     /// hot-plug controller): no more register access, report [`LinkState::Gone`].
     fn mark_gone(&mut self);
+    /// True once each time the host asks the guest to announce its addresses (virtio-net's
+    /// VIRTIO_NET_S_ANNOUNCE after a live migration). The stack then sends gratuitous ARP and
+    /// unsolicited neighbour advertisements and calls [`NetDevice::announce_done`].
+    fn take_announce_request(&mut self) -> bool {
+        false
+    }
+    /// The announcement requested through [`NetDevice::take_announce_request`] went out.
+    fn announce_done(&mut self) {}
 }

@@ -498,6 +498,8 @@ pub struct Bond {
     dedup: DedupWindow,
     damping: Damping,
     announce_pending: bool,
+    /// The synthetic device asked for the pending announcement and wants to hear it went out.
+    host_announce_pending: bool,
     announcements_requested: u64,
     retired: PathStats,
     switches_to_vf: u64,
@@ -540,6 +542,7 @@ impl Bond {
                 up_since_ns: None,
             },
             announce_pending: false,
+            host_announce_pending: false,
             announcements_requested: 0,
             retired: PathStats::default(),
             switches_to_vf: 0,
@@ -671,6 +674,11 @@ impl Bond {
     /// received, path or link changed).
     pub fn poll(&mut self, now_ns: u64) -> bool {
         self.paths.synthetic.device.poll(now_ns);
+        if self.paths.synthetic.device.take_announce_request() {
+            log::info!("bond: the host asked for an announcement (e.g. after a migration)");
+            self.host_announce_pending = true;
+            self.request_announce();
+        }
         if let Some(vf) = &mut self.paths.vf {
             vf.path.device.poll(now_ns);
         }
@@ -706,6 +714,9 @@ impl Bond {
     pub fn take_announce_request(&mut self) -> bool {
         if self.announce_pending && self.paths.readiness() != TxReadiness::NoPath {
             self.announce_pending = false;
+            if core::mem::take(&mut self.host_announce_pending) {
+                self.paths.synthetic.device.announce_done();
+            }
             true
         } else {
             false
@@ -1089,6 +1100,26 @@ mod tests {
         vf_control.set_link(vf_link);
         bond.attach_vf(Box::new(vf), 0).unwrap();
         (bond, synthetic_control, vf_control)
+    }
+
+    #[test]
+    fn a_host_announce_request_is_announced_once_and_acknowledged() {
+        let (mut bond, synthetic, _vf) = bond_on_vf();
+        assert!(!bond.take_announce_request());
+        synthetic.request_announce();
+        bond.poll(60 * MS);
+        assert!(
+            bond.take_announce_request(),
+            "the host's request becomes an announcement"
+        );
+        assert_eq!(
+            synthetic.announces_done(),
+            1,
+            "and is acknowledged to the device"
+        );
+        bond.poll(70 * MS);
+        assert!(!bond.take_announce_request(), "once");
+        assert_eq!(synthetic.announces_done(), 1);
     }
 
     /// A bond whose VF became active at t = 50 ms.

@@ -37,6 +37,10 @@ struct FakeState {
     polls: u64,
     flushes: u64,
     last_poll_ns: u64,
+    /// The host asked for an announcement and the device has not handed the request over yet.
+    announce_requested: bool,
+    /// Announcements the stack reported done.
+    announces_done: u64,
 }
 
 /// The device half; see the module documentation.
@@ -68,6 +72,8 @@ impl FakeDevice {
             polls: 0,
             flushes: 0,
             last_poll_ns: 0,
+            announce_requested: false,
+            announces_done: 0,
         }));
         (
             FakeDevice {
@@ -86,6 +92,16 @@ impl FakeDevice {
 }
 
 impl FakeControl {
+    /// Makes the device ask for an announcement, as virtio-net does after a live migration.
+    pub fn request_announce(&self) {
+        self.state.borrow_mut().announce_requested = true;
+    }
+
+    /// Announcements the stack reported done through `announce_done`.
+    pub fn announces_done(&self) -> u64 {
+        self.state.borrow().announces_done
+    }
+
     /// Sets the link state the device reports.
     pub fn set_link(&self, link: LinkState) {
         self.state.borrow_mut().link = link;
@@ -275,5 +291,13 @@ impl NetDevice for FakeDevice {
 
     fn mark_gone(&mut self) {
         self.state.borrow_mut().link = LinkState::Gone;
+    }
+
+    fn take_announce_request(&mut self) -> bool {
+        core::mem::take(&mut self.state.borrow_mut().announce_requested)
+    }
+
+    fn announce_done(&mut self) {
+        self.state.borrow_mut().announces_done += 1;
     }
 }

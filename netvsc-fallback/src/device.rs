@@ -980,6 +980,14 @@ impl<R: RegisterIo, D: DmaAllocator> NetDevice for VirtioNet<R, D> {
     fn mark_gone(&mut self) {
         self.become_gone("marked gone by the kernel");
     }
+
+    fn take_announce_request(&mut self) -> bool {
+        VirtioNet::take_announce_request(self)
+    }
+
+    fn announce_done(&mut self) {
+        self.ack_announce();
+    }
 }
 
 impl<R: RegisterIo, D: DmaAllocator> Drop for VirtioNet<R, D> {
