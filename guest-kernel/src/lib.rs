@@ -18,6 +18,7 @@ pub mod diagnostics;
 pub mod error;
 #[cfg(not(test))]
 pub mod exit;
+pub mod hyperv;
 #[cfg(not(test))]
 pub mod interrupts;
 pub mod mm;
@@ -203,6 +204,26 @@ mod kernel {
         );
         if boot.dropped_regions > 0 {
             log::warn!("boot: {} memory map entries ignored", boot.dropped_regions);
+        }
+        if let Some(hyper_v) = crate::hyperv::detect() {
+            log::info!(
+                "Hyper-V detected (build {}, version {}.{})",
+                hyper_v.build,
+                hyper_v.major,
+                hyper_v.minor
+            );
+            if let Some(hz) = hyper_v.tsc_frequency_hz() {
+                time::set_frequency(hz);
+                log::info!(
+                    "clock: TSC {} MHz from the Hyper-V frequency MSR",
+                    hz / 1_000_000
+                );
+            }
+            if hyper_v.has_vmbus() {
+                log::warn!(
+                    "Hyper-V VMBus present: its synthetic NIC (netvsc) is not supported yet"
+                );
+            }
         }
         acpi::init(boot.rsdp);
         arch::cpu::enable_interrupts();

@@ -52,16 +52,6 @@ impl Platform for KernelPlatform {
     }
 }
 
-/// True under Hyper-V (CPUID hypervisor leaf signature "Microsoft Hv").
-fn running_on_hyper_v() -> bool {
-    let leaf = arch::cpu::cpuid(0x4000_0000, 0);
-    let mut signature = [0u8; 12];
-    signature[..4].copy_from_slice(&leaf.ebx.to_le_bytes());
-    signature[4..8].copy_from_slice(&leaf.ecx.to_le_bytes());
-    signature[8..].copy_from_slice(&leaf.edx.to_le_bytes());
-    &signature == b"Microsoft Hv"
-}
-
 /// Device interrupts only need to wake the event loop (the dispatcher counts them); the loop
 /// polls every device afterwards.
 pub(crate) fn wake_event_loop(_vector: u8) {}
@@ -200,7 +190,7 @@ pub fn bring_up() -> Result<NetStack, KernelError> {
         .map(|device| device.address);
     let Some(address) = virtio else {
         return Err(KernelError::NoNetworkDevice {
-            reason: if running_on_hyper_v() {
+            reason: if crate::hyperv::detect().is_some() {
                 "this is Hyper-V, whose synthetic NIC (netvsc) is not supported yet; \
                  no virtio-net device either"
             } else {
