@@ -25,6 +25,7 @@ pub mod mm;
 #[cfg(not(test))]
 pub mod net;
 pub mod pci;
+pub mod pvclock;
 #[cfg(not(test))]
 mod rt;
 #[cfg(not(test))]

@@ -17,6 +17,8 @@ static LAST_SEEN_EVENTS: AtomicU64 = AtomicU64::new(0);
 /// Where the TSC frequency came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClockSource {
+    /// KVM's paravirtual clock (pvclock scaling factors).
+    KvmClock,
     /// The hypervisor's timing leaf (CPUID 0x4000_0010: KVM, VMware).
     HypervisorLeaf,
     /// CPUID 0x15 (crystal ratio).
@@ -32,7 +34,79 @@ pub enum ClockSource {
 const PIT_HZ: u64 = 1_193_182;
 const CALIBRATION_MS: u64 = 10;
 
+/// KVM's paravirtual clock MSR (MSR_KVM_SYSTEM_TIME_NEW): physical address of a
+/// `pvclock_vcpu_time_info` | enable bit.
+const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+/// CPUID 0x4000_0001 EAX bit: the MSR above exists.
+const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
+
+/// The pvclock structure KVM fills in (Linux `pvclock_vcpu_time_info`).
+#[repr(C, align(64))]
+struct PvclockTimeInfo {
+    version: u32,
+    pad0: u32,
+    tsc_timestamp: u64,
+    system_time: u64,
+    tsc_to_system_mul: u32,
+    tsc_shift: i8,
+    flags: u8,
+    pad: [u8; 2],
+}
+
+static mut KVMCLOCK_PAGE: PvclockTimeInfo = PvclockTimeInfo {
+    version: 0,
+    pad0: 0,
+    tsc_timestamp: 0,
+    system_time: 0,
+    tsc_to_system_mul: 0,
+    tsc_shift: 0,
+    flags: 0,
+    pad: [0; 2],
+};
+
+/// Reads the TSC frequency from KVM's pvclock (kvmclock), then turns the clock page off again
+/// (we keep time with the TSC ourselves).
+fn tsc_hz_from_kvmclock() -> Option<u64> {
+    let signature = cpu::cpuid(0x4000_0000, 0);
+    let kvm = signature.ebx == u32::from_le_bytes(*b"KVMK")
+        && signature.ecx == u32::from_le_bytes(*b"VMKV")
+        && signature.edx == u32::from_le_bytes(*b"M\0\0\0");
+    if !kvm || signature.eax < 0x4000_0001 {
+        return None;
+    }
+    if cpu::cpuid(0x4000_0001, 0).eax & KVM_FEATURE_CLOCKSOURCE2 == 0 {
+        return None;
+    }
+    let page = &raw mut KVMCLOCK_PAGE;
+    // The kernel image is identity-mapped, so the static's address is its physical address.
+    // SAFETY: the MSR exists (feature bit checked); KVM writes the structure at that address,
+    // which is ours, 64-byte aligned, and stays valid until we disable it below.
+    unsafe { cpu::wrmsr(MSR_KVM_SYSTEM_TIME_NEW, page as u64 | 1) };
+    let mut result = None;
+    for _ in 0..1000 {
+        // SAFETY: volatile reads of plain integers KVM writes; version odd = update in progress.
+        let (version, mul, shift, version_after) = unsafe {
+            let version = core::ptr::read_volatile(&raw const (*page).version);
+            core::sync::atomic::fence(core::sync::atomic::Ordering::Acquire);
+            let mul = core::ptr::read_volatile(&raw const (*page).tsc_to_system_mul);
+            let shift = core::ptr::read_volatile(&raw const (*page).tsc_shift);
+            core::sync::atomic::fence(core::sync::atomic::Ordering::Acquire);
+            (version, mul, shift, core::ptr::read_volatile(&raw const (*page).version))
+        };
+        if version != 0 && version % 2 == 0 && version == version_after {
+            result = crate::pvclock::tsc_hz_from_pvclock(mul, shift);
+            break;
+        }
+    }
+    // SAFETY: writing 0 disables the pvclock page.
+    unsafe { cpu::wrmsr(MSR_KVM_SYSTEM_TIME_NEW, 0) };
+    result
+}
+
 fn tsc_hz_from_cpuid() -> Option<(u64, ClockSource)> {
+    if let Some(hz) = tsc_hz_from_kvmclock() {
+        return Some((hz, ClockSource::KvmClock));
+    }
     let hypervisor = cpu::cpuid(0x4000_0000, 0);
     if hypervisor.eax >= 0x4000_0010 {
         let timing = cpu::cpuid(0x4000_0010, 0);

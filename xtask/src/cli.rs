@@ -1,0 +1,350 @@
+//! The `cargo xtask` command-line grammar (a small hand-written parser).
+
+use crate::accel::Accel;
+use crate::error::{Error, Result};
+use crate::image::Profile;
+use crate::machine::{DEFAULT_MEMORY, NetBackend, NetPaths};
+
+/// Usage text.
+pub const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  build <app> [--release | --debug]      build examples/<app> (release by default), print the ELF path
+  run <app> [options] [-- <qemu args>]   build and boot <app> with the serial console on this terminal
+      --debug                 boot the debug build instead of release
+      --accel kvm|tcg         override the accelerator choice
+      --cmdline \"...\"         kernel command line (e.g. \"log=debug\")
+      --memory 64M            guest memory
+      --net user|tap=<if>     network backend (user: 127.0.0.1:7007 -> echo port 7, 5201 -> iperf)
+      --paths virtio|vf|both  NIC paths (only virtio so far)
+  image <app> [--format raw|qcow2|vhdx|vhd|iso] [--cmdline \"...\"] [--debug]
+                                         bootable disk image (GRUB, BIOS + UEFI); prints its path last
+  test                                   host unit tests, then QEMU integration tests
+  bench boot [--runs N]                  hello boot time under TCG (default 5 runs) and idle CPU
+  help                                   this text
+
+The QEMU exit status is translated: `cargo xtask run` exits with the guest's exit code
+(101 = kernel panic, 102 = fatal CPU exception), 255 when QEMU itself failed.";
+
+/// Options of `cargo xtask run`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunOptions {
+    /// App package to boot.
+    pub app: String,
+    /// Build profile.
+    pub profile: Profile,
+    /// Accelerator override.
+    pub accel: Option<Accel>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Guest memory.
+    pub memory: String,
+    /// Network backend.
+    pub net: NetBackend,
+    /// NIC paths.
+    pub paths: NetPaths,
+    /// Extra QEMU arguments (after `--`).
+    pub qemu_args: Vec<String>,
+}
+
+/// A parsed `cargo xtask` invocation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// `build <app>`.
+    Build {
+        /// App package.
+        app: String,
+        /// Build profile.
+        profile: Profile,
+    },
+    /// `run <app> ...`.
+    Run(RunOptions),
+    /// `image <app> ...`.
+    Image {
+        /// App package.
+        app: String,
+        /// Build profile.
+        profile: Profile,
+        /// Disk image format.
+        format: crate::disk_image::ImageFormat,
+        /// Kernel command line written into the image's grub.cfg.
+        cmdline: String,
+    },
+    /// `test`.
+    Test,
+    /// `bench boot`.
+    BenchBoot {
+        /// Number of boots.
+        runs: usize,
+    },
+    /// `help`.
+    Help,
+}
+
+/// Splits `--name value` / `--name=value` / flags / positionals.
+struct Words<'a> {
+    words: std::iter::Cloned<std::slice::Iter<'a, String>>,
+}
+
+impl Words<'_> {
+    fn value(&mut self, name: &str, inline: Option<String>) -> Result<String> {
+        inline
+            .or_else(|| self.words.next())
+            .ok_or_else(|| Error::Usage(format!("{name} needs a value\n\n{USAGE}")))
+    }
+}
+
+fn unexpected(word: &str) -> Error {
+    Error::Usage(format!("unexpected argument `{word}`\n\n{USAGE}"))
+}
+
+fn split_option(word: &str) -> (String, Option<String>) {
+    match word.split_once('=') {
+        Some((name, value)) if word.starts_with("--") => {
+            (name.to_string(), Some(value.to_string()))
+        }
+        _ => (word.to_string(), None),
+    }
+}
+
+fn app_name(words: &mut Words, command: &str) -> Result<String> {
+    match words.words.next() {
+        Some(app) if !app.starts_with('-') => Ok(app),
+        _ => Err(Error::Usage(format!(
+            "`{command}` needs an app name (e.g. hello)\n\n{USAGE}"
+        ))),
+    }
+}
+
+/// Parses the arguments after `cargo xtask`.
+pub fn parse(args: &[String]) -> Result<Command> {
+    let mut words = Words {
+        words: args.iter().cloned(),
+    };
+    let Some(command) = words.words.next() else {
+        return Ok(Command::Help);
+    };
+    match command.as_str() {
+        "help" | "--help" | "-h" => Ok(Command::Help),
+        "build" => {
+            let app = app_name(&mut words, "build")?;
+            let mut profile = Profile::Release;
+            for word in words.words {
+                match word.as_str() {
+                    "--release" => profile = Profile::Release,
+                    "--debug" => profile = Profile::Debug,
+                    other => return Err(unexpected(other)),
+                }
+            }
+            Ok(Command::Build { app, profile })
+        }
+        "run" => {
+            let mut options = RunOptions {
+                app: app_name(&mut words, "run")?,
+                profile: Profile::Release,
+                accel: None,
+                cmdline: String::new(),
+                memory: DEFAULT_MEMORY.to_string(),
+                net: NetBackend::User,
+                paths: NetPaths::Virtio,
+                qemu_args: Vec::new(),
+            };
+            while let Some(word) = words.words.next() {
+                let (name, inline) = split_option(&word);
+                match name.as_str() {
+                    "--" => {
+                        options.qemu_args = words.words.by_ref().collect();
+                    }
+                    "--debug" => options.profile = Profile::Debug,
+                    "--release" => options.profile = Profile::Release,
+                    "--accel" => options.accel = Some(words.value(&name, inline)?.parse()?),
+                    "--cmdline" => options.cmdline = words.value(&name, inline)?,
+                    "--memory" => options.memory = words.value(&name, inline)?,
+                    "--net" => options.net = words.value(&name, inline)?.parse()?,
+                    "--paths" => options.paths = words.value(&name, inline)?.parse()?,
+                    _ => return Err(unexpected(&word)),
+                }
+            }
+            Ok(Command::Run(options))
+        }
+        "image" => {
+            let app = app_name(&mut words, "image")?;
+            let mut profile = Profile::Release;
+            let mut format = crate::disk_image::ImageFormat::Raw;
+            let mut cmdline = String::new();
+            while let Some(word) = words.words.next() {
+                let (name, inline) = split_option(&word);
+                match name.as_str() {
+                    "--debug" => profile = Profile::Debug,
+                    "--release" => profile = Profile::Release,
+                    "--format" => {
+                        let text = words.value(&name, inline)?;
+                        format = text.parse().map_err(|error| {
+                            Error::Usage(format!("--format `{text}`: {error}\n\n{USAGE}"))
+                        })?;
+                    }
+                    "--cmdline" => cmdline = words.value(&name, inline)?,
+                    _ => return Err(unexpected(&word)),
+                }
+            }
+            Ok(Command::Image {
+                app,
+                profile,
+                format,
+                cmdline,
+            })
+        }
+        "test" => match words.words.next() {
+            None => Ok(Command::Test),
+            Some(other) => Err(unexpected(&other)),
+        },
+        "bench" => {
+            match words.words.next().as_deref() {
+                Some("boot") => {}
+                _ => return Err(Error::Usage(format!("`bench` needs `boot`\n\n{USAGE}"))),
+            }
+            let mut runs = 5;
+            while let Some(word) = words.words.next() {
+                let (name, inline) = split_option(&word);
+                match name.as_str() {
+                    "--runs" => {
+                        let text = words.value(&name, inline)?;
+                        runs = text
+                            .parse()
+                            .ok()
+                            .filter(|&runs: &usize| runs > 0)
+                            .ok_or_else(|| {
+                                Error::Usage(format!("--runs `{text}` is not a positive number"))
+                            })?;
+                    }
+                    _ => return Err(unexpected(&word)),
+                }
+            }
+            Ok(Command::BenchBoot { runs })
+        }
+        other => Err(Error::Usage(format!(
+            "unknown command `{other}`\n\n{USAGE}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_words(line: &str) -> Result<Command> {
+        let words: Vec<String> = line.split_whitespace().map(String::from).collect();
+        parse(&words)
+    }
+
+    #[test]
+    fn image_takes_format_and_cmdline() {
+        let command = parse(&[
+            "image".to_string(),
+            "echo".to_string(),
+            "--format".to_string(),
+            "vhdx".to_string(),
+            "--cmdline".to_string(),
+            "log=debug ip=10.0.2.15/24".to_string(),
+        ])
+        .unwrap();
+        assert_eq!(
+            command,
+            Command::Image {
+                app: "echo".to_string(),
+                profile: Profile::Release,
+                format: crate::disk_image::ImageFormat::Vhdx,
+                cmdline: "log=debug ip=10.0.2.15/24".to_string(),
+            }
+        );
+        assert!(parse_words("image echo --format floppy").is_err());
+    }
+
+    #[test]
+    fn run_defaults_to_release_virtio_user_networking() {
+        let Command::Run(options) = parse_words("run echo").unwrap() else {
+            panic!("not a run command");
+        };
+        assert_eq!(options.app, "echo");
+        assert_eq!(options.profile, Profile::Release);
+        assert_eq!(options.accel, None);
+        assert_eq!(options.memory, "64M");
+        assert_eq!(options.net, NetBackend::User);
+        assert_eq!(options.paths, NetPaths::Virtio);
+        assert!(options.qemu_args.is_empty());
+    }
+
+    #[test]
+    fn run_options_in_both_spellings_and_qemu_args_after_double_dash() {
+        let args: Vec<String> = [
+            "run",
+            "hello",
+            "--accel",
+            "tcg",
+            "--cmdline",
+            "log=debug hello.stay=1",
+            "--memory=128M",
+            "--net=tap=tap0",
+            "--debug",
+            "--",
+            "-s",
+            "--cmdline",
+        ]
+        .map(String::from)
+        .to_vec();
+        let Command::Run(options) = parse(&args).unwrap() else {
+            panic!("not a run command");
+        };
+        assert_eq!(options.accel, Some(Accel::Tcg));
+        assert_eq!(options.cmdline, "log=debug hello.stay=1");
+        assert_eq!(options.memory, "128M");
+        assert_eq!(options.net, NetBackend::Tap("tap0".to_string()));
+        assert_eq!(options.profile, Profile::Debug);
+        assert_eq!(options.qemu_args, ["-s", "--cmdline"]);
+    }
+
+    #[test]
+    fn bad_invocations_are_usage_errors() {
+        for line in [
+            "run",
+            "run --accel kvm",
+            "run hello --accel",
+            "run hello --accel hvf",
+            "run hello --paths sriov",
+            "run hello --verbose",
+            "build",
+            "build hello --fast",
+            "bench",
+            "bench boot --runs 0",
+            "test now",
+            "deploy",
+        ] {
+            assert!(
+                matches!(parse_words(line), Err(Error::Usage(_))),
+                "`{line}` should be a usage error"
+            );
+        }
+    }
+
+    #[test]
+    fn other_commands() {
+        assert_eq!(parse_words("").unwrap(), Command::Help);
+        assert_eq!(parse_words("test").unwrap(), Command::Test);
+        assert_eq!(
+            parse_words("bench boot").unwrap(),
+            Command::BenchBoot { runs: 5 }
+        );
+        assert_eq!(
+            parse_words("bench boot --runs 3").unwrap(),
+            Command::BenchBoot { runs: 3 }
+        );
+        assert_eq!(
+            parse_words("build hello --debug").unwrap(),
+            Command::Build {
+                app: "hello".to_string(),
+                profile: Profile::Debug
+            }
+        );
+    }
+}

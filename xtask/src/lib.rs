@@ -1,0 +1,24 @@
+//! Tandem's developer tasks and QEMU test harness: build images, boot them, talk QMP, benchmark.
+//!
+//! The `xtask` binary (`cargo xtask ...`) is a thin command-line layer over this library; the
+//! `tandem-tests` crate uses [`qemu::QemuBuilder`], [`qmp::Qmp`] and [`image::build_app`] to
+//! boot the images in its integration tests.
+
+pub mod accel;
+pub mod bench;
+pub mod cli;
+pub mod disk_image;
+pub mod error;
+pub mod exit;
+pub mod image;
+pub mod machine;
+pub mod qemu;
+pub mod qmp;
+pub mod tools;
+
+pub use accel::{Accel, AccelChoice};
+pub use error::{Error, Result};
+pub use exit::QemuExit;
+pub use image::{Profile, build_app};
+pub use qemu::{Qemu, QemuBuilder, SerialLine};
+pub use qmp::Qmp;

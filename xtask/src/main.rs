@@ -1,0 +1,180 @@
+//! `cargo xtask`: build, run, test and benchmark Tandem images (see `cargo xtask help`).
+
+use std::process::{Command, ExitCode, Stdio};
+
+use xtask::accel;
+use xtask::bench;
+use xtask::cli::{self, RunOptions, USAGE};
+use xtask::exit::QemuExit;
+use xtask::image::{self, Profile};
+use xtask::machine::{self, Machine};
+use xtask::tools::{self, QEMU_BINARY};
+use xtask::{Error, Result};
+
+/// Apps whose images the integration tests boot.
+const TEST_APPS: &[&str] = &["hello"];
+/// The integration-test package (run after the host unit tests).
+const INTEGRATION_PACKAGE: &str = "tandem-tests";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = cli::parse(&args).and_then(|command| match command {
+        cli::Command::Help => {
+            println!("{USAGE}");
+            Ok(0)
+        }
+        cli::Command::Build { app, profile } => {
+            let elf = image::build_app(&app, profile)?;
+            println!("{}", elf.display());
+            Ok(0)
+        }
+        cli::Command::Run(options) => run(&options),
+        cli::Command::Image {
+            app,
+            profile,
+            format,
+            cmdline,
+        } => {
+            for package in xtask::disk_image::missing_packages(format) {
+                eprintln!("xtask: missing Debian package {package}");
+            }
+            let elf = image::build_app(&app, profile)?;
+            let out_dir = image::target_dir()?.join("images");
+            let path = xtask::disk_image::build_image(
+                &elf,
+                &app,
+                format,
+                &cmdline,
+                &out_dir,
+                &mut |step| {
+                    eprintln!("xtask: {step}");
+                },
+            )
+            .map_err(Error::Image)?;
+            println!("{}", path.display());
+            Ok(0)
+        }
+        cli::Command::Test => test(),
+        cli::Command::BenchBoot { runs } => {
+            tools::ensure_tools(tools::RUN_TOOLS)?;
+            let elf = image::build_app("hello", Profile::Release)?;
+            bench::boot_benchmark(&elf, runs)?;
+            Ok(0)
+        }
+    });
+    match result {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)),
+        Err(error) => {
+            eprintln!("xtask: error: {error}");
+            ExitCode::from(if matches!(error, Error::Usage(_)) {
+                2
+            } else {
+                1
+            })
+        }
+    }
+}
+
+/// `cargo xtask run`: boots the app with the serial console on this terminal.
+fn run(options: &RunOptions) -> Result<i32> {
+    tools::ensure_tools(tools::RUN_TOOLS)?;
+    let choice = accel::decide(options.accel);
+    eprintln!("xtask: accelerator {} ({})", choice.accel, choice.reason);
+    let mut machine = Machine::new(choice.accel);
+    // Check the network request before spending time on a build.
+    machine.add_network(
+        options.paths,
+        &options.net,
+        &machine::app_forwards(&options.app),
+    )?;
+    machine.memory = options.memory.clone();
+    machine.cmdline = options.cmdline.clone();
+    machine.extra_args = options.qemu_args.clone();
+    let elf = image::build_app(&options.app, options.profile)?;
+    eprintln!("xtask: image {}", elf.display());
+    machine.kernel = Some(elf);
+    let qmp_dir = image::target_dir()?.join("qemu");
+    std::fs::create_dir_all(&qmp_dir)
+        .map_err(|error| Error::io(format!("creating {}", qmp_dir.display()), error))?;
+    let qmp_socket = qmp_dir.join(format!("{}.qmp", options.app));
+    // A socket left by a QEMU that was killed would make QEMU fail to bind.
+    let _ = std::fs::remove_file(&qmp_socket);
+    machine.qmp_socket = Some(qmp_socket.clone());
+    let args = machine.args();
+    eprintln!("xtask: QMP socket {}", qmp_socket.display());
+    eprintln!("{}", machine::shell_command_line(QEMU_BINARY, &args));
+    eprintln!("xtask: Ctrl-C stops QEMU");
+    let status = Command::new(QEMU_BINARY)
+        .args(&args)
+        .status()
+        .map_err(|error| Error::io(format!("starting {QEMU_BINARY}"), error))?;
+    let _ = std::fs::remove_file(&qmp_socket);
+    let exit = QemuExit::from_status(status);
+    eprintln!("xtask: {exit}");
+    Ok(exit.process_exit_code())
+}
+
+/// Runs a cargo command in the workspace root with output streamed; true when it succeeded.
+fn cargo_step(title: &str, args: &[&str]) -> Result<bool> {
+    eprintln!("xtask: === {title}: cargo {} ===", args.join(" "));
+    let status = image::cargo()
+        .args(args)
+        .current_dir(image::workspace_root())
+        .stdin(Stdio::null())
+        .status()
+        .map_err(|error| Error::io(format!("starting cargo {}", args.join(" ")), error))?;
+    Ok(status.success())
+}
+
+/// `cargo xtask test`: host unit tests, image builds, QEMU integration tests.
+fn test() -> Result<i32> {
+    tools::ensure_tools(tools::TEST_TOOLS)?;
+    let choice = accel::decide(None);
+    eprintln!(
+        "xtask: the integration tests use TCG, plus KVM where available: here {} ({})",
+        choice.accel, choice.reason
+    );
+    let mut failed = Vec::new();
+    if !cargo_step(
+        "host unit tests",
+        &[
+            "test",
+            "--workspace",
+            "--exclude",
+            INTEGRATION_PACKAGE,
+            "--no-fail-fast",
+        ],
+    )? {
+        failed.push("host unit tests");
+    }
+    let mut images_built = true;
+    for app in TEST_APPS {
+        eprintln!("xtask: === building image `{app}` ===");
+        if let Err(error) = image::build_app(app, Profile::Release) {
+            eprintln!("xtask: error: {error}");
+            images_built = false;
+        }
+    }
+    if !images_built {
+        failed.push("image build");
+    } else if !cargo_step(
+        "QEMU integration tests",
+        &[
+            "test",
+            "--package",
+            INTEGRATION_PACKAGE,
+            "--no-fail-fast",
+            "--",
+            "--test-threads=2",
+        ],
+    )? {
+        failed.push("QEMU integration tests");
+    }
+    if failed.is_empty() {
+        eprintln!("xtask: all tests passed");
+        Ok(0)
+    } else {
+        eprintln!("xtask: FAILED: {}", failed.join(", "));
+        Ok(1)
+    }
+}
