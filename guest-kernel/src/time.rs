@@ -91,7 +91,12 @@ fn tsc_hz_from_kvmclock() -> Option<u64> {
             let mul = core::ptr::read_volatile(&raw const (*page).tsc_to_system_mul);
             let shift = core::ptr::read_volatile(&raw const (*page).tsc_shift);
             core::sync::atomic::fence(core::sync::atomic::Ordering::Acquire);
-            (version, mul, shift, core::ptr::read_volatile(&raw const (*page).version))
+            (
+                version,
+                mul,
+                shift,
+                core::ptr::read_volatile(&raw const (*page).version),
+            )
         };
         if version != 0 && version % 2 == 0 && version == version_after {
             result = crate::pvclock::tsc_hz_from_pvclock(mul, shift);

@@ -17,7 +17,9 @@ commands:
       --cmdline \"...\"         kernel command line (e.g. \"log=debug\")
       --memory 64M            guest memory
       --net user|tap=<if>     network backend (user: 127.0.0.1:7007 -> echo port 7, 5201 -> iperf)
-      --paths virtio|vf|both  NIC paths (only virtio so far)
+      --paths virtio|vf|both  NIC paths: virtio-net, the igb VF (lab PF in the guest), or both bonded
+  vf unplug|plug|disable|enable|link-down|link-up [--qmp <socket>]
+                                         VF event on the running instance (default: the newest)
   image <app> [--format raw|qcow2|vhdx|vhd|iso] [--cmdline \"...\"] [--debug]
                                          bootable disk image (GRUB, BIOS + UEFI); prints its path last
   test                                   host unit tests, then QEMU integration tests
@@ -70,6 +72,13 @@ pub enum Command {
         format: crate::disk_image::ImageFormat,
         /// Kernel command line written into the image's grub.cfg.
         cmdline: String,
+    },
+    /// `vf <action> [--qmp <socket>]`.
+    Vf {
+        /// What to do.
+        action: crate::vf::VfAction,
+        /// The instance's QMP socket (default: the newest one `cargo xtask run` left).
+        qmp: Option<std::path::PathBuf>,
     },
     /// `test`.
     Test,
@@ -194,6 +203,22 @@ pub fn parse(args: &[String]) -> Result<Command> {
                 format,
                 cmdline,
             })
+        }
+        "vf" => {
+            let action = words
+                .words
+                .next()
+                .ok_or_else(|| Error::Usage(format!("`vf` needs an action\n\n{USAGE}")))?
+                .parse()?;
+            let mut qmp = None;
+            while let Some(word) = words.words.next() {
+                let (name, inline) = split_option(&word);
+                match name.as_str() {
+                    "--qmp" => qmp = Some(std::path::PathBuf::from(words.value(&name, inline)?)),
+                    _ => return Err(unexpected(&word)),
+                }
+            }
+            Ok(Command::Vf { action, qmp })
         }
         "test" => match words.words.next() {
             None => Ok(Command::Test),

@@ -64,8 +64,6 @@ pub enum Error {
     },
     /// The QMP peer sent something that is not valid QMP.
     QmpProtocol(String),
-    /// The requested feature is not implemented yet.
-    NotImplemented(String),
 }
 
 impl Error {
@@ -109,7 +107,6 @@ impl fmt::Display for Error {
                 description,
             } => write!(f, "QMP command `{command}` failed: {class}: {description}"),
             Error::QmpProtocol(message) => write!(f, "QMP protocol error: {message}"),
-            Error::NotImplemented(message) => write!(f, "not implemented yet: {message}"),
         }
     }
 }

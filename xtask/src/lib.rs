@@ -15,6 +15,7 @@ pub mod machine;
 pub mod qemu;
 pub mod qmp;
 pub mod tools;
+pub mod vf;
 
 pub use accel::{Accel, AccelChoice};
 pub use error::{Error, Result};

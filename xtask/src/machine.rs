@@ -132,14 +132,21 @@ pub fn tap_netdev(id: &str, ifname: &str) -> String {
     format!("tap,id={id},ifname={ifname},script=no,downscript=no")
 }
 
+/// The MAC of the synthetic NIC, which the lab PF also gives the VF (the pair shares one MAC).
+pub const GUEST_MAC: &str = "52:54:00:12:34:56";
+/// The igb PF's own MAC (never used for guest traffic).
+pub const PF_MAC: &str = "52:54:00:12:34:ff";
+/// Command-line words that switch on the lab PF responder in the guest.
+pub const LAB_PF_CMDLINE: &str = "igb.lab_pf=1";
+
 /// `-device` value for a modern-only virtio-net NIC.
 pub fn virtio_net_device(netdev: &str) -> String {
-    format!("virtio-net-pci,id=virtio0,disable-legacy=on,netdev={netdev}")
+    format!("virtio-net-pci,id=virtio0,disable-legacy=on,netdev={netdev},mac={GUEST_MAC}")
 }
 
 /// `-device` value for the igb (82576) PF on its native hot-plug root port [`PF_ROOT_PORT`].
 pub fn igb_pf_device(netdev: &str) -> String {
-    format!("igb,id=pf0,bus={PF_ROOT_PORT},netdev={netdev}")
+    format!("igb,id=pf0,bus={PF_ROOT_PORT},netdev={netdev},mac={PF_MAC}")
 }
 
 /// A QEMU invocation for one guest.
@@ -161,6 +168,12 @@ pub struct Machine {
     pub devices: Vec<String>,
     /// Arguments appended verbatim.
     pub extra_args: Vec<String>,
+    /// The `-netdev` id the igb PF is attached to (what `device_add` must name again).
+    pub pf_netdev: Option<String>,
+    /// The guest plays the igb PF's driver (`igb.lab_pf=1` is added to the command line).
+    pub lab_pf: bool,
+    /// Where the lab control channel (the guest's COM2) listens, if any.
+    pub lab_socket: Option<PathBuf>,
 }
 
 impl Machine {
@@ -175,6 +188,9 @@ impl Machine {
             netdevs: Vec::new(),
             devices: Vec::new(),
             extra_args: Vec::new(),
+            pf_netdev: None,
+            lab_pf: false,
+            lab_socket: None,
         }
     }
 
@@ -185,22 +201,52 @@ impl Machine {
         backend: &NetBackend,
         forwards: &[HostForward],
     ) -> Result<()> {
-        let netdev = match backend {
-            NetBackend::User => user_netdev("net0", forwards),
-            NetBackend::Tap(ifname) => tap_netdev("net0", ifname),
+        let netdev = |id: &str, tap_index: usize| match backend {
+            NetBackend::User => user_netdev(id, forwards),
+            NetBackend::Tap(ifnames) => {
+                let names: Vec<&str> = ifnames.split(',').collect();
+                tap_netdev(id, names.get(tap_index).copied().unwrap_or(names[0]))
+            }
         };
         match paths {
             NetPaths::Virtio => {
-                self.netdevs.push(netdev);
+                self.netdevs.push(netdev("net0", 0));
                 self.devices.push(virtio_net_device("net0"));
-                Ok(())
             }
-            NetPaths::Vf | NetPaths::Both => Err(Error::NotImplemented(
-                "--paths vf/both: the igbvf driver and the failover pair are not written yet \
-                 (use --paths virtio)"
-                    .to_string(),
-            )),
+            NetPaths::Vf => {
+                self.netdevs.push(netdev("net0", 0));
+                self.devices.push(igb_pf_device("net0"));
+                self.pf_netdev = Some("net0".to_string());
+                self.lab_pf = true;
+            }
+            NetPaths::Both => {
+                match backend {
+                    // Two taps (`tap=a,b`): each NIC on its own bridge port, like a host whose
+                    // VF and synthetic NIC reach the same switch through different ports.
+                    NetBackend::Tap(ifnames) if ifnames.contains(',') => {
+                        self.netdevs.push(netdev("net0", 0));
+                        self.netdevs.push(netdev("net1", 1));
+                        self.devices.push(virtio_net_device("net0"));
+                        self.devices.push(igb_pf_device("net1"));
+                        self.pf_netdev = Some("net1".to_string());
+                    }
+                    // One backend: a hub puts both NICs on one segment.
+                    _ => {
+                        self.netdevs.push(netdev("net0-hub", 0));
+                        self.netdevs
+                            .push("hubport,id=hub-uplink,hubid=0,netdev=net0-hub".to_string());
+                        self.netdevs
+                            .push("hubport,id=hub-virtio,hubid=0".to_string());
+                        self.netdevs.push("hubport,id=hub-igb,hubid=0".to_string());
+                        self.devices.push(virtio_net_device("hub-virtio"));
+                        self.devices.push(igb_pf_device("hub-igb"));
+                        self.pf_netdev = Some("hub-igb".to_string());
+                    }
+                }
+                self.lab_pf = true;
+            }
         }
+        Ok(())
     }
 
     /// The full argument list (without the program name).
@@ -248,11 +294,31 @@ impl Machine {
             args.push("-device".to_string());
             args.push(device.clone());
         }
+        if let Some(socket) = &self.lab_socket {
+            args.push("-chardev".to_string());
+            args.push(format!(
+                "socket,id=lab,path={},server=on,wait=off",
+                socket.display()
+            ));
+            args.push("-device".to_string());
+            args.push("isa-serial,chardev=lab".to_string());
+        }
         if let Some(kernel) = &self.kernel {
             args.push("-kernel".to_string());
             args.push(kernel.display().to_string());
             args.push("-append".to_string());
-            args.push(self.cmdline.clone());
+            let mut cmdline = self.cmdline.clone();
+            if self.lab_pf
+                && !cmdline
+                    .split_whitespace()
+                    .any(|word| word.starts_with("igb.lab_pf="))
+            {
+                if !cmdline.is_empty() {
+                    cmdline.push(' ');
+                }
+                cmdline.push_str(LAB_PF_CMDLINE);
+            }
+            args.push(cmdline);
         }
         args.extend(self.extra_args.iter().cloned());
         args
@@ -336,10 +402,9 @@ mod tests {
             value_after(&args, "-netdev"),
             ["user,id=net0,hostfwd=tcp:127.0.0.1:7007-:7,hostfwd=udp:127.0.0.1:7007-:7"]
         );
-        assert!(
-            value_after(&args, "-device")
-                .contains(&"virtio-net-pci,id=virtio0,disable-legacy=on,netdev=net0")
-        );
+        assert!(value_after(&args, "-device").contains(
+            &"virtio-net-pci,id=virtio0,disable-legacy=on,netdev=net0,mac=52:54:00:12:34:56"
+        ));
         assert_eq!(
             value_after(&args, "-qmp"),
             ["unix:/t/qemu/echo.qmp,server=on,wait=off"]
@@ -365,24 +430,54 @@ mod tests {
     }
 
     #[test]
-    fn vf_paths_are_refused_clearly() {
+    fn both_paths_share_one_segment_and_switch_on_the_lab_pf() {
         let mut machine = Machine::new(Accel::Tcg);
-        for paths in [NetPaths::Vf, NetPaths::Both] {
-            let error = machine
-                .add_network(paths, &NetBackend::User, &[])
-                .unwrap_err();
-            assert!(error.to_string().contains("not implemented yet"));
-        }
-        assert!(machine.netdevs.is_empty() && machine.devices.is_empty());
-        assert_eq!(igb_pf_device("pfnet"), "igb,id=pf0,bus=rp1,netdev=pfnet");
-        assert!("sriov".parse::<NetPaths>().is_err());
+        machine.kernel = Some(PathBuf::from("/images/echo"));
+        machine.cmdline = "log=info".to_string();
+        machine
+            .add_network(NetPaths::Both, &NetBackend::User, &app_forwards("echo"))
+            .unwrap();
+        machine.lab_socket = Some(PathBuf::from("/t/echo.lab"));
+        let args = machine.args();
+        let netdevs = value_after(&args, "-netdev");
+        assert!(netdevs[0].starts_with("user,id=net0-hub,hostfwd="));
+        assert!(netdevs.contains(&"hubport,id=hub-uplink,hubid=0,netdev=net0-hub"));
+        let devices = value_after(&args, "-device");
+        assert!(
+            devices
+                .iter()
+                .any(|d| d.starts_with("virtio-net-pci,") && d.contains("netdev=hub-virtio"))
+        );
+        assert!(
+            devices
+                .iter()
+                .any(|d| d.starts_with("igb,id=pf0,bus=rp1,netdev=hub-igb"))
+        );
+        assert!(devices.contains(&"isa-serial,chardev=lab"));
+        assert_eq!(value_after(&args, "-append"), ["log=info igb.lab_pf=1"]);
+        assert_eq!(machine.pf_netdev.as_deref(), Some("hub-igb"));
     }
 
     #[test]
-    fn firmware_only_machine_has_no_kernel_arguments() {
-        let args = Machine::new(Accel::Tcg).args();
-        assert!(!args.contains(&"-kernel".to_string()));
-        assert!(!args.contains(&"-append".to_string()));
+    fn vf_alone_and_two_taps_for_a_bridge() {
+        let mut machine = Machine::new(Accel::Tcg);
+        machine
+            .add_network(NetPaths::Vf, &NetBackend::User, &[])
+            .unwrap();
+        let args = machine.args();
+        assert!(
+            !value_after(&args, "-device")
+                .iter()
+                .any(|d| d.starts_with("virtio-net-pci"))
+        );
+        assert_eq!(machine.pf_netdev.as_deref(), Some("net0"));
+
+        let mut machine = Machine::new(Accel::Tcg);
+        let taps: NetBackend = "tap=tap0,tap1".parse().unwrap();
+        machine.add_network(NetPaths::Both, &taps, &[]).unwrap();
+        let netdevs = value_after(&machine.args(), "-netdev").join(" ");
+        assert!(netdevs.contains("ifname=tap0") && netdevs.contains("ifname=tap1"));
+        assert_eq!(machine.pf_netdev.as_deref(), Some("net1"));
     }
 
     #[test]

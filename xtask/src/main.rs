@@ -54,6 +54,14 @@ fn main() -> ExitCode {
             println!("{}", path.display());
             Ok(0)
         }
+        cli::Command::Vf { action, qmp } => {
+            let qmp = match qmp {
+                Some(qmp) => qmp,
+                None => xtask::vf::newest_qmp_socket(&image::target_dir()?.join("qemu"))?,
+            };
+            println!("{}", xtask::vf::run_action(action, &qmp)?);
+            Ok(0)
+        }
         cli::Command::Test => test(),
         cli::Command::BenchBoot { runs } => {
             tools::ensure_tools(tools::RUN_TOOLS)?;
@@ -100,6 +108,16 @@ fn run(options: &RunOptions) -> Result<i32> {
     // A socket left by a QEMU that was killed would make QEMU fail to bind.
     let _ = std::fs::remove_file(&qmp_socket);
     machine.qmp_socket = Some(qmp_socket.clone());
+    if machine.lab_pf {
+        let lab_socket = qmp_socket.with_extension("lab");
+        let _ = std::fs::remove_file(&lab_socket);
+        machine.lab_socket = Some(lab_socket.clone());
+        eprintln!(
+            "xtask: lab PF control on {} (try `cargo xtask vf unplug|plug|disable|enable|link-down|link-up`)",
+            lab_socket.display()
+        );
+    }
+    xtask::vf::record_pf_netdev(&qmp_socket, machine.pf_netdev.as_deref())?;
     let args = machine.args();
     eprintln!("xtask: QMP socket {}", qmp_socket.display());
     eprintln!("{}", machine::shell_command_line(QEMU_BINARY, &args));

@@ -10,6 +10,7 @@ use alloc::string::ToString;
 use alloc::vec::Vec;
 use core::ops::ControlFlow;
 
+use net_device::MacAddress;
 use net_stack::{NetConfig, NetStack, Platform};
 use netvsc_fallback::{
     MsixVectors, VirtioNet, VirtioNetConfig, VirtioPciCapabilityType, VirtioPciRegions,
@@ -189,14 +190,31 @@ pub fn bring_up() -> Result<NetStack, KernelError> {
         .find(|device| is_virtio_net(device))
         .map(|device| device.address);
     let Some(address) = virtio else {
-        return Err(KernelError::NoNetworkDevice {
-            reason: if crate::hyperv::detect().is_some() {
-                "this is Hyper-V, whose synthetic NIC (netvsc) is not supported yet; \
-                 no virtio-net device either"
-            } else {
-                "no virtio-net device (1af4:1041) on PCI"
-            },
-        });
+        // No synthetic NIC: a VF alone carries the interface (no failover possible).
+        *PCI.lock() = Some(pci);
+        let mac = crate::cmdline_value("igb.vf_mac")
+            .and_then(parse_mac)
+            .unwrap_or(DEFAULT_VF_ONLY_MAC);
+        return match vf_path::bring_up_vf_path(mac)? {
+            Some(vf) => {
+                log::warn!(
+                    "net: no virtio-net device: the VF alone carries the interface, without failover"
+                );
+                NetStack::new(config, vf, Box::new(KernelPlatform)).map_err(|error| {
+                    KernelError::Network {
+                        reason: error.to_string(),
+                    }
+                })
+            }
+            None => Err(KernelError::NoNetworkDevice {
+                reason: if crate::hyperv::detect().is_some() {
+                    "this is Hyper-V, whose synthetic NIC (netvsc) is not supported yet; \
+                     no virtio-net device or VF either"
+                } else {
+                    "no virtio-net device (1af4:1041) and no usable VF on PCI"
+                },
+            }),
+        };
     };
     let synthetic = start_virtio_net(&mut pci, address)?;
     let mut stack =
@@ -208,6 +226,23 @@ pub fn bring_up() -> Result<NetStack, KernelError> {
     *PCI.lock() = Some(pci);
     attach_vf_if_present(&mut stack);
     Ok(stack)
+}
+
+/// The MAC the lab PF gives a VF that has no synthetic partner (`igb.vf_mac=` overrides it).
+const DEFAULT_VF_ONLY_MAC: MacAddress = MacAddress([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+fn parse_mac(text: &str) -> Option<MacAddress> {
+    let mut bytes = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut bytes {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts
+        .next()
+        .is_none()
+        .then_some(MacAddress(bytes))
+        .filter(MacAddress::is_valid_unicast)
 }
 
 /// Starts the VF path (and the lab PF when asked) and attaches it to the bond; failures leave
