@@ -278,6 +278,11 @@ pub struct Stats {
     pub tx_ring_full: u64,
     /// Interrupts handled.
     pub interrupts: u64,
+    /// Good frames received as counted by the device's own hardware counters (0 when the
+    /// device keeps none). Lets tests check the driver's view against the hardware's.
+    pub hardware_rx_frames: u64,
+    /// Good frames transmitted as counted by the device's own hardware counters (0 when none).
+    pub hardware_tx_frames: u64,
 }
 
 /// Why a device operation failed.

@@ -157,6 +157,8 @@ impl PathStats {
         d.rx_dropped_bad += o.rx_dropped_bad;
         d.tx_ring_full += o.tx_ring_full;
         d.interrupts += o.interrupts;
+        d.hardware_rx_frames += o.hardware_rx_frames;
+        d.hardware_tx_frames += o.hardware_tx_frames;
     }
 }
 

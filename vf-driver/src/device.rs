@@ -225,6 +225,8 @@ pub struct IgbVf<R: RegisterIo, D: DmaAllocator> {
     reinit_at_ns: Option<u64>,
     /// Delay before the next automatic re-initialisation; doubles on each failure.
     reinit_backoff_ns: u64,
+    /// When `poll` last folded the hardware counters in.
+    counters_read_ns: u64,
     /// Kept to the end (fields drop in order) so the allocator outlives the regions it gave out.
     _allocator: D,
 }
@@ -232,6 +234,8 @@ pub struct IgbVf<R: RegisterIo, D: DmaAllocator> {
 /// First automatic re-initialisation attempt after the VF is seen `Resetting` (lets the PF
 /// finish its own reset first).
 const REINIT_INITIAL_BACKOFF_NS: u64 = 10_000_000;
+/// How often `poll` reads the hardware statistics registers.
+const HARDWARE_COUNTER_PERIOD_NS: u64 = 100_000_000;
 /// Longest delay between automatic re-initialisation attempts.
 const REINIT_MAX_BACKOFF_NS: u64 = 1_000_000_000;
 
@@ -289,6 +293,7 @@ impl<R: RegisterIo, D: DmaAllocator> IgbVf<R, D> {
             now_ns: 0,
             reinit_at_ns: None,
             reinit_backoff_ns: REINIT_INITIAL_BACKOFF_NS,
+            counters_read_ns: 0,
             config,
             _allocator: dma,
         };
@@ -702,6 +707,11 @@ impl<R: RegisterIo, D: DmaAllocator> NetDevice for IgbVf<R, D> {
             self.reinitialize_when_due(now_ns);
             return;
         }
+        // Counter registers are VM exits under emulation: fold them in every 100 ms only.
+        if now_ns.saturating_sub(self.counters_read_ns) >= HARDWARE_COUNTER_PERIOD_NS {
+            self.counters_read_ns = now_ns;
+            self.hardware_counters.accumulate(self.hw.read_counters());
+        }
         if matches!(self.state, State::Up | State::Down) {
             let progressed = self.reclaim_tx();
             self.update_link(status);
@@ -773,12 +783,20 @@ impl<R: RegisterIo, D: DmaAllocator> NetDevice for IgbVf<R, D> {
     }
 
     fn stats(&self) -> Stats {
-        self.stats
+        let hardware = self.hardware_counters.snapshot();
+        Stats {
+            hardware_rx_frames: hardware.rx_packets,
+            hardware_tx_frames: hardware.tx_packets,
+            ..self.stats
+        }
     }
 
     fn stop(&mut self) {
         if matches!(self.state, State::Gone | State::Stopped) {
             return;
+        }
+        if !self.hw.regs.is_removed() {
+            self.hardware_counters.accumulate(self.hw.read_counters());
         }
         self.hw.mask_interrupts();
         self.quiesce_queues();

@@ -76,7 +76,8 @@ pub fn stats_line(stack: &NetStack) -> String {
     format!(
         "ok active={:?} rx_frames={} tx_frames={} synthetic_rx={} synthetic_tx={} vf_rx={} vf_tx={} \
          switches_to_vf={} switches_to_synthetic={} duplicates_dropped={} bad_frames_dropped={} \
-         tcp_accepted={}",
+         tcp_accepted={} vf_hardware_rx={} vf_hardware_tx={} vf_driver_rx={} vf_driver_tx={} \
+         synthetic_hardware_rx={} synthetic_hardware_tx={} synthetic_driver_rx={} synthetic_driver_tx={}",
         bond.active,
         bond.total.bond.rx_frames,
         bond.total.bond.tx_frames,
@@ -89,5 +90,13 @@ pub fn stats_line(stack: &NetStack) -> String {
         bond.duplicates_dropped,
         bond.bad_frames_dropped,
         stats.tcp_accepted,
+        vf.map_or(0, |vf| vf.device.hardware_rx_frames) + bond.vf_retired.device.hardware_rx_frames,
+        vf.map_or(0, |vf| vf.device.hardware_tx_frames) + bond.vf_retired.device.hardware_tx_frames,
+        vf.map_or(0, |vf| vf.device.rx_frames) + bond.vf_retired.device.rx_frames,
+        vf.map_or(0, |vf| vf.device.tx_frames) + bond.vf_retired.device.tx_frames,
+        bond.synthetic.device.hardware_rx_frames,
+        bond.synthetic.device.hardware_tx_frames,
+        bond.synthetic.device.rx_frames,
+        bond.synthetic.device.tx_frames,
     )
 }
