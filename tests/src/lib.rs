@@ -8,6 +8,8 @@ use std::time::Duration;
 use xtask::accel::{self, Accel};
 use xtask::image::{Profile, build_app};
 
+pub mod topology;
+
 /// Time a guest gets to boot and print a given line under TCG. Generous: CI has 2 slow cores
 /// and runs two guests at once.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);

@@ -12,7 +12,7 @@ use xtask::tools::{self, QEMU_BINARY};
 use xtask::{Error, Result};
 
 /// Apps whose images the integration tests boot.
-const TEST_APPS: &[&str] = &["hello"];
+const TEST_APPS: &[&str] = &["hello", "echo"];
 /// The integration-test package (run after the host unit tests).
 const INTEGRATION_PACKAGE: &str = "tandem-tests";
 
