@@ -156,9 +156,12 @@ pub fn start_lab_pf(pf: PciAddress, mac: MacAddress) -> Result<(), KernelError> 
         pci.enable_command(pf, Command::MEMORY_SPACE | Command::BUS_MASTER)?;
         pci.map_bar(pf, 0)?
     };
+    // Don't wait for auto-negotiation (QEMU takes 500 ms): the VF reports link down until it
+    // completes and the bond switches to it then, so the stack starts serving at once.
     let config = LabPfConfig {
         num_vfs: 1,
         vf_macs: vec![Some(mac)],
+        link_timeout_ns: 0,
         ..LabPfConfig::default()
     };
     let mut lab = LabPf::new(registers, KernelSriov { pf }, config).map_err(lab_error)?;
