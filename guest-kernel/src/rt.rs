@@ -8,12 +8,19 @@ pub const PANIC_EXIT_CODE: i32 = 101;
 
 /// # Safety
 /// Standard C `memcpy` contract: valid, non-overlapping regions of `len` bytes.
+///
+/// Copies 8 bytes per step (`rep movsq`) and the tail bytewise: under QEMU TCG each `rep`
+/// iteration costs about the same whatever its width, so `rep movsb` alone was the hottest
+/// guest code of a bulk transfer.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memcpy(destination: *mut u8, source: *const u8, len: usize) -> *mut u8 {
-    // SAFETY: the caller guarantees both regions are valid and disjoint; `rep movsb` copies
-    // forwards, with DF clear (the ABI guarantees it; interrupt stubs clear it too).
+    // SAFETY: the caller guarantees both regions are valid and disjoint; the two string moves
+    // copy exactly `len / 8 * 8` then `len % 8` bytes forwards, with DF clear (the ABI
+    // guarantees it; interrupt stubs clear it too).
     unsafe {
-        asm!("rep movsb", inout("rcx") len => _, inout("rdi") destination => _,
+        asm!("rep movsq", "mov rcx, {tail}", "rep movsb",
+             tail = in(reg) len % 8,
+             inout("rcx") len / 8 => _, inout("rdi") destination => _,
              inout("rsi") source => _, options(nostack, preserves_flags));
     }
     destination
@@ -42,10 +49,14 @@ pub unsafe extern "C" fn memmove(destination: *mut u8, source: *const u8, len: u
 /// Standard C `memset` contract: a valid region of `len` bytes.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memset(destination: *mut u8, value: i32, len: usize) -> *mut u8 {
-    // SAFETY: the caller guarantees the region is valid.
+    let pattern = u64::from(value as u8) * 0x0101_0101_0101_0101;
+    // SAFETY: the caller guarantees the region is valid; `len / 8` quadwords then `len % 8`
+    // bytes are stored forwards (see memcpy for why quadwords).
     unsafe {
-        asm!("rep stosb", inout("rcx") len => _, inout("rdi") destination => _,
-             in("al") value as u8, options(nostack, preserves_flags));
+        asm!("rep stosq", "mov rcx, {tail}", "rep stosb",
+             tail = in(reg) len % 8,
+             inout("rcx") len / 8 => _, inout("rdi") destination => _,
+             in("rax") pattern, options(nostack, preserves_flags));
     }
     destination
 }

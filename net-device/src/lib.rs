@@ -10,6 +10,8 @@ extern crate alloc;
 
 use core::fmt;
 
+pub mod checksum;
+
 /// A 48-bit Ethernet MAC address.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct MacAddress(pub [u8; 6]);

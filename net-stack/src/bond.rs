@@ -1039,7 +1039,7 @@ impl Bond {
         let RxQueue { frames, free } = &mut self.rx;
         let dedup = &mut self.dedup;
         let mut delivered = 0;
-        device.receive(budget, &mut |frame, _meta| {
+        device.receive(budget, &mut |frame, meta| {
             if ignore_all {
                 counters.rx_ignored += 1;
                 return;
@@ -1049,6 +1049,8 @@ impl Bond {
             } else if frame[6..12] == mac.0 {
                 // Our own frame looped back by a hub or bridge through the other path.
                 Some("our own source MAC (looped back)")
+            } else if !meta.checksum_verified && !crate::checksum::verify(frame) {
+                Some("bad IPv4/TCP/UDP/ICMP checksum")
             } else {
                 None
             };

@@ -21,6 +21,7 @@ use smoltcp::phy::{ChecksumCapabilities, Device, DeviceCapabilities, Medium, RxT
 use smoltcp::time::Instant;
 
 use crate::bond::{Bond, ETHERNET_HEADER_LEN, Paths, RxQueue, TxReadiness};
+use crate::checksum;
 
 /// A received frame lent to smoltcp.
 pub struct BondRxToken<'a> {
@@ -49,7 +50,11 @@ impl TxToken for BondTxToken<'_> {
     where
         F: FnOnce(&mut [u8]) -> R,
     {
-        self.paths.transmit_with(len, f)
+        self.paths.transmit_with(len, |frame| {
+            let result = f(frame);
+            checksum::fill(frame);
+            result
+        })
     }
 }
 
@@ -94,7 +99,8 @@ impl Device for Bond {
         capabilities.medium = Medium::Ethernet;
         capabilities.max_transmission_unit = self.ip_mtu() + ETHERNET_HEADER_LEN;
         capabilities.max_burst_size = None;
-        capabilities.checksum = ChecksumCapabilities::default();
+        // The bond fills in and verifies checksums itself (see `checksum`).
+        capabilities.checksum = ChecksumCapabilities::ignored();
         capabilities
     }
 }
@@ -111,14 +117,14 @@ mod tests {
     const MAC: MacAddress = MacAddress([0x02, 0, 0, 0, 0, 1]);
 
     #[test]
-    fn capabilities_are_software_checksums_and_no_burst_limit() {
+    fn capabilities_leave_checksums_to_the_bond_and_set_no_burst_limit() {
         let (device, _control) = FakeDevice::new("virtio-net", MAC);
         let bond = Bond::new(Box::new(device), 1500, BondConfig::default());
         let capabilities = bond.capabilities();
         assert_eq!(capabilities.max_transmission_unit, 1514);
         assert_eq!(capabilities.max_burst_size, None);
-        assert!(matches!(capabilities.checksum.tcp, Checksum::Both));
-        assert!(matches!(capabilities.checksum.ipv4, Checksum::Both));
+        assert!(matches!(capabilities.checksum.tcp, Checksum::None));
+        assert!(matches!(capabilities.checksum.ipv4, Checksum::None));
     }
 
     #[test]

@@ -21,6 +21,7 @@ extern crate alloc;
 
 pub mod announce;
 pub mod bond;
+pub mod checksum;
 pub mod config;
 mod dedup;
 mod error;

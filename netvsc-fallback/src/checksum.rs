@@ -1,27 +1,12 @@
 //! Internet checksum helpers: completing partial (NEEDS_CSUM) checksums and finding the TCP
 //! headers of a frame for segmentation offload.
 
-/// Adds `data` as big-endian 16-bit words (RFC 1071) to a running 64-bit sum.
+/// One's-complement sum of `data` added to `initial` (the shared scalar core).
 pub(crate) fn ones_complement_sum(data: &[u8], initial: u64) -> u64 {
-    let mut sum = initial;
-    let mut words = data.chunks_exact(2);
-    for word in &mut words {
-        sum += u64::from(u16::from_be_bytes([word[0], word[1]]));
-    }
-    if let [last] = words.remainder() {
-        // An odd trailing byte is padded with zero on the right.
-        sum += u64::from(*last) << 8;
-    }
-    sum
+    net_device::checksum::add(initial, data)
 }
 
-/// Folds a running sum to 16 bits with end-around carry.
-pub(crate) fn fold(mut sum: u64) -> u16 {
-    while sum > 0xFFFF {
-        sum = (sum & 0xFFFF) + (sum >> 16);
-    }
-    sum as u16
-}
+pub(crate) use net_device::checksum::fold;
 
 /// Where a partial checksum would be stored, when it does not fit in the frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
