@@ -323,6 +323,11 @@ impl<R: RegisterIo, S: SriovControl> LabPf<R, S> {
         self.pf_link_up = matches!(link, WaitOutcome::Done(()));
         if self.pf_link_up {
             log::info!("lab PF: up with {} VFs, link up", self.vfs.len());
+        } else if self.config.link_timeout_ns == 0 {
+            log::info!(
+                "lab PF: up with {} VFs; link comes up when auto-negotiation ends",
+                self.vfs.len()
+            );
         } else {
             log::warn!(
                 "lab PF: link still down after {} ns",

@@ -24,6 +24,11 @@ commands:
                                          bootable disk image (GRUB, BIOS + UEFI); prints its path last
   test                                   host unit tests, then QEMU integration tests
   bench boot [--runs N]                  hello boot time under TCG (default 5 runs) and idle CPU
+  bench echo [--paths virtio|vf|both] [--runs N]
+                                         root: echo round trips/s and bulk MB/s under TCG on a
+                                         bridged tap (default virtio, 3 runs), vs a Linux guest
+  bench failover [--cycles N]            root: echo stream across VF removal/restore per trigger
+                                         (default 5 cycles): longest gap, TCP retransmissions
   help                                   this text
 
 The QEMU exit status is translated: `cargo xtask run` exits with the guest's exit code
@@ -87,6 +92,18 @@ pub enum Command {
         /// Number of boots.
         runs: usize,
     },
+    /// `bench echo`.
+    BenchEcho {
+        /// NIC paths the guest gets.
+        paths: NetPaths,
+        /// Number of boots measured.
+        runs: usize,
+    },
+    /// `bench failover`.
+    BenchFailover {
+        /// Removal/restore cycles per trigger.
+        cycles: usize,
+    },
     /// `help`.
     Help,
 }
@@ -124,6 +141,52 @@ fn app_name(words: &mut Words, command: &str) -> Result<String> {
             "`{command}` needs an app name (e.g. hello)\n\n{USAGE}"
         ))),
     }
+}
+
+/// Parses the options of `bench echo`.
+fn parse_bench_echo(mut words: Words) -> Result<Command> {
+    let mut paths = NetPaths::Virtio;
+    let mut runs = crate::bench_echo::DEFAULT_RUNS;
+    while let Some(word) = words.words.next() {
+        let (name, inline) = split_option(&word);
+        match name.as_str() {
+            "--paths" => paths = words.value(&name, inline)?.parse()?,
+            "--runs" => {
+                let text = words.value(&name, inline)?;
+                runs = text
+                    .parse()
+                    .ok()
+                    .filter(|&runs: &usize| runs > 0)
+                    .ok_or_else(|| {
+                        Error::Usage(format!("--runs `{text}` is not a positive number"))
+                    })?;
+            }
+            _ => return Err(unexpected(&word)),
+        }
+    }
+    Ok(Command::BenchEcho { paths, runs })
+}
+
+/// Parses the options of `bench failover`.
+fn parse_bench_failover(mut words: Words) -> Result<Command> {
+    let mut cycles = crate::bench_failover::DEFAULT_CYCLES;
+    while let Some(word) = words.words.next() {
+        let (name, inline) = split_option(&word);
+        match name.as_str() {
+            "--cycles" => {
+                let text = words.value(&name, inline)?;
+                cycles = text
+                    .parse()
+                    .ok()
+                    .filter(|&cycles: &usize| cycles > 0)
+                    .ok_or_else(|| {
+                        Error::Usage(format!("--cycles `{text}` is not a positive number"))
+                    })?;
+            }
+            _ => return Err(unexpected(&word)),
+        }
+    }
+    Ok(Command::BenchFailover { cycles })
 }
 
 /// Parses the arguments after `cargo xtask`.
@@ -227,7 +290,13 @@ pub fn parse(args: &[String]) -> Result<Command> {
         "bench" => {
             match words.words.next().as_deref() {
                 Some("boot") => {}
-                _ => return Err(Error::Usage(format!("`bench` needs `boot`\n\n{USAGE}"))),
+                Some("failover") => return parse_bench_failover(words),
+                Some("echo") => return parse_bench_echo(words),
+                _ => {
+                    return Err(Error::Usage(format!(
+                        "`bench` needs `boot`, `echo` or `failover`\n\n{USAGE}"
+                    )));
+                }
             }
             let mut runs = 5;
             while let Some(word) = words.words.next() {
@@ -342,6 +411,11 @@ mod tests {
             "build hello --fast",
             "bench",
             "bench boot --runs 0",
+            "bench failover --cycles 0",
+            "bench echo --runs 0",
+            "bench echo --paths sriov",
+            "bench echo --cycles 3",
+            "bench failover --runs 3",
             "test now",
             "deploy",
         ] {
@@ -363,6 +437,28 @@ mod tests {
         assert_eq!(
             parse_words("bench boot --runs 3").unwrap(),
             Command::BenchBoot { runs: 3 }
+        );
+        assert_eq!(
+            parse_words("bench echo").unwrap(),
+            Command::BenchEcho {
+                paths: NetPaths::Virtio,
+                runs: 3
+            }
+        );
+        assert_eq!(
+            parse_words("bench echo --paths vf --runs=5").unwrap(),
+            Command::BenchEcho {
+                paths: NetPaths::Vf,
+                runs: 5
+            }
+        );
+        assert_eq!(
+            parse_words("bench failover").unwrap(),
+            Command::BenchFailover { cycles: 5 }
+        );
+        assert_eq!(
+            parse_words("bench failover --cycles=9").unwrap(),
+            Command::BenchFailover { cycles: 9 }
         );
         assert_eq!(
             parse_words("build hello --debug").unwrap(),

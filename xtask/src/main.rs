@@ -69,6 +69,16 @@ fn main() -> ExitCode {
             bench::boot_benchmark(&elf, runs)?;
             Ok(0)
         }
+        cli::Command::BenchEcho { paths, runs } => {
+            tools::ensure_tools(&[tools::Tool::Qemu, tools::Tool::Ip])?;
+            xtask::bench_echo::echo_benchmark(paths, runs)?;
+            Ok(0)
+        }
+        cli::Command::BenchFailover { cycles } => {
+            tools::ensure_tools(&[tools::Tool::Qemu, tools::Tool::Ip])?;
+            xtask::bench_failover::failover_benchmark(cycles)?;
+            Ok(0)
+        }
     });
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)),
