@@ -253,9 +253,30 @@ pub fn wait_for_event(deadline_ns: Option<u64>) {
             ticks.clamp(1, u128::from(u32::MAX)) as u32,
         );
     }
+    // Spin briefly with interrupts on before halting: a reply or the next frame of a burst
+    // usually arrives within microseconds, and waking a halted vCPU costs the host a thread
+    // wake-up, which dominated small round trips.
+    cpu::enable_interrupts();
+    let spin_until = now_ns().saturating_add(SPIN_BEFORE_HALT_NS);
+    while now_ns() < spin_until {
+        if interrupts::event_counter() != events {
+            LAST_SEEN_EVENTS.store(interrupts::event_counter(), Ordering::Relaxed);
+            return;
+        }
+        core::hint::spin_loop();
+    }
+    cpu::disable_interrupts();
+    if interrupts::event_counter() != events {
+        LAST_SEEN_EVENTS.store(interrupts::event_counter(), Ordering::Relaxed);
+        cpu::enable_interrupts();
+        return;
+    }
     cpu::enable_interrupts_and_halt();
     LAST_SEEN_EVENTS.store(interrupts::event_counter(), Ordering::Relaxed);
 }
+
+/// How long `wait_for_event` polls for an interrupt before halting the CPU.
+const SPIN_BEFORE_HALT_NS: u64 = 50_000;
 
 /// Sleeps until `deadline_ns` (other interrupts are serviced meanwhile).
 pub fn sleep_until(deadline_ns: u64) {
