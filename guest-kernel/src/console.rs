@@ -162,7 +162,8 @@ const LINE_STATUS_DATA_READY: u8 = 1 << 0;
 
 static COM2_PRESENT: AtomicBool = AtomicBool::new(false);
 
-/// Initialises COM2 (115200 8N1, no interrupts). Returns false when there is no UART there.
+/// Initialises COM2 (115200 8N1, no interrupts), keeping received bytes. Returns false when
+/// there is no UART there.
 pub fn init_control_port() -> bool {
     // SAFETY: COM2's registers; same programming as COM1. A missing UART reads 0xff.
     let present = unsafe {
@@ -171,7 +172,9 @@ pub fn init_control_port() -> bool {
         port::outb(COM2 + REG_DATA, 1);
         port::outb(COM2 + REG_INTERRUPT_ENABLE, 0);
         port::outb(COM2 + REG_LINE_CONTROL, 0x03);
-        port::outb(COM2 + REG_FIFO_CONTROL, 0xc7);
+        // FIFOs on, transmit FIFO cleared, receive FIFO kept: a command the host sent before
+        // the channel was opened must not lose its first bytes.
+        port::outb(COM2 + REG_FIFO_CONTROL, 0xc5);
         port::outb(COM2 + REG_MODEM_CONTROL, 0x03);
         port::inb(COM2 + REG_LINE_STATUS) != 0xff
     };

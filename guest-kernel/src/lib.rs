@@ -174,6 +174,9 @@ mod kernel {
     extern "C" fn tandem_kernel_entry(magic: u32, info: u32) -> ! {
         time::mark_boot();
         console::init();
+        // COM2 (the lab control channel, when the VM has one) gets its FIFO now, so commands
+        // sent as soon as the app says it is ready are buffered whole.
+        console::init_control_port();
         interrupts::init();
         let boot = match BootInfo::parse(magic, u64::from(info), &read_boot_memory) {
             Ok(boot) => BOOT_INFO.call_once(|| boot),

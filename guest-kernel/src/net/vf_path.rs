@@ -156,6 +156,11 @@ pub fn start_lab_pf(pf: PciAddress, mac: MacAddress) -> Result<(), KernelError> 
         pci.enable_command(pf, Command::MEMORY_SPACE | Command::BUS_MASTER)?;
         pci.map_bar(pf, 0)?
     };
+    // Claimed, an attention-button press becomes "device leaving" for us to quiesce the VF
+    // path first, instead of an immediate power-off.
+    if let Some(pci) = PCI.lock().as_mut() {
+        pci.claim(pf);
+    }
     // Don't wait for auto-negotiation (QEMU takes 500 ms): the VF reports link down until it
     // completes and the bond switches to it then, so the stack starts serving at once.
     let config = LabPfConfig {
@@ -178,10 +183,11 @@ pub fn start_lab_pf(pf: PciAddress, mac: MacAddress) -> Result<(), KernelError> 
 pub fn start_vf(vf: PciAddress) -> Result<Box<dyn NetDevice>, KernelError> {
     let name = name_of("igbvf", vf);
     let (registers, msix) = {
-        let guard = PCI.lock();
-        let pci = guard.as_ref().ok_or(KernelError::NoNetworkDevice {
+        let mut guard = PCI.lock();
+        let pci = guard.as_mut().ok_or(KernelError::NoNetworkDevice {
             reason: "PCI not initialised",
         })?;
+        pci.claim(vf);
         pci.enable_command(vf, Command::MEMORY_SPACE | Command::BUS_MASTER)?;
         let registers = pci.map_bar(vf, 0)?;
         let vectors = [

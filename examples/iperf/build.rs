@@ -1,0 +1,1 @@
+include!("../kernel-image-build.rs");

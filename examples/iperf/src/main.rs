@@ -1,0 +1,85 @@
+//! The `iperf` app: an iperf3-protocol server (TCP and UDP) on port 5201, or `iperf.port=N`.
+//!
+//! Works with the stock iperf3 3.x client: TCP and UDP, `-R`, `-P`, `--bidir`, `-b`, `-l`,
+//! `-t`, `-O`, `--get-server-output`. One test at a time; other clients are told the server is
+//! busy. Logs one summary line per test (`iperf: test done: ...`).
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+mod error;
+mod json;
+mod protocol;
+mod server;
+
+use core::ops::ControlFlow;
+
+use server::Server;
+
+guest_kernel::app!(main);
+
+/// The iperf3 default port.
+const DEFAULT_PORT: u16 = 5201;
+/// Longest the app keeps the event loop while it waits for paced sends and traffic arrives.
+const PACING_SLICE_NS: u64 = 10_000_000;
+
+fn main() -> i32 {
+    let port = match guest_kernel::cmdline_value("iperf.port").map(str::parse::<u16>) {
+        None => DEFAULT_PORT,
+        Some(Ok(port)) if port != 0 => port,
+        Some(_) => {
+            log::error!("iperf: iperf.port must be a port number 1-65535");
+            return 2;
+        }
+    };
+    let mut stack = match guest_kernel::net::bring_up() {
+        Ok(stack) => stack,
+        Err(error) => {
+            log::error!("iperf: no network: {error}");
+            return 3;
+        }
+    };
+    let mut server = match Server::new(&mut stack, port) {
+        Ok(server) => server,
+        Err(error) => {
+            log::error!("iperf: cannot serve on port {port}: {error}");
+            return 4;
+        }
+    };
+    log::info!(
+        "iperf: server listening on TCP and UDP port {port} (up to {} streams per test)",
+        server::MAX_STREAMS
+    );
+    guest_kernel::net::run(&mut stack, |stack| {
+        // The event loop sleeps until an interrupt or a network timer; a rate-limited sender
+        // (UDP, or TCP with -b) needs to wake at its next send time, which the stack does not
+        // know. So while such a send is pending and nothing else was queued, wait for it here
+        // (an interrupt still ends the wait early), poll, and serve again. Returning only after
+        // queueing data keeps the loop's own sleep short: queued data makes it poll at once.
+        // While traffic keeps arriving, hand the loop back every slice anyway (its hot-plug
+        // service runs only there); the traffic's next interrupt brings us back promptly.
+        let entered = stack.now_ns();
+        loop {
+            if server.step(stack) {
+                break;
+            }
+            let now = stack.now_ns();
+            let Some(deadline) = server.pacing_deadline(now) else {
+                break;
+            };
+            if deadline <= now {
+                // Due but blocked by a full queue: the stack's sleep ends when it drains.
+                break;
+            }
+            let wake = stack
+                .next_wakeup_ns()
+                .map_or(deadline, |next| next.min(deadline));
+            guest_kernel::time::wait_for_event(Some(wake));
+            if stack.poll() && stack.now_ns().saturating_sub(entered) > PACING_SLICE_NS {
+                break;
+            }
+        }
+        ControlFlow::Continue(())
+    })
+}
