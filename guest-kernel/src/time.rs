@@ -141,39 +141,87 @@ fn tsc_hz_from_cpuid() -> Option<(u64, ClockSource)> {
     None
 }
 
-/// Measures TSC and LAPIC-timer rates over a 10 ms PIT channel-2 one-shot. Returns
-/// (tsc_hz, apic_ticks_per_ms), or `None` if the PIT never finished (then no PIT exists).
+/// One reading of PIT channel 2's counter, bracketed by two TSC reads. Only readings whose
+/// bracket is tight are used, so a host preempting the vCPU (emulation on a busy machine) can
+/// stretch the calibration window but never skew it.
+#[derive(Clone, Copy)]
+struct PitSample {
+    tsc: u64,
+    count: u16,
+    apic: u32,
+}
+
+fn read_pit_sample() -> PitSample {
+    let mut best: Option<(u64, PitSample)> = None;
+    for _ in 0..8 {
+        let before = cpu::rdtsc();
+        // SAFETY: latching and reading PIT channel 2's count has no side effects beyond the
+        // latch itself (ports 0x42/0x43 exist on every PC-compatible machine).
+        let count = unsafe {
+            port::outb(0x43, 0x80); // latch channel 2
+            let low = port::inb(0x42);
+            let high = port::inb(0x42);
+            u16::from_le_bytes([low, high])
+        };
+        let apic = apic::current_count();
+        let after = cpu::rdtsc();
+        let bracket = after.wrapping_sub(before);
+        let sample = PitSample {
+            tsc: before + bracket / 2,
+            count,
+            apic,
+        };
+        if best.is_none_or(|(tightest, _)| bracket < tightest) {
+            best = Some((bracket, sample));
+        }
+    }
+    best.map_or(
+        PitSample {
+            tsc: cpu::rdtsc(),
+            count: 0,
+            apic: 0,
+        },
+        |(_, sample)| sample,
+    )
+}
+
+/// Measures the TSC and LAPIC-timer rates against PIT channel 2 counting down from 0xFFFF
+/// (mode 2) for about 10 ms of PIT time. Returns (tsc_hz, apic_ticks_per_ms), or `None` if the
+/// PIT does not count (then there is none).
 fn calibrate_with_pit() -> Option<(u64, u64)> {
-    let count = (PIT_HZ * CALIBRATION_MS / 1000) as u16;
-    // SAFETY: ports 0x42/0x43/0x61 are the PIT channel 2 and its gate on every PC-compatible
-    // machine; the speaker output stays off.
-    let (start_tsc, start_apic) = unsafe {
+    // SAFETY: ports 0x42/0x43/0x61 are PIT channel 2 and its gate; the speaker stays off.
+    unsafe {
         let gate = port::inb(0x61) & !0x03;
         port::outb(0x61, gate);
-        port::outb(0x43, 0xb0); // channel 2, lobyte/hibyte, mode 0 (interrupt on terminal count)
-        port::outb(0x42, count as u8);
-        port::outb(0x42, (count >> 8) as u8);
-        apic::start_free_running(u32::MAX);
+        port::outb(0x43, 0xb4); // channel 2, lobyte/hibyte, mode 2 (rate generator)
+        port::outb(0x42, 0xff);
+        port::outb(0x42, 0xff);
         port::outb(0x61, gate | 0x01);
-        (cpu::rdtsc(), apic::current_count())
-    };
-    let mut finished = false;
-    for _ in 0..50_000_000u32 {
-        // SAFETY: reading the PIT gate/status port has no side effects.
-        if unsafe { port::inb(0x61) } & 0x20 != 0 {
-            finished = true;
+    }
+    apic::start_free_running(u32::MAX);
+    let wanted_ticks = PIT_HZ * CALIBRATION_MS / 1000;
+    let first = read_pit_sample();
+    let mut last = first;
+    let mut elapsed_ticks = 0u64;
+    for _ in 0..5_000_000u32 {
+        let sample = read_pit_sample();
+        // Down-counter: ticks passed since the previous sample (one wrap at most, since a
+        // wrap takes 55 ms and samples are microseconds apart unless preempted).
+        elapsed_ticks += u64::from(last.count.wrapping_sub(sample.count));
+        last = sample;
+        if elapsed_ticks >= wanted_ticks {
             break;
         }
     }
-    let end_tsc = cpu::rdtsc();
-    let end_apic = apic::current_count();
     apic::disarm();
-    if !finished {
+    if elapsed_ticks < wanted_ticks {
         return None;
     }
-    let tsc_hz = (end_tsc - start_tsc) * 1000 / CALIBRATION_MS;
-    let apic_per_ms = u64::from(start_apic.saturating_sub(end_apic)) / CALIBRATION_MS;
-    Some((tsc_hz, apic_per_ms))
+    let tsc_ticks = last.tsc.wrapping_sub(first.tsc);
+    let tsc_hz = u128::from(tsc_ticks) * u128::from(PIT_HZ) / u128::from(elapsed_ticks);
+    let apic_ticks = u128::from(first.apic.saturating_sub(last.apic));
+    let apic_per_ms = apic_ticks * u128::from(PIT_HZ) / u128::from(elapsed_ticks) / 1000;
+    Some((tsc_hz as u64, apic_per_ms as u64))
 }
 
 fn set_tsc_hz(hz: u64) {
@@ -202,11 +250,8 @@ pub fn init() -> ClockSource {
     };
     set_tsc_hz(hz.max(1_000_000));
     let apic_per_ms = match measured {
-        Some((measured_hz, apic_ticks)) if measured_hz > 0 => {
-            // Rescale in case the PIT window was stretched (slow emulation): ticks per TSC ms.
-            apic_ticks * measured_hz / hz.max(1)
-        }
-        _ => 62_500, // 1 GHz bus / 16: a guess; deadlines are re-checked against the TSC anyway
+        Some((_, apic_per_ms)) => apic_per_ms,
+        None => 62_500, // 1 GHz bus / 16: a guess; deadlines are re-checked against the TSC anyway
     };
     APIC_TICKS_PER_MS.store(apic_per_ms.max(1), Ordering::Relaxed);
     source
