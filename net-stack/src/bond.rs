@@ -54,7 +54,10 @@ pub struct BondConfig {
     /// A VF that stayed up at least this long before going away was stable: the hold-down goes
     /// back to `hold_down_ns`. Shorter up-times count as flaps and double it.
     pub stable_ns: u64,
-    /// How long a delivered frame is remembered for duplicate suppression.
+    /// How long a delivered frame is remembered for duplicate suppression. Long enough for
+    /// the copy on the other path to arrive even when an emulated host delivers the two NICs'
+    /// rings tens of milliseconds apart; only a frame seen on the *other* path is dropped, so
+    /// a retransmission on the same path is never mistaken for a duplicate.
     pub dedup_window_ns: u64,
     /// Slots of the duplicate-suppression table.
     pub dedup_slots: usize,
@@ -73,8 +76,8 @@ impl Default for BondConfig {
             hold_down_ns: 50 * NS_PER_MS,
             max_hold_down_ns: 10_000 * NS_PER_MS,
             stable_ns: 1_000 * NS_PER_MS,
-            dedup_window_ns: 10 * NS_PER_MS,
-            dedup_slots: 4096,
+            dedup_window_ns: 50 * NS_PER_MS,
+            dedup_slots: 8192,
             rx_queue_frames: 512,
             rx_budget: 128,
             watchdog_ns: 100 * NS_PER_MS,

@@ -1330,12 +1330,14 @@ impl NetStack {
                     TcpState::Established | TcpState::CloseWait => {
                         // Handshake done: the connection's own timeout applies from now on.
                         socket.set_timeout(listener.options.timeout_ms.map(Duration::from_millis));
-                        listener.pending.swap_remove(index);
+                        // `remove`, not `swap_remove`: connections are accepted in the order
+                        // their listening sockets took them (iperf3 tells streams apart by it).
+                        listener.pending.remove(index);
                         listener.ready.push_back(handle);
                         changed = true;
                     }
                     _ => {
-                        listener.pending.swap_remove(index);
+                        listener.pending.remove(index);
                         sockets.remove(handle);
                         listener.open = listener.open.saturating_sub(1);
                         counters.tcp_reclaimed += 1;
