@@ -52,6 +52,8 @@ mod kernel {
     unsafe extern "C" {
         static __kernel_start: u8;
         static __kernel_end: u8;
+        /// The page below the boot stack, left unmapped so an overflow faults.
+        static tandem_boot_stack_guard: u8;
     }
 
     unsafe extern "Rust" {
@@ -154,6 +156,12 @@ mod kernel {
         mapped.remove(PhysRange {
             start: 0,
             end: 0x1000,
+        });
+        // A stack overflow must fault, not silently overwrite the statics below the stack.
+        let guard = core::ptr::addr_of!(tandem_boot_stack_guard) as u64;
+        mapped.remove(PhysRange {
+            start: guard,
+            end: guard + mm::PAGE_SIZE,
         });
         // SAFETY: `mapped` covers the kernel image (stacks, statics) and all usable RAM,
         // which includes the frame pool; this runs once.

@@ -152,7 +152,11 @@ tandem_boot_pdpt:
     .skip 4096
 tandem_boot_pd:
     .skip 4096 * 4
-    .balign 16
+    .balign 4096
+    .global tandem_boot_stack_guard
+tandem_boot_stack_guard:
+    .skip 4096
+    .global tandem_boot_stack_bottom
 tandem_boot_stack_bottom:
     .skip {stack_size}
 tandem_boot_stack_top:

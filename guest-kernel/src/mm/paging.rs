@@ -37,9 +37,16 @@ fn table(physical: u64) -> *mut u64 {
 }
 
 fn new_table(frames: &mut FrameAllocator) -> Result<u64, KernelError> {
-    let physical = frames.allocate(1, 1).ok_or(KernelError::OutOfMemory {
-        purpose: "page tables",
-    })?;
+    let Some(physical) = frames.allocate(1, 1) else {
+        log::error!(
+            "page tables: DMA frame pool exhausted ({} of {} frames free)",
+            frames.free_frames(),
+            frames.total_frames()
+        );
+        return Err(KernelError::OutOfMemory {
+            purpose: "page tables",
+        });
+    };
     // SAFETY: the frame was just allocated for us and is identity-mapped RAM (the pool lies in
     // memory both the boot tables and ours map).
     unsafe { core::ptr::write_bytes(physical as *mut u8, 0, PAGE_SIZE as usize) };
@@ -102,7 +109,9 @@ fn map_locked(
         // SAFETY: as above.
         let pd_value = unsafe { pd_entry.read_volatile() };
         let large_fits = address.is_multiple_of(LARGE_PAGE) && address + LARGE_PAGE <= end;
-        if pd_value & PRESENT == 0 && large_fits && cacheability == Cacheability::WriteBack {
+        // Large pages for whole 2 MiB stretches of either kind: the 256 MiB ECAM window
+        // alone would otherwise take 128 page tables out of a small VM's frame pool.
+        if pd_value & PRESENT == 0 && large_fits {
             // SAFETY: as above.
             unsafe { pd_entry.write_volatile(address | attributes | HUGE_PAGE) };
             cpu::invalidate_page(address);
