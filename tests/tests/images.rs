@@ -1,8 +1,9 @@
 //! Disk images from `xtask::disk_image`: GRUB boots the app via Multiboot2 under SeaBIOS and
 //! OVMF, from raw, converted VHDX/VHD and ISO images, with the command line written in the image.
 //!
-//! Every boot runs under TCG (the firmware paths are what is tested, not speed) and must reach
-//! the app's `cmdline:` line and its exit well within two minutes.
+//! Every boot runs under TCG (the firmware paths are what is tested, not speed). The raw images
+//! carry the echo app and a host client gets its bytes echoed through them; the other images
+//! carry `hello`, which prints its command line and exits.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,8 +23,10 @@ const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS.fd";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 /// From the `cmdline:` line to QEMU's exit.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
-/// The app the images carry (the echo app with a host client replaces it later).
+/// The app most images carry: it prints its command line and exits 0.
 const APP: &str = "hello";
+/// The app the raw images carry, served to a host client.
+const ECHO: &str = "echo";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Firmware {
@@ -43,6 +46,11 @@ fn scratch_dir(test: &str) -> PathBuf {
 
 /// Builds an image of the `hello` app, panicking with the build log on failure.
 fn build(format: ImageFormat, cmdline: &str, dir: &Path) -> PathBuf {
+    build_app(APP, format, cmdline, dir)
+}
+
+/// Builds an image of `app`, panicking with the build log on failure.
+fn build_app(app: &str, format: ImageFormat, cmdline: &str, dir: &Path) -> PathBuf {
     let missing = missing_packages(format);
     assert!(
         missing.is_empty(),
@@ -50,7 +58,7 @@ fn build(format: ImageFormat, cmdline: &str, dir: &Path) -> PathBuf {
         missing.join(" ")
     );
     let mut steps = Vec::new();
-    let result = build_image(&image(APP), APP, format, cmdline, dir, &mut |line| {
+    let result = build_image(&image(app), app, format, cmdline, dir, &mut |line| {
         steps.push(line.to_string())
     });
     let path = result.unwrap_or_else(|error| {
@@ -185,23 +193,75 @@ fn convert_to_raw(path: &Path, driver: &str) -> PathBuf {
     raw
 }
 
-#[test]
-fn raw_image_boots_through_grub_under_seabios() {
-    let dir = scratch_dir("raw-bios");
-    let cmdline = "log=info tandem.test=raw-seabios";
-    let raw = build(ImageFormat::Raw, cmdline, &dir);
-    assert_eq!(raw, dir.join("hello.img"));
-    let mut qemu = boot("raw seabios", Firmware::Bios, &dir, &disk(&raw, "raw"));
-    expect_multiboot2_boot(&mut qemu, cmdline);
+/// User-mode networking with the echo port forwarded to a free loopback port: (args, port).
+fn echo_network() -> (Vec<String>, u16) {
+    let port = tandem_tests::topology::free_loopback_port()
+        .unwrap_or_else(|error| panic!("no free loopback port: {error}"));
+    let args = vec![
+        "-netdev".to_string(),
+        format!("user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:7"),
+        "-device".to_string(),
+        "virtio-net-pci,disable-legacy=on,netdev=net0".to_string(),
+    ];
+    (args, port)
+}
+
+/// Waits for the Multiboot2 banner and the echo app, then sends 64 KiB through it and expects
+/// exactly the same bytes back.
+fn expect_echo_served(qemu: &mut Qemu, port: u16) {
+    let banner = qemu
+        .wait_for_line("Tandem guest kernel", BOOT_TIMEOUT)
+        .unwrap_or_else(|error| panic!("{error}"));
+    assert!(
+        banner.contains("booted via Multiboot2"),
+        "not booted by GRUB: {banner}"
+    );
+    qemu.wait_for_line("echo: serving", BOOT_TIMEOUT)
+        .unwrap_or_else(|error| panic!("{error}"));
+    let data: Vec<u8> = (0..65536u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))
+        .unwrap_or_else(|error| panic!("connecting to the echo app: {error}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("read timeout");
+    let writer = {
+        let mut stream = stream.try_clone().expect("clone");
+        let data = data.clone();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            stream.write_all(&data).expect("sending to the echo app");
+        })
+    };
+    let mut echoed = vec![0u8; data.len()];
+    std::io::Read::read_exact(&mut stream, &mut echoed)
+        .unwrap_or_else(|error| panic!("reading the echo: {error}\n{}", qemu.serial_text()));
+    writer.join().expect("writer");
+    assert!(echoed == data, "the echoed bytes differ from what was sent");
 }
 
 #[test]
-fn raw_image_boots_through_grub_under_ovmf() {
+fn raw_image_serves_echo_through_grub_under_seabios() {
+    let dir = scratch_dir("raw-bios");
+    let cmdline = "log=info ip=10.0.2.15/24 gw=10.0.2.2 tandem.test=raw-seabios";
+    let raw = build_app(ECHO, ImageFormat::Raw, cmdline, &dir);
+    assert_eq!(raw, dir.join("echo.img"));
+    let (mut args, port) = echo_network();
+    args.extend(disk(&raw, "raw"));
+    let mut qemu = boot("raw seabios", Firmware::Bios, &dir, &args);
+    expect_echo_served(&mut qemu, port);
+}
+
+#[test]
+fn raw_image_serves_echo_through_grub_under_ovmf() {
     let dir = scratch_dir("raw-uefi");
-    let cmdline = "log=info tandem.test=raw-ovmf";
-    let raw = build(ImageFormat::Raw, cmdline, &dir);
-    let mut qemu = boot("raw ovmf", Firmware::Uefi, &dir, &disk(&raw, "raw"));
-    expect_multiboot2_boot(&mut qemu, cmdline);
+    let cmdline = "log=info ip=10.0.2.15/24 gw=10.0.2.2 tandem.test=raw-ovmf";
+    let raw = build_app(ECHO, ImageFormat::Raw, cmdline, &dir);
+    let (mut args, port) = echo_network();
+    args.extend(disk(&raw, "raw"));
+    let mut qemu = boot("raw ovmf", Firmware::Uefi, &dir, &args);
+    expect_echo_served(&mut qemu, port);
 }
 
 #[test]
