@@ -17,7 +17,7 @@ commands:
       --cmdline \"...\"         kernel command line (e.g. \"log=debug\")
       --memory 64M            guest memory
       --net user|tap=<if>     network backend (user: 127.0.0.1:7007 -> echo port 7, 5201 -> iperf)
-      --paths virtio|vf|both  NIC paths: virtio-net, the igb VF (lab PF in the guest), or both bonded
+      --paths both|virtio|vf  NIC paths: both bonded (default), virtio-net, or the igb VF alone
   vf unplug|plug|disable|enable|link-down|link-up [--qmp <socket>]
                                          VF event on the running instance (default: the newest)
   image <app> [--format raw|qcow2|vhdx|vhd|iso] [--cmdline \"...\"] [--debug]
@@ -219,7 +219,7 @@ pub fn parse(args: &[String]) -> Result<Command> {
                 cmdline: String::new(),
                 memory: DEFAULT_MEMORY.to_string(),
                 net: NetBackend::User,
-                paths: NetPaths::Virtio,
+                paths: NetPaths::Both,
                 qemu_args: Vec::new(),
             };
             while let Some(word) = words.words.next() {
@@ -356,7 +356,7 @@ mod tests {
     }
 
     #[test]
-    fn run_defaults_to_release_virtio_user_networking() {
+    fn run_defaults_to_release_both_paths_on_user_networking() {
         let Command::Run(options) = parse_words("run echo").unwrap() else {
             panic!("not a run command");
         };
@@ -365,7 +365,7 @@ mod tests {
         assert_eq!(options.accel, None);
         assert_eq!(options.memory, "64M");
         assert_eq!(options.net, NetBackend::User);
-        assert_eq!(options.paths, NetPaths::Virtio);
+        assert_eq!(options.paths, NetPaths::Both);
         assert!(options.qemu_args.is_empty());
     }
 
