@@ -64,6 +64,39 @@ pub fn on_tap(label: &str, elf: PathBuf) -> Qemu {
     )
 }
 
+/// Like [`on_tap`], with the guest's lab control channel (COM2) on the unix socket `lab`, for
+/// reading its counters (`stats`).
+pub fn on_tap_with_lab(label: &str, elf: PathBuf, lab: &std::path::Path) -> Qemu {
+    let _ = std::fs::remove_file(lab);
+    boot(
+        QemuBuilder::new(label, Accel::Tcg)
+            .cmdline(format!(
+                "log=debug ip={GUEST_ADDRESS}/{PREFIX_LENGTH} gw={HOST_ADDRESS}"
+            ))
+            .netdev(tap_netdev("n0", TAP))
+            .device(virtio_net_device("n0"))
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=lab,path={},server=on,wait=off",
+                lab.display()
+            ))
+            .arg("-device")
+            .arg("isa-serial,chardev=lab"),
+        elf,
+    )
+}
+
+/// The guest's `bad_frames_dropped` counter, read over the lab channel `lab`.
+pub fn bad_frames_dropped(lab: &std::path::Path) -> u64 {
+    let answer = xtask::vf::lab_command(lab, "stats", std::time::Duration::from_secs(30))
+        .unwrap_or_else(|error| panic!("reading the guest's counters: {error}"));
+    answer
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("bad_frames_dropped="))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no bad_frames_dropped in {answer:?}"))
+}
+
 /// The guest NIC's MAC, from the driver's `up, MAC xx:...` line.
 pub fn guest_mac(qemu: &Qemu) -> Mac {
     qemu.serial_lines()

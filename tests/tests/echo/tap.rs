@@ -15,7 +15,10 @@ use crate::frames::{
     PROTOCOL_TCP, PROTOCOL_UDP, Path, TCP_SYN, UDP_HEADER, ethernet, ipv4, parse_mac,
     refresh_ipv4_checksum, tcp, udp,
 };
-use crate::guest::{ECHO_PORT, assert_alive, assert_no_failures, echo_image, guest_mac, on_tap};
+use crate::guest::{
+    ECHO_PORT, assert_alive, assert_no_failures, bad_frames_dropped, echo_image, guest_mac, on_tap,
+    on_tap_with_lab,
+};
 use crate::user::{MAX_UDP_PAYLOAD, UDP_LOSS_ALLOWANCE};
 
 fn create_topology() -> BridgedTap {
@@ -511,7 +514,12 @@ fn malformed_and_oversized_frames_are_dropped_and_echo_goes_on() {
     let elf = echo_image();
     topology
         .run(|| {
-            let mut qemu = on_tap("echo bad frames", elf);
+            let lab =
+                std::env::temp_dir().join(format!("tandem-echo-lab-{}.sock", std::process::id()));
+            let mut qemu = on_tap_with_lab("echo bad frames", elf, &lab);
+            // A lone newline first: the guest ignores it, and it settles the channel.
+            let _ = xtask::vf::lab_command(&lab, "", Duration::from_secs(2));
+            let dropped_before = bad_frames_dropped(&lab);
             let path = Path {
                 guest_mac: guest_mac(&qemu),
                 host_mac,
@@ -575,6 +583,14 @@ fn malformed_and_oversized_frames_are_dropped_and_echo_goes_on() {
                 refused.len()
             );
             assert_alive(&mut qemu, "after malformed frames");
+            // The frames with bad IPv4/UDP/TCP checksums are dropped by the bond and counted.
+            let dropped = bad_frames_dropped(&lab) - dropped_before;
+            eprintln!("the guest counted {dropped} bad frames dropped");
+            assert!(
+                dropped >= 3,
+                "the guest's bad-frame counter grew by only {dropped}\n{}",
+                qemu.diagnostics()
+            );
 
             // Oversized: beyond the tap's 1500-byte MTU the host refuses to send them; with
             // the tap's MTU raised they reach QEMU and the guest, which must drop them.
