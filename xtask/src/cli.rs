@@ -29,6 +29,10 @@ commands:
                                          bridged tap (default virtio, 3 runs), vs a Linux guest
   bench failover [--cycles N]            root: echo stream across VF removal/restore per trigger
                                          (default 5 cycles): longest gap, TCP retransmissions
+  bench iperf [--runs N]                 root: host iperf3 against the iperf app (-m 32M) under TCG
+                                         over the VF, virtio-net and the bond, in/out, 1 and 4
+                                         streams (default 3 runs): Gbit/s vs a Linux guest,
+                                         retransmits, QEMU CPU
   help                                   this text
 
 The QEMU exit status is translated: `cargo xtask run` exits with the guest's exit code
@@ -103,6 +107,11 @@ pub enum Command {
     BenchFailover {
         /// Removal/restore cycles per trigger.
         cycles: usize,
+    },
+    /// `bench iperf`.
+    BenchIperf {
+        /// Client runs per measurement.
+        runs: usize,
     },
     /// `help`.
     Help,
@@ -187,6 +196,27 @@ fn parse_bench_failover(mut words: Words) -> Result<Command> {
         }
     }
     Ok(Command::BenchFailover { cycles })
+}
+
+/// Parses the options of `bench iperf`.
+fn parse_bench_iperf(mut words: Words) -> Result<Command> {
+    let mut runs = crate::bench_iperf::DEFAULT_RUNS;
+    while let Some(word) = words.words.next() {
+        let (name, inline) = split_option(&word);
+        if name != "--runs" {
+            return Err(unexpected(&word));
+        }
+        let text = words.value(&name, inline)?;
+        runs = match text.parse::<usize>() {
+            Ok(count) if count > 0 => count,
+            _ => {
+                return Err(Error::Usage(format!(
+                    "--runs `{text}` is not a positive number"
+                )));
+            }
+        };
+    }
+    Ok(Command::BenchIperf { runs })
 }
 
 /// Parses the arguments after `cargo xtask`.
@@ -292,9 +322,10 @@ pub fn parse(args: &[String]) -> Result<Command> {
                 Some("boot") => {}
                 Some("failover") => return parse_bench_failover(words),
                 Some("echo") => return parse_bench_echo(words),
+                Some("iperf") => return parse_bench_iperf(words),
                 _ => {
                     return Err(Error::Usage(format!(
-                        "`bench` needs `boot`, `echo` or `failover`\n\n{USAGE}"
+                        "`bench` needs `boot`, `echo`, `failover` or `iperf`\n\n{USAGE}"
                     )));
                 }
             }
@@ -418,6 +449,33 @@ mod tests {
             "bench failover --runs 3",
             "test now",
             "deploy",
+        ] {
+            assert!(
+                matches!(parse_words(line), Err(Error::Usage(_))),
+                "`{line}` should be a usage error"
+            );
+        }
+    }
+
+    #[test]
+    fn bench_iperf_takes_only_a_positive_run_count() {
+        assert_eq!(
+            parse_words("bench iperf").unwrap(),
+            Command::BenchIperf { runs: 3 }
+        );
+        assert_eq!(
+            parse_words("bench iperf --runs=7").unwrap(),
+            Command::BenchIperf { runs: 7 }
+        );
+        assert_eq!(
+            parse_words("bench iperf --runs 1").unwrap(),
+            Command::BenchIperf { runs: 1 }
+        );
+        for line in [
+            "bench iperf --runs 0",
+            "bench iperf --runs",
+            "bench iperf --runs many",
+            "bench iperf --paths vf",
         ] {
             assert!(
                 matches!(parse_words(line), Err(Error::Usage(_))),

@@ -8,6 +8,7 @@ pub mod accel;
 pub mod bench;
 pub mod bench_echo;
 pub mod bench_failover;
+pub mod bench_iperf;
 pub mod cli;
 pub mod disk_image;
 pub mod error;

@@ -12,7 +12,7 @@ use xtask::tools::{self, QEMU_BINARY};
 use xtask::{Error, Result};
 
 /// Apps whose images the integration tests boot.
-const TEST_APPS: &[&str] = &["hello", "echo"];
+const TEST_APPS: &[&str] = &["hello", "echo", "iperf"];
 /// The integration-test package (run after the host unit tests).
 const INTEGRATION_PACKAGE: &str = "tandem-tests";
 
@@ -35,9 +35,7 @@ fn main() -> ExitCode {
             format,
             cmdline,
         } => {
-            for package in xtask::disk_image::missing_packages(format) {
-                eprintln!("xtask: missing Debian package {package}");
-            }
+            tools::ensure_packages(&xtask::disk_image::missing_packages(format), "disk images")?;
             let elf = image::build_app(&app, profile)?;
             let out_dir = image::target_dir()?.join("images");
             let path = xtask::disk_image::build_image(
@@ -77,6 +75,11 @@ fn main() -> ExitCode {
         cli::Command::BenchFailover { cycles } => {
             tools::ensure_tools(&[tools::Tool::Qemu, tools::Tool::Ip])?;
             xtask::bench_failover::failover_benchmark(cycles)?;
+            Ok(0)
+        }
+        cli::Command::BenchIperf { runs } => {
+            tools::ensure_tools(&[tools::Tool::Qemu, tools::Tool::Ip, tools::Tool::Iperf3])?;
+            xtask::bench_iperf::iperf_benchmark(runs)?;
             Ok(0)
         }
     });
@@ -155,8 +158,24 @@ fn cargo_step(title: &str, args: &[&str]) -> Result<bool> {
 }
 
 /// `cargo xtask test`: host unit tests, image builds, QEMU integration tests.
+/// Debian packages the disk-image tests need that no program check covers (GRUB's platform
+/// files, OVMF's firmware files).
+fn missing_image_packages() -> Vec<&'static str> {
+    let mut packages: Vec<&'static str> = xtask::disk_image::ImageFormat::ALL
+        .iter()
+        .flat_map(|format| xtask::disk_image::missing_packages(*format))
+        .collect();
+    if !std::path::Path::new("/usr/share/OVMF/OVMF_CODE.fd").is_file() {
+        packages.push("ovmf");
+    }
+    packages.sort_unstable();
+    packages.dedup();
+    packages
+}
+
 fn test() -> Result<i32> {
     tools::ensure_tools(tools::TEST_TOOLS)?;
+    tools::ensure_packages(&missing_image_packages(), "the disk image tests")?;
     let choice = accel::decide(None);
     eprintln!(
         "xtask: the integration tests use TCG, plus KVM where available: here {} ({})",

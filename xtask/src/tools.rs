@@ -327,6 +327,31 @@ pub fn ensure_tools(tools: &[Tool]) -> Result<()> {
     }
 }
 
+/// Installs Debian `packages` (e.g. GRUB's platform files, which no program check covers) when
+/// root on Debian; otherwise says which command to run. `why` names what needs them.
+pub fn ensure_packages(packages: &[&str], why: &str) -> Result<()> {
+    if packages.is_empty() {
+        return Ok(());
+    }
+    let list = packages.join(" ");
+    let os = HostOs::probe();
+    if !os.debian {
+        return Err(Error::Tools(format!(
+            "{why} need these Debian packages or their equivalents: {list}"
+        )));
+    }
+    if !os.root {
+        return Err(Error::Tools(format!(
+            "{why} need packages that are missing; run `sudo apt-get install -y {list}` and retry"
+        )));
+    }
+    eprintln!("xtask: {why} need {list}: installing");
+    execute_step(&run_step(&["apt-get", "update"]))?;
+    let mut install = vec!["apt-get", "install", "-y"];
+    install.extend_from_slice(packages);
+    execute_step(&run_step(&install))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
