@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::accel::Accel;
 use crate::bench::median;
+use crate::bench_namespace::{BenchNamespace, require_root};
 use crate::error::{Error, Result};
 use crate::image::{Profile, build_app};
 use crate::machine::{LAB_PF_CMDLINE, Machine, NetBackend, NetPaths};
@@ -101,79 +102,6 @@ pub fn active_from_stats(answer: &str) -> Option<&str> {
         .find_map(|word| word.strip_prefix("active="))
 }
 
-/// A network namespace with bridge `br0` (10.77.1.1/24) and `taps` enslaved to it; deleted on
-/// drop.
-struct BenchNamespace {
-    name: String,
-}
-
-fn run_ip(args: &[&str]) -> Result<()> {
-    let output = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|error| Error::io(format!("running ip {}", args.join(" ")), error))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(Error::Tools(format!(
-            "`ip {}` failed ({}): {}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        )))
-    }
-}
-
-impl BenchNamespace {
-    fn create(taps: &[&str]) -> Result<BenchNamespace> {
-        let name = format!("tandem-bench-echo-{}", std::process::id());
-        // A namespace of this name can only be a leftover of a killed run of this process id.
-        let _ = run_ip(&["netns", "delete", &name]);
-        run_ip(&["netns", "add", &name])?;
-        let namespace = BenchNamespace { name };
-        let host = format!("{BENCH_HOST}/24");
-        let mut steps: Vec<Vec<&str>> = vec![
-            vec!["link", "set", "lo", "up"],
-            // STP off (the default), so ports forward at once.
-            vec!["link", "add", "br0", "type", "bridge"],
-            vec!["addr", "add", &host, "dev", "br0"],
-        ];
-        for &tap in taps {
-            steps.push(vec!["tuntap", "add", tap, "mode", "tap"]);
-            steps.push(vec!["link", "set", tap, "master", "br0"]);
-            steps.push(vec!["link", "set", tap, "up"]);
-        }
-        steps.push(vec!["link", "set", "br0", "up"]);
-        for step in steps {
-            let mut args = vec!["-n", namespace.name.as_str()];
-            args.extend(step);
-            run_ip(&args)?;
-        }
-        Ok(namespace)
-    }
-}
-
-impl Drop for BenchNamespace {
-    fn drop(&mut self) {
-        if let Err(error) = run_ip(&["netns", "delete", &self.name]) {
-            eprintln!("xtask: removing namespace {}: {error}", self.name);
-        }
-    }
-}
-
-fn require_root() -> Result<()> {
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(|error| Error::io("reading /proc/self/status", error))?;
-    match crate::tools::uid_from_status(&status) {
-        Some(0) => Ok(()),
-        uid => Err(Error::Tools(format!(
-            "`bench echo` needs root (it creates a network namespace, a bridge and taps); \
-             this runs as uid {}: try sudo -E cargo xtask bench echo",
-            uid.map_or("?".to_string(), |uid| uid.to_string())
-        ))),
-    }
-}
-
 /// The taps `paths` needs.
 fn taps_for(paths: NetPaths) -> &'static [&'static str] {
     match paths {
@@ -197,10 +125,10 @@ pub fn echo_benchmark(paths: NetPaths, runs: usize) -> Result<()> {
     if let Some(elf) = std::env::var_os(INSIDE_ENV) {
         return measure(Path::new(&elf), paths, runs);
     }
-    require_root()?;
+    require_root("echo")?;
     let elf = build_app("echo", Profile::Release)?;
     let taps = taps_for(paths);
-    let namespace = BenchNamespace::create(taps)?;
+    let namespace = BenchNamespace::create("tandem-bench-echo-", BENCH_HOST, 24, taps)?;
     let program =
         std::env::current_exe().map_err(|error| Error::io("finding the xtask binary", error))?;
     let runs_text = runs.to_string();

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use crate::accel::{self, Accel};
 use crate::bench::median;
+use crate::bench_namespace::{BenchNamespace, require_root};
 use crate::error::{Error, Result};
 use crate::image::{Profile, build_app};
 use crate::machine::{igb_pf_device, tap_netdev, virtio_net_device};
@@ -880,108 +881,20 @@ pub fn format_table(results: &[TriggerResult]) -> String {
     text
 }
 
-/// A network namespace with bridge `br0` (10.77.1.1/24) and the bench's two taps; deleted on
-/// drop.
-struct BenchNamespace {
-    name: String,
-}
-
-fn run_ip(args: &[&str]) -> Result<()> {
-    let output = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|error| Error::io(format!("running ip {}", args.join(" ")), error))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(Error::Tools(format!(
-            "`ip {}` failed ({}): {}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        )))
-    }
-}
-
-/// Prefix of the bench's namespace names; the rest is the creating process's id.
-const NAMESPACE_PREFIX: &str = "tandem-bench-failover-";
-
-/// Deletes bench namespaces whose creating process is gone (a run killed before its clean-up).
-fn remove_stale_namespaces() {
-    let Ok(output) = Command::new("ip").args(["netns", "list"]).output() else {
-        return;
-    };
-    for name in String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| line.split_whitespace().next())
-    {
-        let Some(pid) = name.strip_prefix(NAMESPACE_PREFIX) else {
-            continue;
-        };
-        if !Path::new("/proc").join(pid).exists() {
-            let _ = run_ip(&["netns", "delete", name]);
-        }
-    }
-}
-
-impl BenchNamespace {
-    fn create() -> Result<BenchNamespace> {
-        remove_stale_namespaces();
-        let name = format!("{NAMESPACE_PREFIX}{}", std::process::id());
-        run_ip(&["netns", "add", &name])?;
-        let namespace = BenchNamespace { name };
-        let host = format!("{BENCH_HOST}/24");
-        let mut steps: Vec<Vec<&str>> = vec![
-            vec!["link", "set", "lo", "up"],
-            // STP off (the default), so ports forward at once.
-            vec!["link", "add", "br0", "type", "bridge"],
-            vec!["addr", "add", &host, "dev", "br0"],
-        ];
-        for tap in [BENCH_TAP_SYNTHETIC, BENCH_TAP_VF] {
-            steps.push(vec!["tuntap", "add", tap, "mode", "tap"]);
-            steps.push(vec!["link", "set", tap, "master", "br0"]);
-            steps.push(vec!["link", "set", tap, "up"]);
-        }
-        steps.push(vec!["link", "set", "br0", "up"]);
-        for step in steps {
-            let mut args = vec!["-n", namespace.name.as_str()];
-            args.extend(step);
-            run_ip(&args)?;
-        }
-        Ok(namespace)
-    }
-}
-
-impl Drop for BenchNamespace {
-    fn drop(&mut self) {
-        if let Err(error) = run_ip(&["netns", "delete", &self.name]) {
-            eprintln!("xtask: removing namespace {}: {error}", self.name);
-        }
-    }
-}
-
-fn require_root() -> Result<()> {
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(|error| Error::io("reading /proc/self/status", error))?;
-    match crate::tools::uid_from_status(&status) {
-        Some(0) => Ok(()),
-        uid => Err(Error::Tools(format!(
-            "`bench failover` needs root (it creates a network namespace, a bridge and taps); \
-             this runs as uid {}: try sudo -E cargo xtask bench failover",
-            uid.map_or("?".to_string(), |uid| uid.to_string())
-        ))),
-    }
-}
-
 /// `cargo xtask bench failover [--cycles N]`: builds the echo image, creates the namespace,
 /// runs the measurement inside it, prints the table, removes the namespace.
 pub fn failover_benchmark(cycles: usize) -> Result<()> {
     if let Some(elf) = std::env::var_os(INSIDE_ENV) {
         return measure(Path::new(&elf), cycles);
     }
-    require_root()?;
+    require_root("failover")?;
     let elf = build_app("echo", Profile::Release)?;
-    let namespace = BenchNamespace::create()?;
+    let namespace = BenchNamespace::create(
+        "tandem-bench-failover-",
+        BENCH_HOST,
+        24,
+        &[BENCH_TAP_SYNTHETIC, BENCH_TAP_VF],
+    )?;
     let program =
         std::env::current_exe().map_err(|error| Error::io("finding the xtask binary", error))?;
     let cycles_text = cycles.to_string();

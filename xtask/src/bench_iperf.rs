@@ -9,7 +9,7 @@
 //! namespace is deleted afterwards.
 
 use std::fmt;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use crate::accel::Accel;
 use crate::bench::{cpu_ticks_from_stat, median};
 use crate::bench_failover::{ActivePath, lab_stats, prime_lab_channel, wait_for_active};
+use crate::bench_namespace::{BenchNamespace, require_root};
 use crate::error::{Error, Result};
 use crate::image::{Profile, build_app};
 use crate::machine::{LAB_PF_CMDLINE, Machine, NetBackend, NetPaths};
@@ -772,98 +773,20 @@ fn measure_all(elf: &Path, runs: usize) -> Result<()> {
     Ok(())
 }
 
-/// Runs `ip <args>`, feeding it `input` on stdin (for `-batch -`).
-fn run_ip(args: &[&str], input: &str) -> Result<()> {
-    let command = format!("ip {}", args.join(" "));
-    let mut child = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|error| Error::io(format!("starting {command}"), error))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(input.as_bytes())
-            .map_err(|error| Error::io(format!("feeding {command}"), error))?;
-    }
-    let output = child
-        .wait_with_output()
-        .map_err(|error| Error::io(format!("waiting for {command}"), error))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(Error::Tools(format!(
-            "`{command}` failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        )))
-    }
-}
-
-/// The bench's namespace (bridge `br0` with both taps); deleted on drop.
-struct BenchNamespace {
-    name: String,
-}
-
-impl BenchNamespace {
-    fn create() -> Result<BenchNamespace> {
-        // Namespaces of earlier runs whose process is gone were left by a killed bench.
-        let listed = Command::new("ip").args(["netns", "list"]).output();
-        let listed = listed.map(|output| String::from_utf8_lossy(&output.stdout).into_owned());
-        for name in listed.iter().flat_map(|text| text.lines()) {
-            let name = name.split_whitespace().next().unwrap_or_default();
-            if let Some(pid) = name.strip_prefix(NAMESPACE_PREFIX)
-                && !Path::new("/proc").join(pid).exists()
-            {
-                let _ = run_ip(&["netns", "delete", name], "");
-            }
-        }
-        let name = format!("{NAMESPACE_PREFIX}{}", std::process::id());
-        run_ip(&["netns", "add", &name], "")?;
-        let namespace = BenchNamespace { name };
-        // STP stays off (the default), so the ports forward at once.
-        let mut script = format!(
-            "link set lo up\nlink add br0 type bridge\naddr add {BENCH_HOST}/{BENCH_PREFIX_LENGTH} \
-             dev br0\n"
-        );
-        for tap in [TAP_SYNTHETIC, TAP_VF] {
-            script.push_str(&format!(
-                "tuntap add {tap} mode tap\nlink set {tap} master br0\nlink set {tap} up\n"
-            ));
-        }
-        script.push_str("link set br0 up\n");
-        run_ip(&["-n", &namespace.name, "-batch", "-"], &script)?;
-        Ok(namespace)
-    }
-}
-
-impl Drop for BenchNamespace {
-    fn drop(&mut self) {
-        if let Err(error) = run_ip(&["netns", "delete", &self.name], "") {
-            eprintln!("xtask: removing namespace {}: {error}", self.name);
-        }
-    }
-}
-
 /// `cargo xtask bench iperf [--runs N]`: builds the iperf image, creates the namespace, runs
 /// the measurements inside it, prints the table, removes the namespace.
 pub fn iperf_benchmark(runs: usize) -> Result<()> {
     if let Some(elf) = std::env::var_os(INSIDE_ENV) {
         return measure_all(Path::new(&elf), runs);
     }
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(|error| Error::io("reading /proc/self/status", error))?;
-    let uid = crate::tools::uid_from_status(&status);
-    if uid != Some(0) {
-        return Err(Error::Tools(format!(
-            "`bench iperf` needs root (it creates a network namespace, a bridge and taps); this \
-             runs as uid {}: try sudo -E cargo xtask bench iperf",
-            uid.map_or("?".to_string(), |uid| uid.to_string())
-        )));
-    }
+    require_root("iperf")?;
     let elf = build_app("iperf", Profile::Release)?;
-    let namespace = BenchNamespace::create()?;
+    let namespace = BenchNamespace::create(
+        NAMESPACE_PREFIX,
+        BENCH_HOST,
+        BENCH_PREFIX_LENGTH,
+        &[TAP_SYNTHETIC, TAP_VF],
+    )?;
     let program =
         std::env::current_exe().map_err(|error| Error::io("finding the xtask binary", error))?;
     let args = [

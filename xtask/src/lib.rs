@@ -9,6 +9,7 @@ pub mod bench;
 pub mod bench_echo;
 pub mod bench_failover;
 pub mod bench_iperf;
+pub mod bench_namespace;
 pub mod cli;
 pub mod disk_image;
 pub mod error;
