@@ -134,6 +134,17 @@ fn run(options: &RunOptions) -> Result<i32> {
     let args = machine.args();
     eprintln!("xtask: QMP socket {}", qmp_socket.display());
     eprintln!("{}", machine::shell_command_line(QEMU_BINARY, &args));
+    if options.net == machine::NetBackend::User {
+        match options.app.as_str() {
+            "echo" => eprintln!(
+                "xtask: talk to the echo app with `nc 127.0.0.1 7007` (TCP) or `nc -u 127.0.0.1 7007` (UDP)"
+            ),
+            "iperf" => eprintln!(
+                "xtask: measure with `iperf3 -c 127.0.0.1 -p 5201` (add -R, -P 4, --bidir, or -u -b 100M -l 1400)"
+            ),
+            _ => {}
+        }
+    }
     eprintln!("xtask: Ctrl-C stops QEMU");
     let status = Command::new(QEMU_BINARY)
         .args(&args)
