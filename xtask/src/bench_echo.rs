@@ -9,7 +9,6 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::accel::Accel;
@@ -129,41 +128,21 @@ pub fn echo_benchmark(paths: NetPaths, runs: usize) -> Result<()> {
     let elf = build_app("echo", Profile::Release)?;
     let taps = taps_for(paths);
     let namespace = BenchNamespace::create("tandem-bench-echo-", BENCH_HOST, 24, taps)?;
-    let program =
-        std::env::current_exe().map_err(|error| Error::io("finding the xtask binary", error))?;
     let runs_text = runs.to_string();
     let args = [
-        "netns",
-        "exec",
-        namespace.name.as_str(),
-        &program.to_string_lossy(),
         "bench",
         "echo",
         "--paths",
         paths_word(paths),
         "--runs",
         &runs_text,
-    ]
-    .map(String::from);
+    ];
     eprintln!(
         "xtask: namespace {} (br0 {BENCH_HOST}/24, taps {})",
         namespace.name,
         taps.join(" + ")
     );
-    let status = Command::new("ip")
-        .args(&args)
-        .env(INSIDE_ENV, &elf)
-        .status()
-        .map_err(|error| Error::io("running the bench inside the namespace", error))?;
-    drop(namespace);
-    if status.success() {
-        Ok(())
-    } else {
-        Err(Error::CommandFailed {
-            command: format!("ip {}", args.join(" ")),
-            status,
-        })
-    }
+    namespace.run_xtask_inside(&args, INSIDE_ENV, &elf)
 }
 
 /// The echo guest of one run, with its lab channel socket (if any) removed on drop.

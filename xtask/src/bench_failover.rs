@@ -895,38 +895,13 @@ pub fn failover_benchmark(cycles: usize) -> Result<()> {
         24,
         &[BENCH_TAP_SYNTHETIC, BENCH_TAP_VF],
     )?;
-    let program =
-        std::env::current_exe().map_err(|error| Error::io("finding the xtask binary", error))?;
     let cycles_text = cycles.to_string();
-    let args = [
-        "netns",
-        "exec",
-        namespace.name.as_str(),
-        &program.to_string_lossy(),
-        "bench",
-        "failover",
-        "--cycles",
-        &cycles_text,
-    ]
-    .map(String::from);
+    let args = ["bench", "failover", "--cycles", &cycles_text];
     eprintln!(
         "xtask: namespace {} (br0 {BENCH_HOST}/24, taps {BENCH_TAP_SYNTHETIC} + {BENCH_TAP_VF})",
         namespace.name
     );
-    let status = Command::new("ip")
-        .args(&args)
-        .env(INSIDE_ENV, &elf)
-        .status()
-        .map_err(|error| Error::io("running the bench inside the namespace", error))?;
-    drop(namespace);
-    if status.success() {
-        Ok(())
-    } else {
-        Err(Error::CommandFailed {
-            command: format!("ip {}", args.join(" ")),
-            status,
-        })
-    }
+    namespace.run_xtask_inside(&args, INSIDE_ENV, &elf)
 }
 
 /// The unix socket of the lab channel, in a private directory removed on drop.

@@ -787,37 +787,14 @@ pub fn iperf_benchmark(runs: usize) -> Result<()> {
         BENCH_PREFIX_LENGTH,
         &[TAP_SYNTHETIC, TAP_VF],
     )?;
-    let program =
-        std::env::current_exe().map_err(|error| Error::io("finding the xtask binary", error))?;
-    let args = [
-        "netns".to_string(),
-        "exec".to_string(),
-        namespace.name.clone(),
-        program.to_string_lossy().into_owned(),
-        "bench".to_string(),
-        "iperf".to_string(),
-        "--runs".to_string(),
-        runs.to_string(),
-    ];
+    let runs_text = runs.to_string();
+    let args = ["bench", "iperf", "--runs", &runs_text];
     eprintln!(
         "xtask: namespace {} (br0 {BENCH_HOST}/{BENCH_PREFIX_LENGTH}, taps {TAP_SYNTHETIC} + \
          {TAP_VF}), guest {BENCH_GUEST}",
         namespace.name
     );
-    let status = Command::new("ip")
-        .args(&args)
-        .env(INSIDE_ENV, &elf)
-        .status()
-        .map_err(|error| Error::io("running the bench inside the namespace", error))?;
-    drop(namespace);
-    if status.success() {
-        Ok(())
-    } else {
-        Err(Error::CommandFailed {
-            command: format!("ip {}", args.join(" ")),
-            status,
-        })
-    }
+    namespace.run_xtask_inside(&args, INSIDE_ENV, &elf)
 }
 
 #[cfg(test)]

@@ -88,6 +88,36 @@ impl BenchNamespace {
     }
 }
 
+impl BenchNamespace {
+    /// Runs this xtask again inside the namespace as `cargo xtask <xtask_args...>`, with
+    /// `image_env` naming the app image (which tells the inner run to measure, not to set up).
+    pub fn run_xtask_inside(
+        &self,
+        xtask_args: &[&str],
+        image_env: &str,
+        image: &Path,
+    ) -> Result<()> {
+        let program = std::env::current_exe()
+            .map_err(|error| Error::io("finding the xtask binary", error))?;
+        let program = program.to_string_lossy();
+        let mut args = vec!["netns", "exec", self.name.as_str(), program.as_ref()];
+        args.extend_from_slice(xtask_args);
+        let status = Command::new("ip")
+            .args(&args)
+            .env(image_env, image)
+            .status()
+            .map_err(|error| Error::io("running the bench inside the namespace", error))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(Error::CommandFailed {
+                command: format!("ip {}", args.join(" ")),
+                status,
+            })
+        }
+    }
+}
+
 impl Drop for BenchNamespace {
     fn drop(&mut self) {
         if let Err(error) = run_ip(&["netns", "delete", &self.name], "") {
