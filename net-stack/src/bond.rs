@@ -753,6 +753,11 @@ impl Bond {
         self.paths.active_path().counters.tx_errors == errors_before
     }
 
+    /// True when the active path can take a frame right now.
+    pub fn can_transmit(&self) -> bool {
+        self.paths.readiness() == TxReadiness::Ready
+    }
+
     /// Rings the doorbell of every path that queued frames since the last flush.
     pub fn flush(&mut self) {
         self.paths.synthetic.flush();

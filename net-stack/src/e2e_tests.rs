@@ -1434,3 +1434,49 @@ fn half_open_connections_expire_and_free_the_connection_limit() {
     stack.poll();
     assert_eq!(half_open(&stack), 1, "new connections are accepted again");
 }
+
+#[test]
+fn raw_bursts_fill_the_ring_and_go_out_unchanged() {
+    let clock = Rc::new(Cell::new(0));
+    let (mut stack, control) = lone_stack(&clock);
+    stack.poll();
+    control.take_tx();
+    control.set_tx_ring_capacity(8);
+    let mut frame = vec![0xabu8; 1514];
+    frame[..6].copy_from_slice(&[0xff; 6]);
+    frame[6..12].copy_from_slice(&GUEST_MAC.0);
+    frame[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
+    let queued = stack.transmit_raw_burst(&frame, 100).unwrap();
+    assert!(
+        (1..=8).contains(&queued),
+        "as many as the ring holds: {queued}"
+    );
+    assert_eq!(
+        stack.transmit_raw_burst(&frame, 100),
+        Ok(0),
+        "the ring is full until reclaimed"
+    );
+    let sent = control.take_tx();
+    assert_eq!(sent.len(), queued);
+    assert!(
+        sent.iter().all(|sent| *sent == frame),
+        "the frames go out byte for byte"
+    );
+    stack.poll();
+    assert_eq!(
+        stack.transmit_raw_burst(&frame, 3),
+        Ok(3),
+        "capped by max once reclaimed"
+    );
+    assert!(matches!(
+        stack.transmit_raw_burst(&vec![0u8; 1515], 1),
+        Err(Error::DatagramTooLarge {
+            len: 1515,
+            max: 1514
+        })
+    ));
+    assert!(
+        stack.transmit_raw_burst(&[0u8; 13], 1).is_err(),
+        "shorter than a header"
+    );
+}

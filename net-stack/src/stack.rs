@@ -31,7 +31,7 @@ use smoltcp::wire::{
 };
 
 use crate::announce::{gratuitous_arp, unsolicited_neighbor_advertisement};
-use crate::bond::{AttachRejected, Bond, BondConfig, BondStats, PathId};
+use crate::bond::{AttachRejected, Bond, BondConfig, BondStats, ETHERNET_HEADER_LEN, PathId};
 use crate::config::{Ipv4Mode, MIN_MTU, NetConfig};
 use crate::slab::{Key, Slab};
 use crate::{Error, Platform, Result, TcpState};
@@ -1100,6 +1100,26 @@ impl NetStack {
     }
 
     // ----- counters -----
+
+    /// Queues up to `max` copies of the pre-built Ethernet `frame` on the active path, as
+    /// many as its transmit ring takes now, and rings the doorbell once. Returns how many were
+    /// queued. The frames bypass smoltcp: this measures what the path itself can carry (the
+    /// raw-frame ceiling the stack's throughput is compared with).
+    pub fn transmit_raw_burst(&mut self, frame: &[u8], max: usize) -> Result<usize> {
+        let largest = self.ip_mtu() + ETHERNET_HEADER_LEN;
+        if frame.len() < ETHERNET_HEADER_LEN || frame.len() > largest {
+            return Err(Error::DatagramTooLarge {
+                len: frame.len(),
+                max: largest,
+            });
+        }
+        let mut sent = 0;
+        while sent < max && self.bond.can_transmit() && self.bond.send_frame(frame) {
+            sent += 1;
+        }
+        self.bond.flush();
+        Ok(sent)
+    }
 
     /// Counters.
     pub fn stats(&self) -> NetStats {

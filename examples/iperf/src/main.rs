@@ -40,6 +40,9 @@ fn main() -> i32 {
             return 3;
         }
     };
+    if guest_kernel::cmdline_value("iperf.raw") == Some("tx") {
+        return raw_transmit(&mut stack);
+    }
     let mut server = match Server::new(&mut stack, port) {
         Ok(server) => server,
         Err(error) => {
@@ -79,6 +82,44 @@ fn main() -> i32 {
             if stack.poll() && stack.now_ns().saturating_sub(entered) > PACING_SLICE_NS {
                 break;
             }
+        }
+        ControlFlow::Continue(())
+    })
+}
+
+/// `iperf.raw=tx`: the raw-frame ceiling of the active path. Sends pre-built 1514-byte
+/// broadcast frames (local experimental ethertype 0x88B5, which hosts ignore) as fast as the
+/// device takes them, bypassing TCP/IP, and logs the rate every second, so the stack's
+/// throughput can be compared with what the path itself carries.
+fn raw_transmit(stack: &mut net_stack::NetStack) -> i32 {
+    let mut frame = alloc::vec![0x5au8; 1514];
+    frame[..6].copy_from_slice(&[0xff; 6]);
+    frame[6..12].copy_from_slice(&stack.mac_address().0);
+    frame[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
+    log::info!(
+        "iperf: raw transmit of {}-byte frames on the active path",
+        frame.len()
+    );
+    let mut window_start = stack.now_ns();
+    let mut window_frames = 0u64;
+    guest_kernel::net::run(stack, |stack| {
+        match stack.transmit_raw_burst(&frame, 256) {
+            Ok(sent) => window_frames += sent as u64,
+            Err(error) => {
+                log::error!("iperf: raw transmit refused: {error}");
+                return ControlFlow::Break(5);
+            }
+        }
+        let now = stack.now_ns();
+        if now - window_start >= 1_000_000_000 {
+            let seconds = (now - window_start) as f64 / 1e9;
+            log::info!(
+                "iperf: raw tx {} frames/s {:.3} Gbit/s",
+                (window_frames as f64 / seconds) as u64,
+                window_frames as f64 * frame.len() as f64 * 8.0 / seconds / 1e9
+            );
+            window_start = now;
+            window_frames = 0;
         }
         ControlFlow::Continue(())
     })

@@ -376,15 +376,22 @@ impl<R: RegisterIo, D: DmaAllocator> VirtioNet<R, D> {
     /// Rings the transmit doorbell once for the frames queued since the last flush, if the
     /// device asked for notifications (EVENT_IDX / NO_NOTIFY).
     pub(super) fn flush_transmit(&mut self) {
-        if self.tx.batch == 0 {
-            return;
+        if self.tx.batch != 0 {
+            self.tx.batch = 0;
+            if self.tx.queue.needs_notification() {
+                self.regions
+                    .notify
+                    .write16(self.tx.notify_offset, TRANSMIT_QUEUE_INDEX);
+                self.counters.tx_notifications += 1;
+            }
         }
-        self.tx.batch = 0;
-        if self.tx.queue.needs_notification() {
-            self.regions
-                .notify
-                .write16(self.tx.notify_offset, TRANSMIT_QUEUE_INDEX);
-            self.counters.tx_notifications += 1;
+        // A full ring makes `can_transmit` say no, so nobody calls `transmit` (which arms the
+        // completion interrupt when it finds the ring full): arm it here, or the stack would
+        // sleep until its next timer instead of waking when the ring drains.
+        if !self.tx.interrupt_armed && !self.tx.has_room(NET_HEADER_LEN + self.max_tx_frame) {
+            self.arm_transmit_interrupt();
+            // Completions from before the arm raise no interrupt: collect them now.
+            self.reclaim_transmitted();
         }
     }
 
