@@ -770,7 +770,88 @@ fn measure_all(elf: &Path, runs: usize) -> Result<()> {
     }
     println!("--- bench iperf (TCG, 1 vCPU, tap; {runs} runs per row) ---");
     print!("{}", format_table(&rows, memory));
+    println!("--- raw-frame ceiling (guest sends pre-built 1514-byte frames, no TCP/IP) ---");
+    for path in BENCH_PATHS
+        .iter()
+        .filter(|path| path.paths != NetPaths::Both)
+    {
+        let gbits = raw_transmit_ceiling(elf, *path, memory)?;
+        let best_stack = rows
+            .iter()
+            .filter(|row| row.path.paths == path.paths && row.direction == Direction::Out)
+            .filter_map(|row| {
+                median(
+                    &row.samples
+                        .iter()
+                        .map(|sample| sample.gbits)
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .fold(0.0f64, f64::max);
+        println!(
+            "{:<14} out {gbits:>7.3} Gbit/s raw; iperf out {best_stack:.3} Gbit/s = {:.0} % of the path's ceiling",
+            path.name,
+            if gbits > 0.0 {
+                best_stack / gbits * 100.0
+            } else {
+                0.0
+            }
+        );
+    }
     Ok(())
+}
+
+/// Raw transmit ceiling of `path`: boots the app with `iperf.raw=tx` and takes the median of
+/// the guest's per-second rate lines (the first, partial second left out).
+fn raw_transmit_ceiling(elf: &Path, path: BenchPath, memory: &str) -> Result<f64> {
+    let taps: &[&str] = match path.paths {
+        NetPaths::Virtio => &[TAP_SYNTHETIC],
+        NetPaths::Vf => &[TAP_VF],
+        NetPaths::Both => &[TAP_SYNTHETIC, TAP_VF],
+    };
+    let network = GuestNetwork {
+        paths: path.paths,
+        taps,
+        address: BENCH_GUEST,
+        prefix_length: BENCH_PREFIX_LENGTH,
+        gateway: BENCH_HOST,
+    };
+    let socket = std::env::temp_dir().join(format!(
+        "tandem-bench-iperf-raw-{}-{:?}.lab",
+        std::process::id(),
+        path.paths
+    ));
+    let launch = guest_launch(
+        &format!("bench raw {}", path.name),
+        Accel::Tcg,
+        elf,
+        &network,
+        memory,
+        "iperf.raw=tx",
+        &socket,
+    )?;
+    let mut qemu = launch.builder.echo(false).spawn()?;
+    let mut rates = Vec::new();
+    for second in 0..6 {
+        let line = qemu.wait_for_line("iperf: raw tx", BOOT_TIMEOUT)?;
+        let gbits = line
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .find(|pair| pair[1] == "Gbit/s")
+            .and_then(|pair| pair[0].parse::<f64>().ok());
+        if second > 0
+            && let Some(gbits) = gbits
+        {
+            rates.push(gbits);
+        }
+    }
+    let _ = std::fs::remove_file(&socket);
+    eprintln!(
+        "xtask: {} raw transmit: {rates:?} Gbit/s per second",
+        path.name
+    );
+    Ok(median(&rates).unwrap_or(0.0))
 }
 
 /// `cargo xtask bench iperf [--runs N]`: builds the iperf image, creates the namespace, runs
