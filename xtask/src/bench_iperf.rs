@@ -770,40 +770,61 @@ fn measure_all(elf: &Path, runs: usize) -> Result<()> {
     }
     println!("--- bench iperf (TCG, 1 vCPU, tap; {runs} runs per row) ---");
     print!("{}", format_table(&rows, memory));
-    println!("--- raw-frame ceiling (guest sends pre-built 1514-byte frames, no TCP/IP) ---");
+    println!(
+        "--- raw-frame ceiling (1514-byte frames, no TCP/IP: the host floods the guest for `in`, \
+         the guest sends pre-built frames for `out`) ---"
+    );
     for path in BENCH_PATHS
         .iter()
         .filter(|path| path.paths != NetPaths::Both)
     {
-        let gbits = raw_transmit_ceiling(elf, *path, memory)?;
-        let best_stack = rows
-            .iter()
-            .filter(|row| row.path.paths == path.paths && row.direction == Direction::Out)
-            .filter_map(|row| {
-                median(
-                    &row.samples
-                        .iter()
-                        .map(|sample| sample.gbits)
-                        .collect::<Vec<_>>(),
-                )
-            })
-            .fold(0.0f64, f64::max);
-        println!(
-            "{:<14} out {gbits:>7.3} Gbit/s raw; iperf out {best_stack:.3} Gbit/s = {:.0} % of the path's ceiling",
-            path.name,
-            if gbits > 0.0 {
-                best_stack / gbits * 100.0
-            } else {
-                0.0
-            }
-        );
+        for direction in [Direction::In, Direction::Out] {
+            let raw = raw_ceiling(elf, *path, memory, direction)?;
+            let stack = best_stack_rate(&rows, path.paths, direction);
+            println!(
+                "{:<16} {:>3} {raw:>7.3} Gbit/s raw; iperf {stack:.3} Gbit/s = {:.0} % of the ceiling",
+                path.name,
+                direction.name(),
+                if raw > 0.0 { stack / raw * 100.0 } else { 0.0 }
+            );
+        }
     }
     Ok(())
 }
 
-/// Raw transmit ceiling of `path`: boots the app with `iperf.raw=tx` and takes the median of
-/// the guest's per-second rate lines (the first, partial second left out).
-fn raw_transmit_ceiling(elf: &Path, path: BenchPath, memory: &str) -> Result<f64> {
+/// The best median iperf rate measured on `paths` in `direction` (1 or 4 streams).
+fn best_stack_rate(rows: &[BenchRow], paths: NetPaths, direction: Direction) -> f64 {
+    rows.iter()
+        .filter(|row| row.path.paths == paths && row.direction == direction)
+        .filter_map(|row| {
+            median(
+                &row.samples
+                    .iter()
+                    .map(|sample| sample.gbits)
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Floods a tap with 1514-byte broadcast frames (ethertype 0x88B5) for the given seconds.
+const FLOOD_SCRIPT: &str = "import socket, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((sys.argv[1], 0))
+frame = bytes([255] * 6 + [2, 0, 0, 0, 0, 1, 0x88, 0xb5]) + bytes(1500)
+end = time.time() + float(sys.argv[2])
+while time.time() < end:
+    for _ in range(100):
+        try:
+            s.send(frame)
+        except OSError:
+            pass
+";
+
+/// Raw-frame ceiling of `path` in `direction`: boots the app with `iperf.raw=tx` (out) or with
+/// `iperf.raw=rx` while the host floods the path's tap (in), and takes the median of the
+/// guest's per-second rate lines (partial seconds left out).
+fn raw_ceiling(elf: &Path, path: BenchPath, memory: &str, direction: Direction) -> Result<f64> {
     let taps: &[&str] = match path.paths {
         NetPaths::Virtio => &[TAP_SYNTHETIC],
         NetPaths::Vf => &[TAP_VF],
@@ -821,19 +842,41 @@ fn raw_transmit_ceiling(elf: &Path, path: BenchPath, memory: &str) -> Result<f64
         std::process::id(),
         path.paths
     ));
+    let (mode, marker) = match direction {
+        Direction::Out => ("iperf.raw=tx", "iperf: raw tx"),
+        Direction::In => ("iperf.raw=rx", "iperf: raw rx"),
+    };
     let launch = guest_launch(
         &format!("bench raw {}", path.name),
         Accel::Tcg,
         elf,
         &network,
         memory,
-        "iperf.raw=tx",
+        mode,
         &socket,
     )?;
     let mut qemu = launch.builder.echo(false).spawn()?;
+    let mut flood = None;
+    if direction == Direction::In {
+        qemu.wait_for_line("iperf: raw receive", BOOT_TIMEOUT)?;
+        let tap = if path.paths == NetPaths::Vf {
+            TAP_VF
+        } else {
+            TAP_SYNTHETIC
+        };
+        flood = Some(
+            Command::new("python3")
+                .args(["-c", FLOOD_SCRIPT, tap, "9"])
+                .stdout(Stdio::null())
+                .spawn()
+                .map_err(|error| Error::io("starting the frame flood (python3)", error))?,
+        );
+        // The second in which the flood starts is partial too.
+        qemu.wait_for_line(marker, BOOT_TIMEOUT)?;
+    }
     let mut rates = Vec::new();
     for second in 0..6 {
-        let line = qemu.wait_for_line("iperf: raw tx", BOOT_TIMEOUT)?;
+        let line = qemu.wait_for_line(marker, BOOT_TIMEOUT)?;
         let gbits = line
             .split_whitespace()
             .collect::<Vec<_>>()
@@ -846,10 +889,15 @@ fn raw_transmit_ceiling(elf: &Path, path: BenchPath, memory: &str) -> Result<f64
             rates.push(gbits);
         }
     }
+    if let Some(mut flood) = flood {
+        let _ = flood.kill();
+        let _ = flood.wait();
+    }
     let _ = std::fs::remove_file(&socket);
     eprintln!(
-        "xtask: {} raw transmit: {rates:?} Gbit/s per second",
-        path.name
+        "xtask: {} raw {}: {rates:?} Gbit/s per second",
+        path.name,
+        direction.name()
     );
     Ok(median(&rates).unwrap_or(0.0))
 }

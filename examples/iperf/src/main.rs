@@ -40,8 +40,10 @@ fn main() -> i32 {
             return 3;
         }
     };
-    if guest_kernel::cmdline_value("iperf.raw") == Some("tx") {
-        return raw_transmit(&mut stack);
+    match guest_kernel::cmdline_value("iperf.raw") {
+        Some("tx") => return raw_transmit(&mut stack),
+        Some("rx") => return raw_receive(&mut stack),
+        _ => {}
     }
     let mut server = match Server::new(&mut stack, port) {
         Ok(server) => server,
@@ -120,6 +122,36 @@ fn raw_transmit(stack: &mut net_stack::NetStack) -> i32 {
             );
             window_start = now;
             window_frames = 0;
+        }
+        ControlFlow::Continue(())
+    })
+}
+
+/// `iperf.raw=rx`: the raw-frame receive ceiling. Serves nothing; logs every second how many
+/// frames the NICs handed to the stack (a host floods the segment with frames meanwhile).
+fn raw_receive(stack: &mut net_stack::NetStack) -> i32 {
+    log::info!("iperf: raw receive: counting the frames the NICs deliver");
+    let received = |stack: &net_stack::NetStack| {
+        let stats = stack.stats();
+        (
+            stats.bond.total.device.rx_frames,
+            stats.bond.total.device.rx_bytes,
+        )
+    };
+    let mut window_start = stack.now_ns();
+    let mut window_base = received(stack);
+    guest_kernel::net::run(stack, |stack| {
+        let now = stack.now_ns();
+        if now - window_start >= 1_000_000_000 {
+            let (frames, bytes) = received(stack);
+            let seconds = (now - window_start) as f64 / 1e9;
+            log::info!(
+                "iperf: raw rx {} frames/s {:.3} Gbit/s",
+                ((frames - window_base.0) as f64 / seconds) as u64,
+                (bytes - window_base.1) as f64 * 8.0 / seconds / 1e9
+            );
+            window_start = now;
+            window_base = (frames, bytes);
         }
         ControlFlow::Continue(())
     })
