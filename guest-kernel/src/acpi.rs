@@ -5,9 +5,6 @@
 
 use alloc::vec::Vec;
 
-#[cfg(test)]
-use crate::boot::RsdpLocation;
-
 /// One PCIe ECAM window from MCFG.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct McfgEntry {
@@ -275,12 +272,6 @@ mod platform {
 #[cfg(not(test))]
 pub use platform::{init, mcfg_entries, power_off};
 
-/// Unused on the host; keeps the signature visible to tests.
-#[cfg(test)]
-pub fn rsdp_location_is_known(location: RsdpLocation) -> bool {
-    location != RsdpLocation::Unknown
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,7 +300,6 @@ mod tests {
         let mut broken = rsdp.clone();
         broken[9] ^= 0xff;
         assert_eq!(parse_rsdp(&broken), None);
-        assert!(!rsdp_location_is_known(RsdpLocation::Unknown));
     }
 
     #[test]

@@ -27,8 +27,6 @@ pub enum ClockSource {
     Cpuid16,
     /// Measured against the 8254 PIT.
     Pit,
-    /// Hyper-V reference TSC frequency MSR.
-    HyperV,
 }
 
 const PIT_HZ: u64 = 1_193_182;
