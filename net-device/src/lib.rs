@@ -251,14 +251,17 @@ pub struct RxMeta {
     pub checksum_verified: bool,
 }
 
-/// Per-frame transmit requests.
+/// Per-frame transmit requests, returned by the closure that writes the frame.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct TxMeta {
     /// Ask the device to compute the L4 checksum: `(start, offset)` = where the checksummed
     /// area starts in the frame and where the 16-bit checksum field is, relative to `start`.
-    /// The field already holds the pseudo-header sum.
+    /// The field already holds the folded (not complemented) pseudo-header sum, whose length
+    /// is the frame's whole L4 length, as Linux leaves it for CHECKSUM_PARTIAL. The IPv4 header
+    /// checksum is already filled in.
     pub checksum: Option<(u16, u16)>,
-    /// Ask the device to segment this TCP frame into pieces of this MSS.
+    /// Ask the device to segment this TCP frame into segments carrying at most this many
+    /// payload bytes (TSO). Only for frames longer than the MTU allows; `checksum` must be set.
     pub tso_mss: Option<u16>,
 }
 
@@ -343,13 +346,14 @@ pub trait NetDevice {
     fn receive(&mut self, budget: usize, sink: &mut dyn FnMut(&[u8], RxMeta)) -> usize;
     /// True when `transmit` would find a free slot.
     fn can_transmit(&self) -> bool;
-    /// Queues one frame of `len` bytes, which `fill` writes into the device's buffer. The frame
-    /// is not guaranteed to reach the wire until `flush` is called (drivers batch doorbells).
+    /// Queues one frame of `len` bytes, which `fill` writes into the device's buffer and
+    /// returns the offloads the frame needs. The frame is not guaranteed to reach the wire until
+    /// `flush` is called (drivers batch doorbells). A frame longer than the MTU allows is only
+    /// accepted when [`Capabilities::max_tso_size`] covers it and `fill` asks for segmentation.
     fn transmit(
         &mut self,
         len: usize,
-        meta: TxMeta,
-        fill: &mut dyn FnMut(&mut [u8]),
+        fill: &mut dyn FnMut(&mut [u8]) -> TxMeta,
     ) -> Result<(), DeviceError>;
     /// Rings the transmit doorbell for frames queued since the last flush.
     fn flush(&mut self);

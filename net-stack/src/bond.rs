@@ -32,7 +32,9 @@ use core::fmt;
 use net_device::{DeviceError, LinkState, MacAddress, NetDevice, Stats, TxMeta};
 
 use crate::Error;
+use crate::checksum;
 use crate::dedup::{DedupWindow, Verdict, frame_key};
+use crate::segmentation::TcpLayout;
 
 const NS_PER_US: u64 = 1_000;
 const NS_PER_MS: u64 = 1_000_000;
@@ -116,6 +118,10 @@ pub struct PathCounters {
     pub tx_bytes: u64,
     /// Transmissions the device refused (ring full after all, not ready, gone, too large).
     pub tx_errors: u64,
+    /// Large TCP frames handed to the NIC to segment (TSO).
+    pub tx_offloaded_segmentation: u64,
+    /// Large TCP frames the bond segmented in software (the NIC has no TSO).
+    pub tx_software_segmentation: u64,
     /// Frames dropped because the other path already delivered them.
     pub rx_duplicates: u64,
     /// Frames dropped as malformed (too short, too long) or looped back (our own source MAC).
@@ -133,6 +139,8 @@ impl PathCounters {
         self.tx_frames += other.tx_frames;
         self.tx_bytes += other.tx_bytes;
         self.tx_errors += other.tx_errors;
+        self.tx_offloaded_segmentation += other.tx_offloaded_segmentation;
+        self.tx_software_segmentation += other.tx_software_segmentation;
         self.rx_duplicates += other.rx_duplicates;
         self.rx_bad += other.rx_bad;
         self.rx_queue_full += other.rx_queue_full;
@@ -345,6 +353,8 @@ pub(crate) struct Paths {
     /// Where frames go when no path can take them; also stands in for a device buffer of the
     /// wrong size.
     scratch: Vec<u8>,
+    /// A large frame waiting to be segmented in software.
+    segmentation: PendingSegments,
     pub(crate) tx_dropped_no_path: u64,
     pub(crate) tx_blocked_no_path: u64,
 }
@@ -368,17 +378,38 @@ impl Paths {
         let device = &self.active_path().device;
         if device.link_state() != LinkState::Up {
             TxReadiness::NoPath
-        } else if device.can_transmit() {
+        } else if self.segmentation.layout.is_none() && device.can_transmit() {
             TxReadiness::Ready
         } else {
             TxReadiness::Busy
         }
     }
 
+    /// True while segments of a large frame wait for ring space.
+    pub(crate) fn has_pending_segments(&self) -> bool {
+        self.segmentation.layout.is_some()
+    }
+
     /// Sends one `len`-byte frame that `fill` writes, on the active path. Always runs `fill`
     /// exactly once (smoltcp needs its result); when the frame cannot be sent it is written to a
-    /// scratch buffer and counted as dropped.
-    pub(crate) fn transmit_with<R>(&mut self, len: usize, fill: impl FnOnce(&mut [u8]) -> R) -> R {
+    /// scratch buffer and counted as dropped. With `segment_size` (smoltcp's segmentation
+    /// offload request) the frame is a TCP frame to be cut into segments of that many payload
+    /// bytes: by the NIC when it can, else in software.
+    pub(crate) fn transmit_with<R>(
+        &mut self,
+        len: usize,
+        segment_size: Option<u16>,
+        fill: impl FnOnce(&mut [u8]) -> R,
+    ) -> R {
+        let mss = segment_size.filter(|&mss| mss > 0);
+        let path = self.active_path();
+        let capabilities = path.device.capabilities();
+        if let Some(mss) = mss
+            && path.device.link_state() == LinkState::Up
+            && !(capabilities.tx_checksum && capabilities.max_tso_size + ETHERNET_HEADER_LEN >= len)
+        {
+            return self.segment_in_software(len, usize::from(mss), fill);
+        }
         let Paths {
             synthetic,
             vf,
@@ -402,25 +433,27 @@ impl Paths {
             return run_on_scratch(scratch, len, fill);
         }
 
+        let offload = capabilities.tx_checksum;
         let mut fill = Some(fill);
         let mut output = None;
         let mut wrong_length = None;
-        let result = path
-            .device
-            .transmit(len, TxMeta::default(), &mut |buffer: &mut [u8]| {
-                let Some(fill) = fill.take() else { return };
-                if buffer.len() == len {
-                    output = Some(fill(buffer));
-                } else {
-                    // A driver bug: never let smoltcp write past (or short of) what it asked for.
-                    wrong_length = Some(buffer.len());
-                    scratch.clear();
-                    scratch.resize(len, 0);
-                    output = Some(fill(&mut scratch[..]));
-                    let copy = buffer.len().min(len);
-                    buffer[..copy].copy_from_slice(&scratch[..copy]);
-                }
-            });
+        let result = path.device.transmit(len, &mut |buffer: &mut [u8]| {
+            let Some(fill) = fill.take() else {
+                return TxMeta::default();
+            };
+            if buffer.len() == len {
+                output = Some(fill(buffer));
+            } else {
+                // A driver bug: never let smoltcp write past (or short of) what it asked for.
+                wrong_length = Some(buffer.len());
+                scratch.clear();
+                scratch.resize(len, 0);
+                output = Some(fill(&mut scratch[..]));
+                let copy = buffer.len().min(len);
+                buffer[..copy].copy_from_slice(&scratch[..copy]);
+            }
+            finish_frame(buffer, offload, mss)
+        });
         if let Some(got) = wrong_length {
             log::warn!(
                 "bond: {} gave a {got}-byte buffer for a {len}-byte frame",
@@ -431,6 +464,9 @@ impl Paths {
             Ok(()) if wrong_length.is_none() && output.is_some() => {
                 path.counters.tx_frames += 1;
                 path.counters.tx_bytes += len as u64;
+                if mss.is_some() {
+                    path.counters.tx_offloaded_segmentation += 1;
+                }
                 path.dirty = true;
             }
             Ok(()) => {
@@ -462,6 +498,138 @@ impl Paths {
             (None, None) => unreachable!("transmit callback took the fill closure without output"),
         }
     }
+
+    /// Takes a large TCP frame for software segmentation and sends as many segments as the
+    /// active ring takes; [`Paths::send_pending_segments`] sends the rest later.
+    fn segment_in_software<R>(
+        &mut self,
+        len: usize,
+        mss: usize,
+        fill: impl FnOnce(&mut [u8]) -> R,
+    ) -> R {
+        let pending = &mut self.segmentation;
+        if pending.layout.is_some() {
+            // Only a reply token (handed out with a received frame, bypassing readiness) can
+            // get here while segments wait; smoltcp never asks to segment those, so this is a
+            // bug elsewhere. TCP retransmits what is dropped.
+            self.active_path_mut().counters.tx_errors += 1;
+            log::error!("bond: a large frame arrived while another was being segmented");
+        }
+        let pending = &mut self.segmentation;
+        pending.frame.clear();
+        pending.frame.resize(len, 0);
+        let output = fill(&mut pending.frame);
+        match TcpLayout::parse(&pending.frame) {
+            Some(layout) => {
+                pending.layout = Some(layout);
+                pending.mss = mss;
+                pending.offset = 0;
+                pending.index = 0;
+                self.active_path_mut().counters.tx_software_segmentation += 1;
+                self.send_pending_segments();
+            }
+            None => {
+                let path = self.active_path_mut();
+                path.counters.tx_errors += 1;
+                log::error!(
+                    "bond: a {len}-byte frame asked for segmentation but is not TCP; dropped"
+                );
+            }
+        }
+        output
+    }
+
+    /// Sends waiting segments until the active ring is full. Returns true when any went out.
+    pub(crate) fn send_pending_segments(&mut self) -> bool {
+        let Paths {
+            synthetic,
+            vf,
+            active,
+            segmentation,
+            ..
+        } = self;
+        let Some(layout) = segmentation.layout else {
+            return false;
+        };
+        let path = match (*active, vf.as_mut()) {
+            (PathId::Vf, Some(vf)) => &mut vf.path,
+            _ => synthetic,
+        };
+        if path.device.link_state() != LinkState::Up {
+            // Kept for the path that comes up next (or dropped by the next large frame).
+            return false;
+        }
+        let offload = path.device.capabilities().tx_checksum;
+        let mut sent_any = false;
+        while !layout.is_done(segmentation.offset) {
+            let (offset, index) = (segmentation.offset, segmentation.index);
+            let segment_len = layout.segment_len(offset, segmentation.mss);
+            let frame = &segmentation.frame;
+            let mut wrong_length = false;
+            let result = path.device.transmit(segment_len, &mut |buffer: &mut [u8]| {
+                if buffer.len() != segment_len {
+                    wrong_length = true;
+                    buffer.fill(0);
+                    return TxMeta::default();
+                }
+                layout.write_segment(frame, offset, index, buffer);
+                finish_frame(buffer, offload, None)
+            });
+            match result {
+                Ok(()) if !wrong_length => {
+                    path.counters.tx_frames += 1;
+                    path.counters.tx_bytes += segment_len as u64;
+                    path.dirty = true;
+                    sent_any = true;
+                    segmentation.offset += segment_len - layout.headers_len();
+                    segmentation.index = index.wrapping_add(1);
+                }
+                Err(DeviceError::RingFull) => return sent_any,
+                Ok(()) | Err(_) => {
+                    path.dirty |= wrong_length;
+                    path.counters.tx_errors += 1;
+                    if path.counters.tx_errors.is_power_of_two() {
+                        log::warn!(
+                            "bond: segment of {segment_len} bytes refused by {} ({} failures so far)",
+                            path.device.name(),
+                            path.counters.tx_errors
+                        );
+                    }
+                    // TCP retransmits the rest.
+                    break;
+                }
+            }
+        }
+        segmentation.layout = None;
+        sent_any
+    }
+}
+
+/// Completes an outgoing frame's checksums: left to the NIC when it offers that (TCP/UDP),
+/// else in software. Returns what to ask of the NIC.
+fn finish_frame(frame: &mut [u8], offload: bool, mss: Option<u16>) -> TxMeta {
+    if offload && let Some(location) = checksum::prepare_offload(frame) {
+        return TxMeta {
+            checksum: Some(location),
+            tso_mss: mss,
+        };
+    }
+    checksum::fill(frame);
+    TxMeta::default()
+}
+
+/// A large TCP frame being cut into segments in software.
+struct PendingSegments {
+    /// The whole frame as smoltcp wrote it.
+    frame: Vec<u8>,
+    /// Its layout; `None` when nothing is pending.
+    layout: Option<TcpLayout>,
+    /// Payload bytes per segment.
+    mss: usize,
+    /// Payload offset of the next segment to send.
+    offset: usize,
+    /// Number of the next segment (IPv4 identification offset).
+    index: u16,
 }
 
 fn run_on_scratch<R>(scratch: &mut Vec<u8>, len: usize, fill: impl FnOnce(&mut [u8]) -> R) -> R {
@@ -534,6 +702,13 @@ impl Bond {
                 vf: None,
                 active: PathId::Synthetic,
                 scratch: Vec::with_capacity(max_frame),
+                segmentation: PendingSegments {
+                    frame: Vec::new(),
+                    layout: None,
+                    mss: 0,
+                    offset: 0,
+                    index: 0,
+                },
                 tx_dropped_no_path: 0,
                 tx_blocked_no_path: 0,
             },
@@ -697,7 +872,9 @@ impl Bond {
         };
         let mut received = self.receive_from(active, now_ns);
         received += self.receive_from(other, now_ns);
+        let segments_sent = self.paths.send_pending_segments();
         received > 0
+            || segments_sent
             || link_changed
             || switches_before != self.switches_to_vf + self.switches_to_synthetic
     }
@@ -749,7 +926,7 @@ impl Bond {
         }
         let errors_before = self.paths.active_path().counters.tx_errors;
         self.paths
-            .transmit_with(frame.len(), |buffer| buffer.copy_from_slice(frame));
+            .transmit_with(frame.len(), None, |buffer| buffer.copy_from_slice(frame));
         self.paths.active_path().counters.tx_errors == errors_before
     }
 
@@ -764,6 +941,12 @@ impl Bond {
         if let Some(vf) = &mut self.paths.vf {
             vf.path.flush();
         }
+    }
+
+    /// True while segments of a large frame wait for room in the active ring: the stack must
+    /// poll again soon.
+    pub fn has_pending_transmit(&self) -> bool {
+        self.paths.has_pending_segments() && self.has_usable_path()
     }
 
     /// True while some path can carry frames (the active path's link is up).
@@ -1366,7 +1549,8 @@ mod tests {
         assert!(!send(&mut bond, 2));
         // A frame that must go out now (a reply) is dropped and counted.
         let dropped_before = bond.stats().tx_dropped_no_path;
-        bond.paths.transmit_with(60, |buffer| buffer.fill(0xaa));
+        bond.paths
+            .transmit_with(60, None, |buffer| buffer.fill(0xaa));
         assert_eq!(bond.stats().tx_dropped_no_path, dropped_before + 1);
         assert!(synthetic.take_tx().is_empty() && vf.take_tx().is_empty());
         assert!(

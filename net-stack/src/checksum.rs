@@ -30,6 +30,8 @@ struct Transport {
     pseudo: u64,
     /// UDP: a computed 0 is sent as 0xffff, and a received 0 means "no checksum" (IPv4).
     udp: bool,
+    /// TCP or UDP: a NIC can complete this checksum (ICMP's it cannot).
+    offloadable: bool,
 }
 
 fn be16(frame: &[u8], offset: usize) -> Option<u16> {
@@ -81,6 +83,7 @@ fn locate(frame: &[u8]) -> Option<Located> {
                 field,
                 pseudo,
                 udp: protocol == PROTOCOL_UDP,
+                offloadable: protocol != PROTOCOL_ICMP,
             };
             Some((Some((ip, start)), Some(transport)))
         }
@@ -114,6 +117,7 @@ fn locate(frame: &[u8]) -> Option<Located> {
                 field,
                 pseudo,
                 udp: next_header == PROTOCOL_UDP,
+                offloadable: next_header != PROTOCOL_ICMPV6,
             };
             Some((None, Some(transport)))
         }
@@ -127,25 +131,53 @@ pub fn fill(frame: &mut [u8]) {
     let Some((ipv4, transport)) = locate(frame) else {
         return;
     };
+    fill_ipv4_header(frame, ipv4);
+    if let Some(transport) = transport {
+        fill_transport(frame, &transport);
+    }
+}
+
+/// Prepares an outgoing frame for a NIC that completes TCP/UDP checksums (`TxMeta::checksum`):
+/// fills in the IPv4 header checksum and leaves the folded pseudo-header sum in the transport
+/// checksum field. Returns `(start, field offset)` for the NIC, or `None` when the frame was
+/// completed in software instead (ICMP, not IP, malformed).
+pub fn prepare_offload(frame: &mut [u8]) -> Option<(u16, u16)> {
+    let (ipv4, transport) = locate(frame)?;
+    fill_ipv4_header(frame, ipv4);
+    let transport = transport?;
+    if !transport.offloadable {
+        fill_transport(frame, &transport);
+        return None;
+    }
+    let field = transport.start + transport.field;
+    frame[field..field + 2].copy_from_slice(&fold(transport.pseudo).to_be_bytes());
+    Some((
+        u16::try_from(transport.start).ok()?,
+        u16::try_from(transport.field).ok()?,
+    ))
+}
+
+fn fill_ipv4_header(frame: &mut [u8], ipv4: Option<(usize, usize)>) {
     if let Some((ip, header_end)) = ipv4 {
         frame[ip + 10] = 0;
         frame[ip + 11] = 0;
         let sum = !fold(add(0, &frame[ip..header_end]));
         frame[ip + 10..ip + 12].copy_from_slice(&sum.to_be_bytes());
     }
-    if let Some(transport) = transport {
-        let field = transport.start + transport.field;
-        frame[field] = 0;
-        frame[field + 1] = 0;
-        let mut sum = !fold(add(
-            transport.pseudo,
-            &frame[transport.start..transport.end],
-        ));
-        if transport.udp && sum == 0 {
-            sum = 0xffff;
-        }
-        frame[field..field + 2].copy_from_slice(&sum.to_be_bytes());
+}
+
+fn fill_transport(frame: &mut [u8], transport: &Transport) {
+    let field = transport.start + transport.field;
+    frame[field] = 0;
+    frame[field + 1] = 0;
+    let mut sum = !fold(add(
+        transport.pseudo,
+        &frame[transport.start..transport.end],
+    ));
+    if transport.udp && sum == 0 {
+        sum = 0xffff;
     }
+    frame[field..field + 2].copy_from_slice(&sum.to_be_bytes());
 }
 
 /// True when the IPv4 header checksum and the transport checksum of a received frame are right

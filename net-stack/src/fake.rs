@@ -241,8 +241,7 @@ impl NetDevice for FakeDevice {
     fn transmit(
         &mut self,
         len: usize,
-        _meta: TxMeta,
-        fill: &mut dyn FnMut(&mut [u8]),
+        fill: &mut dyn FnMut(&mut [u8]) -> TxMeta,
     ) -> Result<(), DeviceError> {
         {
             let mut state = self.state.borrow_mut();

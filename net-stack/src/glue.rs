@@ -11,17 +11,22 @@
 //!   immediate reply) drops and counts its frame if the path vanished in between.
 //! * Capabilities: MTU is the bond's (at most the synthetic NIC's; a VF with a smaller MTU is
 //!   never used), `max_burst_size: None` (a `Some` clamps the TCP window, toolchain notes §2),
-//!   and checksums are computed and verified in software for every protocol. The device-level
-//!   capability is fixed when the interface is created while the path (and its offloads) can
-//!   change at any time, so software checksums are the only choice that is always correct.
+//!   checksums left to the bond, and TCP segmentation offload up to 64 KiB. smoltcp fixes these
+//!   when the interface is created while the path (and its offloads) can change at any time, so
+//!   the bond decides per frame: the active NIC completes checksums and segments large frames
+//!   when it offers that, the bond does it in software otherwise.
 
 use alloc::vec::Vec;
 
-use smoltcp::phy::{ChecksumCapabilities, Device, DeviceCapabilities, Medium, RxToken, TxToken};
+use core::num::{NonZeroU16, NonZeroUsize};
+
+use smoltcp::phy::{
+    ChecksumCapabilities, Device, DeviceCapabilities, Medium, PacketMeta, RxToken, TxToken,
+};
 use smoltcp::time::Instant;
 
 use crate::bond::{Bond, ETHERNET_HEADER_LEN, Paths, RxQueue, TxReadiness};
-use crate::checksum;
+use crate::segmentation::MAX_SEGMENTATION_FRAME;
 
 /// A received frame lent to smoltcp.
 pub struct BondRxToken<'a> {
@@ -43,6 +48,8 @@ impl RxToken for BondRxToken<'_> {
 /// Permission to send one frame on the bond's active path.
 pub struct BondTxToken<'a> {
     paths: &'a mut Paths,
+    /// smoltcp's segmentation request for this frame.
+    segment_size: Option<u16>,
 }
 
 impl TxToken for BondTxToken<'_> {
@@ -50,11 +57,11 @@ impl TxToken for BondTxToken<'_> {
     where
         F: FnOnce(&mut [u8]) -> R,
     {
-        self.paths.transmit_with(len, |frame| {
-            let result = f(frame);
-            checksum::fill(frame);
-            result
-        })
+        self.paths.transmit_with(len, self.segment_size, f)
+    }
+
+    fn set_meta(&mut self, meta: PacketMeta) {
+        self.segment_size = meta.segmentation_offload_size.map(NonZeroU16::get);
     }
 }
 
@@ -77,14 +84,18 @@ impl Device for Bond {
             },
             BondTxToken {
                 paths: &mut self.paths,
+                segment_size: None,
             },
         ))
     }
 
     fn transmit(&mut self, _timestamp: Instant) -> Option<Self::TxToken<'_>> {
+        // Segments of the previous large frame go first: TCP data stays in order.
+        self.paths.send_pending_segments();
         match self.paths.readiness() {
             TxReadiness::Ready => Some(BondTxToken {
                 paths: &mut self.paths,
+                segment_size: None,
             }),
             TxReadiness::Busy => None,
             TxReadiness::NoPath => {
@@ -99,8 +110,13 @@ impl Device for Bond {
         capabilities.medium = Medium::Ethernet;
         capabilities.max_transmission_unit = self.ip_mtu() + ETHERNET_HEADER_LEN;
         capabilities.max_burst_size = None;
-        // The bond fills in and verifies checksums itself (see `checksum`).
+        // The bond fills in and verifies checksums itself (see `checksum`), or has the NIC do it.
         capabilities.checksum = ChecksumCapabilities::ignored();
+        // Large TCP frames on every path: the NIC segments them where it can, the bond
+        // elsewhere (see `segmentation`).
+        let segmentation = NonZeroUsize::new(MAX_SEGMENTATION_FRAME);
+        capabilities.segmentation.tcpv4 = segmentation;
+        capabilities.segmentation.tcpv6 = segmentation;
         capabilities
     }
 }

@@ -27,6 +27,7 @@ mod dedup;
 mod error;
 pub mod fake;
 pub mod glue;
+mod segmentation;
 mod slab;
 mod stack;
 

@@ -629,7 +629,9 @@ impl NetStack {
     /// = at once).
     pub fn next_wakeup_ns(&mut self) -> Option<u64> {
         let now_ns = self.platform.now_ns();
-        if self.bond.pending_rx() > 0 || self.lingering.iter().any(|l| l.aborted_at_poll.is_some())
+        if self.bond.pending_rx() > 0
+            || self.bond.has_pending_transmit()
+            || self.lingering.iter().any(|l| l.aborted_at_poll.is_some())
         {
             return Some(now_ns);
         }

@@ -937,11 +937,10 @@ impl<R: RegisterIo, D: DmaAllocator> NetDevice for VirtioNet<R, D> {
     fn transmit(
         &mut self,
         len: usize,
-        meta: TxMeta,
-        fill: &mut dyn FnMut(&mut [u8]),
+        fill: &mut dyn FnMut(&mut [u8]) -> TxMeta,
     ) -> Result<(), DeviceError> {
         match self.state {
-            DriverState::Running if self.link_up => self.transmit_frame(len, meta, fill),
+            DriverState::Running if self.link_up => self.transmit_frame(len, fill),
             DriverState::Gone => Err(DeviceError::Gone),
             _ => Err(DeviceError::NotReady),
         }

@@ -73,8 +73,9 @@ fn receive_all(driver: &mut Driver) -> Vec<(Vec<u8>, RxMeta)> {
 }
 
 fn send(driver: &mut Driver, frame: &[u8], meta: TxMeta) -> Result<(), DeviceError> {
-    driver.transmit(frame.len(), meta, &mut |buffer| {
-        buffer.copy_from_slice(frame)
+    driver.transmit(frame.len(), &mut |buffer| {
+        buffer.copy_from_slice(frame);
+        meta
     })
 }
 

@@ -741,8 +741,7 @@ impl<R: RegisterIo, D: DmaAllocator> NetDevice for IgbVf<R, D> {
     fn transmit(
         &mut self,
         len: usize,
-        meta: TxMeta,
-        fill: &mut dyn FnMut(&mut [u8]),
+        fill: &mut dyn FnMut(&mut [u8]) -> TxMeta,
     ) -> Result<(), DeviceError> {
         match self.state {
             State::Up => {}
@@ -753,18 +752,19 @@ impl<R: RegisterIo, D: DmaAllocator> NetDevice for IgbVf<R, D> {
         if len > max {
             return Err(DeviceError::FrameTooLarge { len, max });
         }
-        if meta.checksum.is_some() || meta.tso_mss.is_some() {
-            // Capabilities promise no offloads, so the stack never asks; sending the frame
-            // as-is is the only safe answer if it does.
-            log::warn!(
-                "{}: offload requested but not offered; sending as-is",
-                self.config.name
-            );
-        }
         if self.tx.free_slots() == 0 {
             self.reclaim_tx();
         }
-        match self.tx.enqueue(len, fill) {
+        let name = &self.config.name;
+        let mut fill_and_check = |buffer: &mut [u8]| {
+            let meta = fill(buffer);
+            if meta.checksum.is_some() || meta.tso_mss.is_some() {
+                // Capabilities promise no offloads, so the stack never asks; sending the frame
+                // as-is is the only safe answer if it does.
+                log::warn!("{name}: offload requested but not offered; sending as-is");
+            }
+        };
+        match self.tx.enqueue(len, &mut fill_and_check) {
             Some(()) => Ok(()),
             None => {
                 self.stats.tx_ring_full += 1;

@@ -82,8 +82,9 @@ fn frame(destination: [u8; 6], len: usize, seed: u8) -> Vec<u8> {
 }
 
 fn send(vf: &mut Vf, data: &[u8]) -> Result<(), DeviceError> {
-    vf.transmit(data.len(), TxMeta::default(), &mut |buffer: &mut [u8]| {
-        buffer.copy_from_slice(data)
+    vf.transmit(data.len(), &mut |buffer: &mut [u8]| {
+        buffer.copy_from_slice(data);
+        TxMeta::default()
     })
 }
 

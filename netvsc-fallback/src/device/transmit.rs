@@ -293,13 +293,11 @@ impl<R: RegisterIo, D: DmaAllocator> VirtioNet<R, D> {
     pub(super) fn transmit_frame(
         &mut self,
         len: usize,
-        meta: TxMeta,
-        fill: &mut dyn FnMut(&mut [u8]),
+        fill: &mut dyn FnMut(&mut [u8]) -> TxMeta,
     ) -> Result<(), DeviceError> {
-        let segmentation = meta.tso_mss.is_some_and(|mss| mss > 0)
-            && self.max_tso_frame > 0
-            && len > self.max_tx_frame;
-        let max = if segmentation {
+        // Only a TSO frame may be longer than the MTU; whether it is one, `fill` says.
+        let oversized = self.max_tso_frame > 0 && len > self.max_tx_frame;
+        let max = if oversized {
             self.max_tso_frame
         } else {
             self.max_tx_frame
@@ -327,7 +325,15 @@ impl<R: RegisterIo, D: DmaAllocator> VirtioNet<R, D> {
             return Err(DeviceError::RingFull);
         };
         let (header_bytes, frame) = buffer.split_at_mut(NET_HEADER_LEN);
-        fill(frame);
+        let meta = fill(frame);
+        let segmentation = oversized && meta.tso_mss.is_some_and(|mss| mss > 0);
+        if oversized && !segmentation {
+            self.tx.pool.cancel(allocation);
+            return Err(DeviceError::FrameTooLarge {
+                len,
+                max: self.max_tx_frame,
+            });
+        }
         let header = match transmit_header(frame, meta, segmentation, self.features) {
             Ok(header) => header,
             Err(HeaderProblem::Unsegmentable) => {
