@@ -205,7 +205,7 @@ mod tests {
     #[test]
     fn a_frame_within_the_mss_is_one_segment_and_other_frames_are_refused() {
         let frame = tcp_frame(false, 500, 0x18);
-        assert_eq!(segments(&frame, 1448), [frame.clone()]);
+        assert_eq!(segments(&frame, 1448), alloc::vec![frame.clone()]);
         let mut udp = frame.clone();
         udp[23] = 17;
         assert_eq!(TcpLayout::parse(&udp), None);
