@@ -34,7 +34,7 @@ use net_device::{DeviceError, LinkState, MacAddress, NetDevice, Stats, TxMeta};
 use crate::Error;
 use crate::checksum;
 use crate::dedup::{DedupWindow, Verdict, frame_key};
-use crate::segmentation::TcpLayout;
+use crate::segmentation::{MAX_SEGMENTATION_FRAME, TcpLayout};
 
 const NS_PER_US: u64 = 1_000;
 const NS_PER_MS: u64 = 1_000_000;
@@ -1235,8 +1235,13 @@ impl Bond {
                 counters.rx_ignored += 1;
                 return;
             }
-            let rejection = if frame.len() < ETHERNET_HEADER_LEN || frame.len() > max_frame {
-                Some("length outside 14..=MTU+18")
+            // Larger than the MTU is fine for a TCP frame a NIC coalesced (virtio GUEST_TSO):
+            // smoltcp takes TCP segments of any size that fits the window.
+            let oversized = frame.len() > max_frame
+                && (frame.len() > MAX_SEGMENTATION_FRAME + VLAN_TAG_LEN
+                    || TcpLayout::parse(frame).is_none());
+            let rejection = if frame.len() < ETHERNET_HEADER_LEN || oversized {
+                Some("length outside 14..=MTU+18 (64 KiB for TCP)")
             } else if frame[6..12] == mac.0 {
                 // Our own frame looped back by a hub or bridge through the other path.
                 Some("our own source MAC (looped back)")
@@ -1628,6 +1633,34 @@ mod tests {
         bond.poll(200 * MS);
         assert_eq!(drain(&mut bond).len(), 2);
         assert_eq!(bond.stats().duplicates_dropped, 0);
+    }
+
+    #[test]
+    fn coalesced_tcp_frames_beyond_the_mtu_are_taken_other_oversized_frames_are_not() {
+        let (synthetic, control) = FakeDevice::new("virtio-net", MAC);
+        let mut bond = Bond::new(Box::new(synthetic), 1500, BondConfig::default());
+        let tcp_frame = |len: usize| {
+            let mut frame = frame(0x45, len);
+            frame[16..18].copy_from_slice(&((len - 14) as u16).to_be_bytes());
+            frame[23] = 6; // TCP
+            frame[34 + 12] = 5 << 4; // 20-byte TCP header
+            frame
+        };
+        let verified = net_device::RxMeta {
+            checksum_verified: true,
+        };
+        // What virtio-net delivers with GUEST_TSO: one 64 KiB TCP frame.
+        control.inject_rx_with(&tcp_frame(MAX_SEGMENTATION_FRAME), verified);
+        // Not TCP, or beyond any IP packet: refused.
+        let mut udp = tcp_frame(20_000);
+        udp[23] = 17;
+        control.inject_rx_with(&udp, verified);
+        control.inject_rx_with(&alloc::vec![0u8; MAX_SEGMENTATION_FRAME + 5], verified);
+        bond.poll(MS);
+        let delivered = drain(&mut bond);
+        assert_eq!(delivered.len(), 1);
+        assert_eq!(delivered[0].len(), MAX_SEGMENTATION_FRAME);
+        assert_eq!(bond.stats().bad_frames_dropped, 2);
     }
 
     #[test]

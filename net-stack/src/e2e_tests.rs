@@ -1480,3 +1480,59 @@ fn raw_bursts_fill_the_ring_and_go_out_unchanged() {
         "shorter than a header"
     );
 }
+
+#[test]
+fn large_tcp_frames_are_cut_by_a_tso_nic_or_in_software_and_arrive_exact() {
+    let options = StackOptions {
+        bond: BondConfig {
+            hold_down_ns: MS,
+            ..BondConfig::default()
+        },
+        ..StackOptions::default()
+    };
+    let mut sim = Sim::new(Topology::Hub, options);
+    // The synthetic NIC checksums and segments; the VF does neither.
+    sim.wire.guest_synthetic.set_offloads(true, 65_535);
+    let vf = sim.attach_vf();
+    sim.run_until(200 * MS, &mut |_, _| false, &mut |sim| {
+        sim.guest.active_path() == PathId::Vf
+    });
+    let mut phase = 0;
+    let (client, mut server) = bulk_echo(&mut sim, 4 * MIB, &mut |sim, echoed| {
+        if phase == 0 && echoed >= MIB {
+            vf.set_link(LinkState::Down);
+            phase = 1;
+        } else if phase == 1 && echoed >= 2 * MIB {
+            assert_eq!(sim.guest.active_path(), PathId::Synthetic);
+            vf.set_link(LinkState::Up);
+            phase = 2;
+        }
+    });
+    assert_eq!(phase, 2);
+    assert_echo_exact(&client);
+    udp_echo(&mut sim, &mut server);
+    ping_v4(&mut sim, guest_ip());
+
+    let bond = sim.guest.stats().bond;
+    let vf_counters = bond.vf.unwrap().bond;
+    assert!(
+        vf_counters.tx_software_segmentation > 10,
+        "the VF path got large frames cut in software: {vf_counters:?}"
+    );
+    assert_eq!(vf_counters.tx_offloaded_segmentation, 0);
+    let synthetic = bond.synthetic.bond;
+    assert!(
+        synthetic.tx_offloaded_segmentation > 10,
+        "the synthetic NIC got large frames to segment: {synthetic:?}"
+    );
+    let (checksums, segmentations, errors) = sim.wire.guest_synthetic.offload_counts();
+    assert!(checksums >= segmentations && segmentations > 10);
+    assert_eq!(errors, 0, "every offload request kept the TxMeta contract");
+    assert_eq!(
+        vf.offload_counts(),
+        (0, 0, 0),
+        "nothing asked of a NIC without offloads"
+    );
+    // The client's bond verifies every checksum and refuses frames over the MTU.
+    assert_eq!(sim.client.stats().bond.bad_frames_dropped, 0);
+}

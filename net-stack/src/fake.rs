@@ -7,7 +7,11 @@
 //!   `RingFull` when the ring holds `tx_ring_capacity` frames not yet completed;
 //! * frames become visible to [`FakeControl::take_tx`] only after `flush` (the doorbell), and
 //!   their ring slots complete at the next `poll`;
-//! * `receive` delivers injected frames (never when gone).
+//! * `receive` delivers injected frames (never when gone);
+//! * with [`FakeControl::set_offloads`] it acts as a NIC with checksum offload and TSO: frames on
+//!   the wire carry completed checksums and TSO frames come out as MSS-sized segments, the way a
+//!   host's segmentation would cut them; a request that breaks the `TxMeta` contract drops the
+//!   frame and counts an offload error.
 
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
@@ -17,7 +21,7 @@ use alloc::vec::Vec;
 use core::cell::RefCell;
 
 use net_device::{
-    Capabilities, DeviceError, LinkState, MacAddress, NetDevice, RxMeta, Stats, TxMeta,
+    Capabilities, DeviceError, LinkState, MacAddress, NetDevice, RxMeta, Stats, TxMeta, checksum,
 };
 
 struct FakeState {
@@ -25,8 +29,13 @@ struct FakeState {
     capabilities: Capabilities,
     link: LinkState,
     rx: VecDeque<(Vec<u8>, RxMeta)>,
-    /// Queued by `transmit`, not yet flushed.
-    queued: Vec<Vec<u8>>,
+    /// Queued by `transmit`, not yet flushed, with what `fill` asked of the NIC.
+    queued: Vec<(Vec<u8>, TxMeta)>,
+    /// Frames that asked for checksum offload / segmentation.
+    checksum_offloads: u64,
+    segmentation_offloads: u64,
+    /// Requests that broke the `TxMeta` contract (frame dropped).
+    offload_errors: u64,
     /// Flushed: "on the wire", for the test to collect.
     wire: VecDeque<Vec<u8>>,
     /// Ring slots in use (queued or flushed but not completed by `poll`).
@@ -64,6 +73,9 @@ impl FakeDevice {
             link: LinkState::Up,
             rx: VecDeque::new(),
             queued: Vec::new(),
+            checksum_offloads: 0,
+            segmentation_offloads: 0,
+            offload_errors: 0,
             wire: VecDeque::new(),
             in_ring: 0,
             ring_capacity: 256,
@@ -120,6 +132,25 @@ impl FakeControl {
     /// Changes the MTU the device reports.
     pub fn set_mtu(&self, mtu: usize) {
         self.state.borrow_mut().capabilities.mtu = mtu;
+    }
+
+    /// Offers transmit checksum offload and, with `max_tso_size` > 0, segmentation of TCP frames
+    /// whose IP packet is up to that size.
+    pub fn set_offloads(&self, tx_checksum: bool, max_tso_size: usize) {
+        let mut state = self.state.borrow_mut();
+        state.capabilities.tx_checksum = tx_checksum;
+        state.capabilities.max_tso_size = max_tso_size;
+    }
+
+    /// Frames sent with checksum offload, frames sent with segmentation offload, and requests
+    /// that broke the contract.
+    pub fn offload_counts(&self) -> (u64, u64, u64) {
+        let state = self.state.borrow();
+        (
+            state.checksum_offloads,
+            state.segmentation_offloads,
+            state.offload_errors,
+        )
     }
 
     /// Number of transmit ring slots.
@@ -250,7 +281,7 @@ impl NetDevice for FakeDevice {
                 LinkState::Up if !state.stopped => {}
                 _ => return Err(DeviceError::NotReady),
             }
-            let max = state.capabilities.mtu + 14;
+            let max = (state.capabilities.mtu).max(state.capabilities.max_tso_size) + 14;
             if len > max {
                 return Err(DeviceError::FrameTooLarge { len, max });
             }
@@ -261,19 +292,40 @@ impl NetDevice for FakeDevice {
             state.in_ring += 1;
         }
         let mut buffer = alloc::vec![0u8; len];
-        fill(&mut buffer);
-        self.state.borrow_mut().queued.push(buffer);
+        let meta = fill(&mut buffer);
+        let mut state = self.state.borrow_mut();
+        if len > state.capabilities.mtu + 14 && meta.tso_mss.is_none() {
+            state.in_ring -= 1;
+            return Err(DeviceError::FrameTooLarge {
+                len,
+                max: state.capabilities.mtu + 14,
+            });
+        }
+        state.queued.push((buffer, meta));
         Ok(())
     }
 
     fn flush(&mut self) {
         let mut state = self.state.borrow_mut();
         state.flushes += 1;
-        let queued: Vec<Vec<u8>> = state.queued.drain(..).collect();
-        for frame in queued {
-            state.stats.tx_frames += 1;
-            state.stats.tx_bytes += frame.len() as u64;
-            state.wire.push_back(frame);
+        let queued: Vec<(Vec<u8>, TxMeta)> = state.queued.drain(..).collect();
+        for (frame, meta) in queued {
+            let capabilities = state.capabilities;
+            state.checksum_offloads += u64::from(meta.checksum.is_some());
+            state.segmentation_offloads += u64::from(meta.tso_mss.is_some());
+            match nic_output(frame, meta, capabilities) {
+                Ok(frames) => {
+                    for frame in frames {
+                        state.stats.tx_frames += 1;
+                        state.stats.tx_bytes += frame.len() as u64;
+                        state.wire.push_back(frame);
+                    }
+                }
+                Err(reason) => {
+                    state.offload_errors += 1;
+                    log::error!("fake NIC: dropped a frame: {reason}");
+                }
+            }
         }
     }
 
@@ -299,4 +351,102 @@ impl NetDevice for FakeDevice {
     fn announce_done(&mut self) {
         self.state.borrow_mut().announces_done += 1;
     }
+}
+
+/// What the NIC puts on the wire for a frame and its offload requests.
+fn nic_output(
+    mut frame: Vec<u8>,
+    meta: TxMeta,
+    capabilities: Capabilities,
+) -> Result<Vec<Vec<u8>>, &'static str> {
+    let Some((start, offset)) = meta.checksum else {
+        return match meta.tso_mss {
+            Some(_) => Err("segmentation asked for without checksum offload"),
+            None => Ok(alloc::vec![frame]),
+        };
+    };
+    if !capabilities.tx_checksum {
+        return Err("checksum offload asked for but not offered");
+    }
+    let (start, offset) = (usize::from(start), usize::from(offset));
+    if start + offset + 2 > frame.len() {
+        return Err("checksum field outside the frame");
+    }
+    let Some(mss) = meta.tso_mss else {
+        complete_checksum(&mut frame, start, offset);
+        return Ok(alloc::vec![frame]);
+    };
+    let mss = usize::from(mss);
+    let ipv6 = frame[12..14] == [0x86, 0xdd];
+    if mss == 0 || capabilities.max_tso_size == 0 || offset != 16 {
+        return Err("segmentation of something that is not TCP, or not offered");
+    }
+    let field = start + offset;
+    if frame[field..field + 2] != pseudo_header_sum(&frame, frame.len() - start) {
+        return Err("TSO frame without the pseudo-header sum in its checksum field");
+    }
+    let headers = start + usize::from(frame[start + 12] >> 4) * 4;
+    if headers > frame.len() {
+        return Err("TCP header beyond the frame");
+    }
+    let chunks: Vec<&[u8]> = frame[headers..].chunks(mss).collect();
+    let mut segments = Vec::new();
+    for (number, chunk) in chunks.iter().enumerate() {
+        let mut segment = frame[..headers].to_vec();
+        segment.extend_from_slice(chunk);
+        if ipv6 {
+            let payload_len = (segment.len() - 54) as u16;
+            segment[18..20].copy_from_slice(&payload_len.to_be_bytes());
+        } else {
+            let total_len = (segment.len() - 14) as u16;
+            segment[16..18].copy_from_slice(&total_len.to_be_bytes());
+            let ident = u16::from_be_bytes([segment[18], segment[19]]).wrapping_add(number as u16);
+            segment[18..20].copy_from_slice(&ident.to_be_bytes());
+            segment[24..26].fill(0);
+            let ip_sum = !checksum::fold(checksum::add(0, &segment[14..start]));
+            segment[24..26].copy_from_slice(&ip_sum.to_be_bytes());
+        }
+        let sequence = u32::from_be_bytes([
+            segment[start + 4],
+            segment[start + 5],
+            segment[start + 6],
+            segment[start + 7],
+        ]);
+        let sequence = sequence.wrapping_add((number * mss) as u32);
+        segment[start + 4..start + 8].copy_from_slice(&sequence.to_be_bytes());
+        if number + 1 < chunks.len() {
+            segment[start + 13] &= !0x09; // FIN, PSH: last segment only
+        }
+        if number > 0 {
+            segment[start + 13] &= !0x80; // CWR: first segment only
+        }
+        let pseudo = pseudo_header_sum(&segment, segment.len() - start);
+        segment[field..field + 2].copy_from_slice(&pseudo);
+        complete_checksum(&mut segment, start, offset);
+        segments.push(segment);
+    }
+    Ok(segments)
+}
+
+/// The folded pseudo-header sum (IPv4 or IPv6) for an L4 part of `l4_len` bytes.
+fn pseudo_header_sum(frame: &[u8], l4_len: usize) -> [u8; 2] {
+    let length = (l4_len as u32).to_be_bytes();
+    let sum = if frame[12..14] == [0x86, 0xdd] {
+        let with_addresses = checksum::add(0, &frame[22..54]);
+        checksum::add(with_addresses, &[0, 0, 0, frame[20]])
+    } else {
+        let with_addresses = checksum::add(0, &frame[26..34]);
+        checksum::add(with_addresses, &[0, 0, 0, frame[23]])
+    };
+    checksum::fold(checksum::add(sum, &length)).to_be_bytes()
+}
+
+/// Sums from `start` to the end of the frame (the field holds the pseudo-header sum) and
+/// stores the complement, as NICs do.
+fn complete_checksum(frame: &mut [u8], start: usize, offset: usize) {
+    let mut sum = !checksum::fold(checksum::add(0, &frame[start..]));
+    if offset == 6 && sum == 0 {
+        sum = 0xffff; // UDP sends a computed zero as all ones
+    }
+    frame[start + offset..start + offset + 2].copy_from_slice(&sum.to_be_bytes());
 }
