@@ -45,6 +45,8 @@ pub const ETHERNET_HEADER_LEN: usize = 14;
 const VLAN_TAG_LEN: usize = 4;
 /// Frame buffers kept for reuse by the receive queue.
 const MAX_POOLED_BUFFERS: usize = 256;
+/// Largest buffer kept for reuse: room for a jumbo frame, not for a coalesced 64 KiB one.
+const MAX_POOLED_BUFFER_CAPACITY: usize = 9216 + 22;
 
 /// Tuning of the bond. All times in nanoseconds.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,6 +67,9 @@ pub struct BondConfig {
     pub dedup_slots: usize,
     /// Received frames buffered between the devices and the stack.
     pub rx_queue_frames: usize,
+    /// Bytes buffered between the devices and the stack: while more are queued the devices are
+    /// not read (their rings hold further frames). One device read can add a ring's worth.
+    pub rx_queue_bytes: usize,
     /// Frames taken from each device per [`Bond::poll`].
     pub rx_budget: usize,
     /// Devices are polled at least this often even without interrupts, so a silently removed
@@ -81,6 +86,7 @@ impl Default for BondConfig {
             dedup_window_ns: 50 * NS_PER_MS,
             dedup_slots: 8192,
             rx_queue_frames: 512,
+            rx_queue_bytes: 1024 * 1024,
             rx_budget: 128,
             watchdog_ns: 100 * NS_PER_MS,
         }
@@ -640,13 +646,29 @@ fn run_on_scratch<R>(scratch: &mut Vec<u8>, len: usize, fill: impl FnOnce(&mut [
 
 /// Frames received from the devices, waiting for the stack.
 pub(crate) struct RxQueue {
-    pub(crate) frames: VecDeque<Vec<u8>>,
+    frames: VecDeque<Vec<u8>>,
+    /// Bytes in `frames`: bounded too, since a coalesced TCP frame can be 64 KiB.
+    bytes: usize,
     pub(crate) free: Vec<Vec<u8>>,
 }
 
 impl RxQueue {
+    fn push(&mut self, buffer: Vec<u8>) {
+        self.bytes += buffer.len();
+        self.frames.push_back(buffer);
+    }
+
+    pub(crate) fn pop(&mut self) -> Option<Vec<u8>> {
+        let buffer = self.frames.pop_front()?;
+        self.bytes -= buffer.len();
+        Some(buffer)
+    }
+
+    /// Keeps a buffer for the next frame, unless the pool is full or the buffer is bigger than
+    /// an MTU-sized frame needs (coalesced frames are rare enough to allocate; pooling them
+    /// would pin megabytes).
     pub(crate) fn recycle(free: &mut Vec<Vec<u8>>, mut buffer: Vec<u8>) {
-        if free.len() < MAX_POOLED_BUFFERS {
+        if free.len() < MAX_POOLED_BUFFERS && buffer.capacity() <= MAX_POOLED_BUFFER_CAPACITY {
             buffer.clear();
             free.push(buffer);
         }
@@ -714,6 +736,7 @@ impl Bond {
             },
             rx: RxQueue {
                 frames: VecDeque::with_capacity(config.rx_queue_frames),
+                bytes: 0,
                 free: Vec::new(),
             },
             dedup: DedupWindow::new(config.dedup_slots, config.dedup_window_ns),
@@ -967,7 +990,7 @@ impl Bond {
     /// Takes the next frame out of the receive queue (the caller may hand the buffer back with
     /// [`Bond::recycle_rx`]).
     pub fn pop_rx(&mut self) -> Option<Vec<u8>> {
-        self.rx.frames.pop_front()
+        self.rx.pop()
     }
 
     /// Returns a buffer from [`Bond::pop_rx`] to the pool.
@@ -1205,7 +1228,7 @@ impl Bond {
             .config
             .rx_queue_frames
             .saturating_sub(self.rx.frames.len());
-        if room == 0 {
+        if room == 0 || self.rx.bytes >= self.config.rx_queue_bytes {
             return 0;
         }
         let budget = room.min(self.config.rx_budget);
@@ -1227,7 +1250,7 @@ impl Bond {
         let Path {
             device, counters, ..
         } = path;
-        let RxQueue { frames, free } = &mut self.rx;
+        let rx = &mut self.rx;
         let dedup = &mut self.dedup;
         let mut delivered = 0;
         device.receive(budget, &mut |frame, meta| {
@@ -1268,14 +1291,18 @@ impl Bond {
                 counters.rx_duplicates += 1;
                 return;
             }
-            if frames.len() >= rx_queue_frames {
+            if rx.frames.len() >= rx_queue_frames {
                 counters.rx_queue_full += 1;
                 return;
             }
-            let mut buffer = free.pop().unwrap_or_default();
+            let mut buffer = if frame.len() <= MAX_POOLED_BUFFER_CAPACITY {
+                rx.free.pop().unwrap_or_default()
+            } else {
+                Vec::new()
+            };
             buffer.clear();
             buffer.extend_from_slice(frame);
-            frames.push_back(buffer);
+            rx.push(buffer);
             counters.rx_frames += 1;
             counters.rx_bytes += frame.len() as u64;
             delivered += 1;
@@ -1661,6 +1688,26 @@ mod tests {
         assert_eq!(delivered.len(), 1);
         assert_eq!(delivered[0].len(), MAX_SEGMENTATION_FRAME);
         assert_eq!(bond.stats().bad_frames_dropped, 2);
+
+        // Coalesced frames count against the queue's byte bound: past it, the device is not
+        // read until the stack drained the queue (no frame is dropped for it).
+        for _ in 0..20 {
+            control.inject_rx_with(&tcp_frame(60_000), verified);
+        }
+        bond.poll(2 * MS);
+        assert_eq!(bond.pending_rx(), 20, "one device read may overshoot");
+        control.inject_rx_with(&tcp_frame(60_000), verified);
+        bond.poll(3 * MS);
+        assert_eq!(
+            bond.pending_rx(),
+            20,
+            "over the byte bound: the device waits"
+        );
+        assert_eq!(control.rx_pending(), 1);
+        assert_eq!(drain(&mut bond).len(), 20);
+        bond.poll(4 * MS);
+        assert_eq!(drain(&mut bond).len(), 1);
+        assert_eq!(bond.stats().synthetic.bond.rx_queue_full, 0);
     }
 
     #[test]

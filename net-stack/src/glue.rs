@@ -76,7 +76,7 @@ impl Device for Bond {
         Self: 'a;
 
     fn receive(&mut self, _timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
-        let frame = self.rx.frames.pop_front()?;
+        let frame = self.rx.pop()?;
         Some((
             BondRxToken {
                 frame,

@@ -81,6 +81,10 @@ pub struct VirtioNetConfig {
     /// reassembled from merged buffers and handed up whole. Off by default because the stack
     /// must accept frames larger than its MTU.
     pub guest_tso: bool,
+    /// Complete received checksums the device left partial (NEEDS_CSUM, e.g. frames from the
+    /// host's own stack). The device validated the data either way; a stack that only consumes
+    /// frames (never forwards them) can skip the summing.
+    pub complete_partial_checksums: bool,
     /// When `poll` finds that the device needs a reset, re-initialise it right away.
     pub auto_reinitialize: bool,
     /// How often `poll` reads device status and link state (each read is a VM exit), unless an
@@ -104,6 +108,7 @@ impl Default for VirtioNetConfig {
             checksum_offload: true,
             tso: true,
             guest_tso: false,
+            complete_partial_checksums: true,
             auto_reinitialize: true,
             health_check_interval_ns: 10_000_000,
             reset_poll_limit: 100_000,

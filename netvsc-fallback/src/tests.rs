@@ -694,6 +694,49 @@ fn receive_completes_partial_checksums_and_reports_data_valid() {
 }
 
 #[test]
+fn partial_checksums_can_be_left_for_a_consuming_stack() {
+    let Setup {
+        device, mut driver, ..
+    } = setup_with(
+        FakeDeviceConfig::default(),
+        VirtioNetConfig {
+            complete_partial_checksums: false,
+            ..VirtioNetConfig::default()
+        },
+    );
+    let partial = make_partial(&tcp_ipv4_frame(b"left as the host sent it"));
+    let header = VirtioNetHeader {
+        flags: NetHeaderFlags::NEEDS_CSUM,
+        csum_start: 34,
+        csum_offset: 16,
+        ..VirtioNetHeader::default()
+    };
+    device
+        .inject_rx_frame_with_header(header, &partial)
+        .unwrap();
+    assert_eq!(
+        receive_all(&mut driver),
+        vec![(
+            partial.clone(),
+            RxMeta {
+                checksum_verified: true
+            }
+        )]
+    );
+    assert_eq!(driver.counters().rx_checksums_completed, 0);
+    // Offsets beyond the frame are still refused.
+    let header = VirtioNetHeader {
+        csum_start: 60_000,
+        ..header
+    };
+    device
+        .inject_rx_frame_with_header(header, &partial)
+        .unwrap();
+    assert!(receive_all(&mut driver).is_empty());
+    assert_eq!(driver.stats().rx_dropped_bad, 1);
+}
+
+#[test]
 fn hostile_used_entries_are_dropped_and_counted() {
     let Setup {
         device, mut driver, ..
