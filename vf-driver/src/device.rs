@@ -6,8 +6,9 @@
 
 use crate::hw::{Hw, MailboxEvent, WaitLimits};
 use crate::mailbox::{self, MailboxCounters, Request};
+use crate::offload::{self, TxEnvironment, TxOutcome};
 use crate::regs::{self, Status};
-use crate::ring::{RxDrops, RxRing, TxRing};
+use crate::ring::{MIN_FRAME_LEN, RxChecksums, RxDrops, RxRing, TxRing};
 use crate::stats::{CounterAccumulator, HardwareStats};
 use crate::{Error, WaitHost};
 use alloc::boxed::Box;
@@ -26,6 +27,8 @@ const VLAN_TAG: usize = 4;
 const FCS: usize = 4;
 /// MSI-X vectors a VF has (reference §1.3).
 const VF_VECTORS: u8 = 3;
+/// Largest IP packet (its 16-bit total length), hence the largest TSO frame's IP part.
+const MAX_IP_PACKET: usize = 65_535;
 
 /// How VTIVAR_MISC (the mailbox interrupt vector) is encoded.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -85,6 +88,9 @@ pub struct Config {
     pub max_wait_iterations: u32,
     /// How to program the mailbox interrupt vector.
     pub mailbox_vector_encoding: MailboxVectorEncoding,
+    /// Offer transmit checksum offload and TSO (receive checksum reports are always used).
+    /// Off, requests the stack makes anyway are completed in software.
+    pub offloads: bool,
 }
 
 impl Default for Config {
@@ -103,6 +109,7 @@ impl Default for Config {
             tx_hang_timeout_ns: 100_000_000,
             max_wait_iterations: 1_000_000,
             mailbox_vector_encoding: MailboxVectorEncoding::QemuBitmask,
+            offloads: true,
         }
     }
 }
@@ -152,6 +159,54 @@ impl Config {
             max_iterations: self.max_wait_iterations,
         }
     }
+
+    /// Transmit sizes that follow from the ring and buffer sizes; see [`TxLimits`].
+    fn tx_limits(&self) -> TxLimits {
+        let chunk = self.rx_buffer_size;
+        let max_frame = self.max_tx_frame();
+        let largest_tso_frame = MAX_IP_PACKET + ETHERNET_HEADER + VLAN_TAG;
+        // A TSO frame may take half the usable ring, less its context descriptor and FIN
+        // segment, so a mostly idle ring always has room for one.
+        let usable = usize::from(self.tx_ring_size) - 1;
+        let tso_chunks = (usable / 2)
+            .saturating_sub(2)
+            .min(largest_tso_frame.div_ceil(chunk));
+        let tso_frame = (tso_chunks * chunk).min(largest_tso_frame);
+        let segmentation_frame = if self.offloads && tso_frame > max_frame {
+            tso_frame
+        } else {
+            0
+        };
+        let largest = max_frame.max(segmentation_frame);
+        TxLimits {
+            chunk,
+            max_frame,
+            segmentation_frame,
+            ready_slots: if segmentation_frame > 0 {
+                (segmentation_frame.div_ceil(chunk) + 2) as u16
+            } else {
+                1
+            },
+            tail_chunks: largest.div_ceil(chunk) + 1,
+        }
+    }
+}
+
+/// Transmit sizes, fixed at start-up.
+#[derive(Clone, Copy, Debug)]
+struct TxLimits {
+    /// Bytes per slot buffer.
+    chunk: usize,
+    /// Largest frame sent unsegmented (MTU + Ethernet header + one VLAN tag).
+    max_frame: usize,
+    /// Largest frame taken for TSO; 0 without TSO.
+    segmentation_frame: usize,
+    /// Free slots [`NetDevice::can_transmit`] wants: enough for the largest frame taken
+    /// (context descriptor and FIN segment included), because the stack commits to a frame
+    /// before it knows its length.
+    ready_slots: u16,
+    /// Buffer chunks past the ring's last slot (a transmit's bytes beyond its first chunk).
+    tail_chunks: usize,
 }
 
 /// Counters of driver events beyond [`Stats`]; every one of them only grows.
@@ -182,6 +237,27 @@ pub struct DriverCounters {
     /// Removals the driver noticed itself (STATUS read 0 or all-ones); `mark_gone` is not
     /// counted.
     pub removals_detected: u64,
+    /// Frames the device inserted the TCP/UDP checksum into (TSO frames included).
+    pub tx_checksum_offloaded: u64,
+    /// TSO frames handed to the device.
+    pub tx_segmentation_offloaded: u64,
+    /// Context descriptors written (frames whose context the device still held need none).
+    pub tx_context_descriptors: u64,
+    /// Checksums the driver completed itself: frames under 60 bytes (QEMU would count the
+    /// padding), layouts the context descriptor cannot express, no slot for a context.
+    pub tx_checksum_software: u64,
+    /// TSO frames whose FIN went out in a separate header-only segment.
+    pub tx_fin_segments: u64,
+    /// Offload requests that could not be honoured (checksum field outside the frame,
+    /// segmentation of a non-TCP frame, MSS 0, ...): counted whether the frame was still sent
+    /// without the impossible part or refused ([`DriverCounters::tx_refused`]).
+    pub tx_bad_offload_requests: u64,
+    /// Frames not sent because of their offload request.
+    pub tx_refused: u64,
+    /// Received frames the device vouched for (`RxMeta::checksum_verified`).
+    pub rx_checksum_verified: u64,
+    /// Received frames with a checksum error bit, delivered unverified for the stack to drop.
+    pub rx_checksum_errors: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -210,8 +286,10 @@ pub struct IgbVf<R: RegisterIo, D: DmaAllocator> {
     mac: MacAddress,
     state: State,
     tx: TxRing,
+    tx_limits: TxLimits,
     rx: RxRing,
     rx_drops: RxDrops,
+    rx_checksums: RxChecksums,
     stats: Stats,
     counters: DriverCounters,
     hardware_counters: CounterAccumulator,
@@ -273,7 +351,13 @@ impl<R: RegisterIo, D: DmaAllocator> IgbVf<R, D> {
     /// the PF does not answer, refuses, or the device is gone.
     pub fn new(regs: R, dma: D, host: Box<dyn WaitHost>, config: Config) -> Result<Self, Error> {
         config.validate()?;
-        let tx = TxRing::new(&dma, config.tx_ring_size, config.rx_buffer_size)?;
+        let tx_limits = config.tx_limits();
+        let tx = TxRing::new(
+            &dma,
+            config.tx_ring_size,
+            tx_limits.chunk,
+            tx_limits.tail_chunks,
+        )?;
         let rx = RxRing::new(&dma, config.rx_ring_size, config.rx_buffer_size)?;
         let multicast = config.multicast.clone();
         let mut vf = IgbVf {
@@ -282,8 +366,10 @@ impl<R: RegisterIo, D: DmaAllocator> IgbVf<R, D> {
             mac: MacAddress::default(),
             state: State::Resetting,
             tx,
+            tx_limits,
             rx,
             rx_drops: RxDrops::default(),
+            rx_checksums: RxChecksums::default(),
             stats: Stats::default(),
             counters: DriverCounters::default(),
             hardware_counters: CounterAccumulator::default(),
@@ -554,6 +640,9 @@ impl<R: RegisterIo, D: DmaAllocator> IgbVf<R, D> {
         counters.rx_frame_errors = self.rx_drops.frame_errors;
         counters.rx_multi_descriptor = self.rx_drops.multi_descriptor;
         counters.rx_unposted_written = self.rx_drops.unposted_written;
+        counters.tx_context_descriptors = self.tx.contexts_written();
+        counters.rx_checksum_verified = self.rx_checksums.verified;
+        counters.rx_checksum_errors = self.rx_checksums.errors;
         counters
     }
 
@@ -631,6 +720,26 @@ impl<R: RegisterIo, D: DmaAllocator> IgbVf<R, D> {
         }
     }
 
+    fn count_offloads(&mut self, outcome: &TxOutcome, len: usize, meta: TxMeta) {
+        let counters = &mut self.counters;
+        counters.tx_checksum_offloaded += u64::from(outcome.checksum_offloaded);
+        counters.tx_segmentation_offloaded += u64::from(outcome.segmented);
+        counters.tx_checksum_software += u64::from(outcome.software_checksum);
+        counters.tx_fin_segments += u64::from(outcome.fin_segment);
+        counters.tx_refused += u64::from(outcome.refused);
+        if let Some(bad) = outcome.bad_request {
+            counters.tx_bad_offload_requests += 1;
+            if counters.tx_bad_offload_requests.is_power_of_two() {
+                log::warn!(
+                    "{}: {bad} ({len}-byte frame, {meta:?}; {} so far){}",
+                    self.config.name,
+                    counters.tx_bad_offload_requests,
+                    if outcome.refused { "; dropped" } else { "" }
+                );
+            }
+        }
+    }
+
     fn reclaim_tx(&mut self) -> bool {
         let done = self.tx.reclaim();
         self.stats.tx_frames += done.frames;
@@ -677,11 +786,18 @@ impl<R: RegisterIo, D: DmaAllocator> NetDevice for IgbVf<R, D> {
     }
 
     fn capabilities(&self) -> Capabilities {
+        let limits = &self.tx_limits;
         Capabilities {
             mtu: self.config.mtu,
-            tx_checksum: false,
-            rx_checksum: false,
-            max_tso_size: 0,
+            tx_checksum: self.config.offloads,
+            // Reported per frame from the write-back status; the PF enables it (RXCSUM
+            // IPOFLD/TUOFLD are on after reset and a Linux PF or the lab PF keeps them on).
+            rx_checksum: true,
+            max_tso_size: if limits.segmentation_frame > 0 {
+                (limits.segmentation_frame - ETHERNET_HEADER - VLAN_TAG).min(MAX_IP_PACKET)
+            } else {
+                0
+            },
         }
     }
 
@@ -724,7 +840,9 @@ impl<R: RegisterIo, D: DmaAllocator> NetDevice for IgbVf<R, D> {
             return 0;
         }
         let drops_before = self.rx_drops.total();
-        let (frames, bytes) = self.rx.receive(budget, &mut self.rx_drops, sink);
+        let (frames, bytes) =
+            self.rx
+                .receive(budget, &mut self.rx_drops, &mut self.rx_checksums, sink);
         if let Some(tail) = self.rx.refill(&mut self.rx_drops) {
             self.hw.regs.write(regs::RDT, u32::from(tail));
         }
@@ -735,7 +853,7 @@ impl<R: RegisterIo, D: DmaAllocator> NetDevice for IgbVf<R, D> {
     }
 
     fn can_transmit(&self) -> bool {
-        self.state == State::Up && self.tx.free_slots() > 0
+        self.state == State::Up && self.tx.free_slots() >= self.tx_limits.ready_slots
     }
 
     fn transmit(
@@ -748,28 +866,78 @@ impl<R: RegisterIo, D: DmaAllocator> NetDevice for IgbVf<R, D> {
             State::Gone => return Err(DeviceError::Gone),
             State::Down | State::Resetting | State::Stopped => return Err(DeviceError::NotReady),
         }
-        let max = self.config.max_tx_frame();
-        if len > max {
-            return Err(DeviceError::FrameTooLarge { len, max });
+        let limits = self.tx_limits;
+        let accepted = limits.max_frame.max(limits.segmentation_frame);
+        if len > accepted {
+            return Err(DeviceError::FrameTooLarge { len, max: accepted });
         }
-        if self.tx.free_slots() == 0 {
+        // Room for the worst case before the frame is written (the stack cannot take it back
+        // afterwards): a frame above the MTU can only be TSO, which adds a context descriptor
+        // and possibly a FIN segment; one within it needs one slot per chunk, and a context
+        // descriptor only if a slot is left (else its checksum is completed in software).
+        let data_chunks = len.max(MIN_FRAME_LEN).div_ceil(limits.chunk);
+        let reserve = if len > limits.max_frame {
+            data_chunks + 2
+        } else {
+            data_chunks
+        };
+        if usize::from(self.tx.free_slots()) < reserve {
             self.reclaim_tx();
         }
-        let name = &self.config.name;
-        let mut fill_and_check = |buffer: &mut [u8]| {
-            let meta = fill(buffer);
-            if meta.checksum.is_some() || meta.tso_mss.is_some() {
-                // Capabilities promise no offloads, so the stack never asks; sending the frame
-                // as-is is the only safe answer if it does.
-                log::warn!("{name}: offload requested but not offered; sending as-is");
-            }
+        if usize::from(self.tx.free_slots()) < reserve {
+            self.stats.tx_ring_full += 1;
+            return Err(DeviceError::RingFull);
+        }
+        let environment = TxEnvironment {
+            chunk: limits.chunk,
+            max_frame: limits.max_frame,
+            offloads: self.config.offloads,
+            free_slots: usize::from(self.tx.free_slots()),
+            loaded_contexts: self.tx.loaded_contexts(),
         };
-        match self.tx.enqueue(len, &mut fill_and_check) {
-            Some(()) => Ok(()),
-            None => {
-                self.stats.tx_ring_full += 1;
-                Err(DeviceError::RingFull)
-            }
+        // The frame's chunks plus one for a FIN segment, but only chunks of free slots: the
+        // device may be reading the others.
+        let area_chunks = (data_chunks + 1).min(usize::from(self.tx.free_slots()));
+        let Some(area) = self.tx.area(area_chunks * limits.chunk) else {
+            // The tail is sized for the largest frame taken; not reached.
+            log::error!("{}: no buffer for a {len}-byte frame", self.config.name);
+            return Err(DeviceError::FrameTooLarge {
+                len,
+                max: limits.max_frame,
+            });
+        };
+        // Short frames are zero-padded to the Ethernet minimum (QEMU does not pad, reference
+        // §3.2); the padding is written before `fill` so the frame bytes are its own.
+        area[len..len.max(MIN_FRAME_LEN)].fill(0);
+        let meta = fill(&mut area[..len]);
+        let prepared = offload::prepare_transmit(area, len, meta, &environment);
+        self.count_offloads(&prepared.outcome, len, meta);
+        if prepared.outcome.refused {
+            // Nothing was queued. A frame within the MTU is dropped (its checksum cannot be
+            // right); one above it is refused like any oversized frame.
+            return if len > limits.max_frame {
+                Err(DeviceError::FrameTooLarge {
+                    len,
+                    max: limits.max_frame,
+                })
+            } else {
+                Ok(())
+            };
+        }
+        if self.tx.commit(
+            &prepared.packets,
+            prepared.device_packets,
+            prepared.device_bytes,
+        ) {
+            Ok(())
+        } else {
+            // `prepare_transmit` sized everything to the free slots; not reached.
+            log::error!(
+                "{}: a {len}-byte frame did not fit the ring",
+                self.config.name
+            );
+            self.stats.tx_ring_full += 1;
+            Err(DeviceError::RingFull)
         }
     }
 

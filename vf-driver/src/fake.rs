@@ -12,12 +12,18 @@
 //! Behaviour follows QEMU 10's igb (reference §1.5, §2, §3): V2PMAILBOX read-to-clear bits,
 //! VF reset side effects (queue enables, VFRE/VFTE cleared, VFLRE set), PFRSTD, MDIC autoneg,
 //! per-VF counters that wrap and are not cleared by reads, VTEICR read-to-clear, the
-//! VTIVAR_MISC bit-mask quirk, removed devices reading 0 (or all-ones if asked).
+//! VTIVAR_MISC bit-mask quirk, removed devices reading 0 (or all-ones if asked). Transmit
+//! offloads (context descriptors, checksum insertion, TSO) and receive checksum status follow
+//! the hardware as `fake_offload` models it; DD is written back only on RS
+//! descriptors, like QEMU (`igb_txdesc_writeback`), unless a test asks for every one.
 
 use crate::descriptors::{
-    AdvancedRxWriteBack, AdvancedTxDataDescriptor, Le16, Le32, RxStatus, TxCommand,
+    AdvancedRxWriteBack, AdvancedTxContextDescriptor, AdvancedTxDataDescriptor, Le16, Le32,
+    RxStatus, TX_DESCRIPTOR_TYPE_CONTEXT, TX_DESCRIPTOR_TYPE_DATA, TX_DESCRIPTOR_TYPE_MASK,
+    TxCommand,
 };
 use crate::fake_dma::{dma_read, dma_write};
+use crate::fake_offload::{self, MAX_DESCRIPTORS_PER_PACKET};
 use crate::lab_pf::SriovControl;
 use crate::mailbox::{self as message, multicast_hash};
 use crate::pf_regs as pf;
@@ -99,12 +105,32 @@ struct VfState {
     counters: [u32; 5],
     transmitted: Vec<Vec<u8>>,
     partial_frame: Vec<u8>,
+    /// The first data descriptor's command and `olinfo_status` of the packet being gathered.
+    packet_start: Option<(TxCommand, u32)>,
+    /// Data descriptors the packet being gathered has had so far.
+    packet_descriptors: usize,
+    /// The queue's two context slots.
+    tx_contexts: [Option<AdvancedTxContextDescriptor>; 2],
+    /// Packets dropped because their offload request made no sense to the hardware.
+    tx_faults: Vec<&'static str>,
+    /// Write DD back on every descriptor, not only on RS ones.
+    write_back_every_descriptor: bool,
     tdt_writes: u64,
     rdt_writes: u64,
     stall_tx: bool,
     requests: Vec<[u32; vfr::MAILBOX_WORDS]>,
     scripted_clear_to_send: bool,
     interrupts: [u64; 3],
+}
+
+impl VfState {
+    /// A reset drops the packet being gathered and the loaded contexts.
+    fn forget_transmit_state(&mut self) {
+        self.partial_frame.clear();
+        self.packet_start = None;
+        self.packet_descriptors = 0;
+        self.tx_contexts = [None; 2];
+    }
 }
 
 struct Model {
@@ -128,6 +154,8 @@ fn power_on_registers() -> Vec<u32> {
     set(pf::VFRE, 0xFF);
     set(pf::VFTE, 0xFF);
     set(pf::MBVFIMR, 0xFF);
+    // QEMU `igb_mac_reg_init`; the 82576 resets the same way.
+    set(pf::RXCSUM, pf::RXCSUM_IP_OFFLOAD | pf::RXCSUM_L4_OFFLOAD);
     for vf in 0..pf::MAX_VFS {
         set(pf::vmolr(vf), 0x8000_2600);
         set(pf::v2p_mailbox(vf), Mailbox::RSTI.bits());
@@ -265,7 +293,7 @@ impl Model {
         self.autoneg_reads_left = None;
         for vf in &mut self.vfs {
             vf.scripted_clear_to_send = false;
-            vf.partial_frame.clear();
+            vf.forget_transmit_state();
         }
     }
 
@@ -282,7 +310,7 @@ impl Model {
         self.put(pf::VFTE, self.get(pf::VFTE) & !(1 << vf));
         self.put(pf::VFLRE, self.get(pf::VFLRE) | (1 << vf));
         self.vfs[vf].scripted_clear_to_send = false;
-        self.vfs[vf].partial_frame.clear();
+        self.vfs[vf].forget_transmit_state();
     }
 
     fn pf_mailbox_write(&mut self, vf: usize, value: u32) {
@@ -501,24 +529,15 @@ impl Model {
             ];
             let descriptor = AdvancedTxDataDescriptor::from_words(words);
             let command = descriptor.command();
-            if command.contains(TxCommand::DEXT | TxCommand::DTYP_DATA) {
-                let mut data = alloc::vec![0u8; usize::from(descriptor.length())];
-                if dma_read(descriptor.buffer_address.get(), &mut data) {
-                    self.vfs[vf].partial_frame.extend_from_slice(&data);
-                } else {
-                    self.dma_faults += 1;
-                }
-                if command.contains(TxCommand::EOP) {
-                    let frame = core::mem::take(&mut self.vfs[vf].partial_frame);
-                    if self.get(pf::MRQC) & 1 != 0 {
-                        let counters = &mut self.vfs[vf].counters;
-                        counters[GPTC] = counters[GPTC].wrapping_add(1);
-                        counters[GOTC] = counters[GOTC].wrapping_add(frame.len() as u32 + 4);
-                    }
-                    self.vfs[vf].transmitted.push(frame);
-                }
+            let kind = descriptor.cmd_type_len.get() & TX_DESCRIPTOR_TYPE_MASK;
+            if command.contains(TxCommand::DEXT) && kind == TX_DESCRIPTOR_TYPE_CONTEXT {
+                let context = AdvancedTxContextDescriptor::from_words(words);
+                // QEMU keeps two slots and reads one bit of IDX.
+                self.vfs[vf].tx_contexts[context.index() & 1] = Some(context);
+            } else if command.contains(TxCommand::DEXT) && kind == TX_DESCRIPTOR_TYPE_DATA {
+                self.gather_tx_data(vf, &descriptor);
             }
-            if command.contains(TxCommand::RS) {
+            if command.contains(TxCommand::RS) || self.vfs[vf].write_back_every_descriptor {
                 let status = descriptor.olinfo_status.get() | crate::descriptors::TX_STATUS_DD;
                 if !dma_write(address + 12, &status.to_le_bytes()) {
                     self.dma_faults += 1;
@@ -529,6 +548,47 @@ impl Model {
         }
         if completed {
             self.queue_interrupt(vf, true);
+        }
+    }
+
+    /// One data descriptor of VF `vf`'s current packet; at EOP the packet goes through the
+    /// offload model onto the wire.
+    fn gather_tx_data(&mut self, vf: usize, descriptor: &AdvancedTxDataDescriptor) {
+        let command = descriptor.command();
+        let mut data = alloc::vec![0u8; usize::from(descriptor.length())];
+        if dma_read(descriptor.buffer_address.get(), &mut data) {
+            self.vfs[vf].partial_frame.extend_from_slice(&data);
+        } else {
+            self.dma_faults += 1;
+        }
+        let state = &mut self.vfs[vf];
+        state
+            .packet_start
+            .get_or_insert((command, descriptor.olinfo_status.get()));
+        state.packet_descriptors += 1;
+        if !command.contains(TxCommand::EOP) {
+            return;
+        }
+        let frame = core::mem::take(&mut state.partial_frame);
+        let packet_len = frame.len();
+        let (first_command, olinfo) = state.packet_start.take().unwrap_or((command, 0));
+        let descriptors = core::mem::take(&mut state.packet_descriptors);
+        let frames = if descriptors > MAX_DESCRIPTORS_PER_PACKET {
+            Err("more data descriptors than QEMU takes per packet")
+        } else {
+            fake_offload::transmit_offloads(frame, first_command, olinfo, &state.tx_contexts)
+        };
+        match frames {
+            Ok(frames) => {
+                // QEMU `igb_on_tx_done_update_stats`: once per packet, a TSO frame included.
+                if self.get(pf::MRQC) & 1 != 0 {
+                    let counters = &mut self.vfs[vf].counters;
+                    counters[GPTC] = counters[GPTC].wrapping_add(1);
+                    counters[GOTC] = counters[GOTC].wrapping_add(packet_len as u32 + 4);
+                }
+                self.vfs[vf].transmitted.extend(frames);
+            }
+            Err(fault) => self.vfs[vf].tx_faults.push(fault),
         }
     }
 
@@ -585,7 +645,9 @@ impl Model {
             let last = offset >= frame.len();
             let mut status = RxStatus::DD.bits() | tweak.extra_status;
             if last && !tweak.omit_end_of_packet {
-                status |= RxStatus::EOP.bits();
+                // QEMU reports checksum results on the EOP descriptor only.
+                status |= RxStatus::EOP.bits()
+                    | fake_offload::receive_checksum_status(frame, self.get(pf::RXCSUM));
             }
             let write_back = AdvancedRxWriteBack {
                 status_error: Le32::new(status),
@@ -779,6 +841,12 @@ impl FakeIgb {
             model.put(pf::RCTL, pf::RCTL_ENABLE | pf::RCTL_STRIP_CRC);
             model.put(pf::TCTL, 0xA404_00FA);
             model.put(pf::MRQC, pf::MRQC_VMDQ);
+            // What a Linux igb PF adds (`igb_setup_mrqc`).
+            let rxcsum = model.get(pf::RXCSUM);
+            model.put(
+                pf::RXCSUM,
+                rxcsum | pf::RXCSUM_PACKET_CHECKSUM_DISABLE | pf::RXCSUM_SCTP_OFFLOAD,
+            );
             model.put(pf::VFRE, 0);
             model.put(pf::VFTE, 0);
             model.pf_write(pf::CTRL_EXT, pf::CTRL_EXT_PF_RESET_DONE);
@@ -913,6 +981,17 @@ impl FakeIgb {
     /// Frames VF `vf` put on the wire since the last call.
     pub fn take_transmitted(&self, vf: usize) -> Vec<Vec<u8>> {
         self.with_model(|model| core::mem::take(&mut model.vfs[vf].transmitted))
+    }
+
+    /// Packets of VF `vf` the device dropped because their offload request made no sense
+    /// (no context loaded, lengths that do not fit, PAYLEN wrong, too many descriptors).
+    pub fn tx_faults(&self, vf: usize) -> Vec<&'static str> {
+        self.with_model(|model| model.vfs[vf].tx_faults.clone())
+    }
+
+    /// Makes VF `vf`'s queue write DD back on every descriptor instead of only RS ones.
+    pub fn write_back_every_tx_descriptor(&self, vf: usize, every: bool) {
+        self.with_model(|model| model.vfs[vf].write_back_every_descriptor = every);
     }
 
     /// Writes of VF `vf`'s TX tail register so far.

@@ -294,6 +294,18 @@ impl<R: RegisterIo, S: SriovControl> LabPf<R, S> {
             self.program_vf_filters(vf);
         }
         self.program_multicast_table();
+        // Receive checksum offload for every pool, as a Linux igb PF leaves it (`igb_setup_mrqc`
+        // relies on IPOFLD/TUOFLD defaulting to 1 and adds PCSD | CRCOFL); set explicitly so the
+        // VFs' IPCS/TCPCS/UDPCS reports do not depend on reset defaults.
+        let rxcsum = self.regs.read32(pf::RXCSUM);
+        self.regs.write32(
+            pf::RXCSUM,
+            rxcsum
+                | pf::RXCSUM_IP_OFFLOAD
+                | pf::RXCSUM_L4_OFFLOAD
+                | pf::RXCSUM_SCTP_OFFLOAD
+                | pf::RXCSUM_PACKET_CHECKSUM_DISABLE,
+        );
         // Steps 8-9: receiver (stripping the CRC so lengths are frame lengths) and transmitter.
         self.regs
             .write32(pf::RCTL, pf::RCTL_ENABLE | pf::RCTL_STRIP_CRC);

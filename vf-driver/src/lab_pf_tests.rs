@@ -146,6 +146,15 @@ fn bring_up_programs_the_pf_as_the_reference_recipe_says() {
         0
     );
     assert_ne!(fake.pf_register(pf::GPIE) & pf::GPIE_MSIX_MODE, 0);
+    // Receive checksum offload on, as a Linux igb PF leaves it (PCSD and CRCOFL are not
+    // reset values, so this is the lab PF's write).
+    assert_eq!(
+        fake.pf_register(pf::RXCSUM),
+        pf::RXCSUM_IP_OFFLOAD
+            | pf::RXCSUM_L4_OFFLOAD
+            | pf::RXCSUM_SCTP_OFFLOAD
+            | pf::RXCSUM_PACKET_CHECKSUM_DISABLE
+    );
     // VF 0's filter in RAR[23] with pool 0 (reference §2.1 step 6).
     assert_eq!(fake.pf_register(pf::ral(23)), 0x0000_5452);
     assert_eq!(

@@ -8,7 +8,8 @@
 //!
 //! Layout (like Linux `igbvf`, facts only): [`regs`] register map, [`descriptors`] DMA
 //! descriptor layouts, [`mailbox`] PF↔VF mailbox protocol, `ring` descriptor rings that never
-//! touch MMIO, `hw` reset/init/link sequences, [`device`] the `NetDevice` implementation,
+//! touch MMIO, `offload` transmit checksum/TSO planning, `hw` reset/init/link sequences,
+//! [`device`] the `NetDevice` implementation,
 //! [`stats`] wrapping hardware counters. [`lab_pf`] (with [`pf_regs`]) is the PF side for test
 //! VMs; nothing in the VF driver uses it.
 //!
@@ -31,6 +32,7 @@ pub mod device;
 mod hw;
 pub mod lab_pf;
 pub mod mailbox;
+mod offload;
 pub mod pf_regs;
 pub mod regs;
 mod ring;
@@ -40,11 +42,15 @@ pub mod stats;
 pub mod fake;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fake_dma;
+#[cfg(any(test, feature = "test-utils"))]
+mod fake_offload;
 
 #[cfg(test)]
 mod device_tests;
 #[cfg(test)]
 mod lab_pf_tests;
+#[cfg(test)]
+mod offload_tests;
 
 pub use device::{Config, DriverCounters, IgbVf, MailboxVectorEncoding};
 pub use lab_pf::{LabPf, LabPfConfig, LabPfCounters, SriovControl};

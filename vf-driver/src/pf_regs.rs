@@ -69,6 +69,17 @@ pub const GPIE_MSIX_MODE: u32 = 1 << 4;
 pub const MTA: usize = 0x5200;
 /// Number of [`MTA`] registers.
 pub const MTA_REGISTERS: usize = 128;
+/// Receive checksum control (RW; 82576 datasheet §8.10, receive registers). QEMU applies it to every
+/// queue, VF queues included (`igb_build_rx_metadata`), and resets it to IPOFLD | TUOFLD.
+pub const RXCSUM: usize = 0x5000;
+/// [`RXCSUM`]: IPOFLD, check IPv4 header checksums and report IPCS/IPE.
+pub const RXCSUM_IP_OFFLOAD: u32 = 1 << 8;
+/// [`RXCSUM`]: TUOFLD, check TCP/UDP checksums and report TCPCS/UDPCS/L4E.
+pub const RXCSUM_L4_OFFLOAD: u32 = 1 << 9;
+/// [`RXCSUM`]: CRCOFL, check SCTP CRCs (Linux igb sets it on the 82576).
+pub const RXCSUM_SCTP_OFFLOAD: u32 = 1 << 11;
+/// [`RXCSUM`]: PCSD, report the RSS hash / IP ID instead of the raw packet checksum.
+pub const RXCSUM_PACKET_CHECKSUM_DISABLE: u32 = 1 << 13;
 /// Multiple receive queues command (RW).
 pub const MRQC: usize = 0x5818;
 /// [`MRQC`]: VMDq mode (pools select queues).

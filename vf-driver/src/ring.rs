@@ -8,7 +8,7 @@
 use crate::Error;
 use crate::descriptors::{
     AdvancedRxReadDescriptor, AdvancedRxWriteBack, AdvancedTxDataDescriptor, DESCRIPTOR_SIZE,
-    RxStatus,
+    RxStatus, TX_CONTEXT_SLOTS, TxCommand,
 };
 use alloc::vec::Vec;
 use core::sync::atomic::{Ordering, fence};
@@ -50,21 +50,65 @@ fn write_descriptor(ring: &mut DmaRegion, index: usize, words: [u64; 2]) {
 /// What a reclaim pass found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Reclaimed {
-    /// Frames the device finished.
+    /// Packets the device finished (a TSO frame counts once, its FIN segment once more).
     pub frames: u64,
     /// Their bytes.
     pub bytes: u64,
 }
 
-/// Transmit ring: one buffer per descriptor, one descriptor per frame.
+/// One packet for the device: `len` bytes at `offset` in the transmit's buffer area.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TxPacket {
+    /// Offset from the start of the transmit's area.
+    pub offset: usize,
+    /// Bytes (each data descriptor takes at most one chunk of them).
+    pub len: usize,
+    /// Command bits beyond DTYP/DEXT/IFCS/EOP/RS (TSE).
+    pub command: TxCommand,
+    /// `olinfo_status` of the packet's first data descriptor (the others carry 0).
+    pub olinfo_status: u32,
+    /// The context (slot, descriptor words) the packet needs loaded first.
+    pub context: Option<(usize, [u64; 2])>,
+}
+
+/// Bookkeeping of one transmit, kept at its first slot.
+#[derive(Clone, Copy, Debug, Default)]
+struct TxUnit {
+    /// Descriptor slots it occupies (context and data descriptors).
+    slots: u16,
+    /// Packets it hands the device.
+    frames: u16,
+    /// Their bytes.
+    bytes: u32,
+}
+
+/// Transmit ring.
+///
+/// Buffers: one DMA region of `size` chunks (one per slot) plus a tail. A transmit that
+/// starts at slot `s` and occupies slots `s..s+n` writes its bytes contiguously from chunk `s`
+/// on, using at most `n` chunks; one that runs past the last slot continues into the tail, and
+/// the chunks of the slots it wrapped onto stay unused meanwhile. So every frame (a TSO frame
+/// of up to 64 KiB included) is one contiguous slice for the stack to write into, data
+/// descriptors each cover at most one chunk, and no slot's memory is shared between two
+/// transmits in flight.
+///
+/// Completion: QEMU writes DD back only on descriptors with RS (`igb_txdesc_writeback`),
+/// hardware with a write-back threshold may write it on others too; either way a transmit is
+/// reclaimed when the DD of its last descriptor (EOP | RS) is seen, whatever the others say.
 pub(crate) struct TxRing {
     descriptors: DmaRegion,
-    buffers: Vec<DmaRegion>,
-    lengths: Vec<u16>,
+    buffers: DmaRegion,
+    chunk: usize,
+    units: Vec<TxUnit>,
+    /// The context descriptor last written to each of the device's slots; `None` after a
+    /// reset (the device may have forgotten them).
+    contexts: [Option<[u64; 2]>; TX_CONTEXT_SLOTS],
+    /// Context descriptors written so far.
+    contexts_written: u64,
     size: u16,
     /// Next slot to fill (the software tail).
     next_to_use: u16,
-    /// Oldest slot the device has not been seen to finish.
+    /// First slot of the oldest transmit the device has not been seen to finish.
     next_to_clean: u16,
     /// Slots filled and not reclaimed (flushed or not).
     in_use: u16,
@@ -73,10 +117,13 @@ pub(crate) struct TxRing {
 }
 
 impl TxRing {
+    /// A ring of `size` descriptors with `chunk`-byte buffers and `tail_chunks` chunks of
+    /// buffer past the last slot (the most a transmit may use beyond its first chunk).
     pub(crate) fn new(
         dma: &impl DmaAllocator,
         size: u16,
-        buffer_size: usize,
+        chunk: usize,
+        tail_chunks: usize,
     ) -> Result<Self, Error> {
         let descriptors = allocate(
             dma,
@@ -84,13 +131,19 @@ impl TxRing {
             RING_ALIGNMENT,
             "TX descriptors",
         )?;
-        let buffers = (0..size)
-            .map(|_| allocate(dma, buffer_size, BUFFER_ALIGNMENT, "TX buffers"))
-            .collect::<Result<Vec<_>, _>>()?;
+        let buffers = allocate(
+            dma,
+            (usize::from(size) + tail_chunks) * chunk,
+            BUFFER_ALIGNMENT,
+            "TX buffers",
+        )?;
         Ok(TxRing {
             descriptors,
             buffers,
-            lengths: alloc::vec![0; usize::from(size)],
+            chunk,
+            units: alloc::vec![TxUnit::default(); usize::from(size)],
+            contexts: [None; TX_CONTEXT_SLOTS],
+            contexts_written: 0,
             size,
             next_to_use: 0,
             next_to_clean: 0,
@@ -104,6 +157,10 @@ impl TxRing {
         for index in 0..usize::from(self.size) {
             write_descriptor(&mut self.descriptors, index, [0, 0]);
         }
+        self.units
+            .iter_mut()
+            .for_each(|unit| *unit = TxUnit::default());
+        self.contexts = [None; TX_CONTEXT_SLOTS];
         self.next_to_use = 0;
         self.next_to_clean = 0;
         self.in_use = 0;
@@ -120,37 +177,124 @@ impl TxRing {
         u32::from(self.size) * DESCRIPTOR_SIZE as u32
     }
 
-    /// Slots that can take a frame now. One slot always stays empty so that a full ring never
-    /// looks empty to the device (TDT == TDH means "nothing to do").
+    /// Slots that can take descriptors now. One slot always stays empty so that a full ring
+    /// never looks empty to the device (TDT == TDH means "nothing to do").
     pub(crate) fn free_slots(&self) -> u16 {
         self.size - 1 - self.in_use
     }
 
-    /// Frames handed to the device (doorbell rung) and not yet seen finished.
+    /// Slots handed to the device (doorbell rung) and not yet seen finished.
     pub(crate) fn outstanding(&self) -> u16 {
         self.in_use - self.unflushed
     }
 
-    /// Fills the next slot with a frame of `len` bytes written by `fill`; frames shorter than
-    /// the Ethernet minimum are zero-padded. `None` when the ring is full.
-    pub(crate) fn enqueue(&mut self, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> Option<()> {
-        if self.free_slots() == 0 {
-            return None;
+    /// Context descriptors written so far.
+    pub(crate) fn contexts_written(&self) -> u64 {
+        self.contexts_written
+    }
+
+    /// The context descriptors the device holds, as last written.
+    pub(crate) fn loaded_contexts(&self) -> [Option<[u64; 2]>; TX_CONTEXT_SLOTS] {
+        self.contexts
+    }
+
+    /// The buffer memory of the next transmit: `bytes` from the next slot's chunk on (into the
+    /// tail when it wraps). `None` when that would leave the region.
+    pub(crate) fn area(&mut self, bytes: usize) -> Option<&mut [u8]> {
+        let start = usize::from(self.next_to_use) * self.chunk;
+        self.buffers
+            .as_mut_slice()
+            .get_mut(start..start.checked_add(bytes)?)
+    }
+
+    /// Descriptor slots `packets` need, given the contexts the device holds.
+    fn slots_for(&self, packets: &[Option<TxPacket>]) -> usize {
+        let mut contexts = self.contexts;
+        let mut slots = 0;
+        for packet in packets.iter().flatten() {
+            if let Some((index, words)) = packet.context
+                && contexts
+                    .get(index)
+                    .is_some_and(|loaded| *loaded != Some(words))
+            {
+                contexts[index] = Some(words);
+                slots += 1;
+            }
+            slots += self.data_descriptors(packet);
         }
-        let slot = usize::from(self.next_to_use);
-        let buffer = &mut self.buffers[slot];
-        let wire_len = len.max(MIN_FRAME_LEN).min(buffer.len());
-        let bytes = buffer.as_mut_slice();
-        bytes[len.min(wire_len)..wire_len].fill(0);
-        fill(&mut bytes[..len.min(wire_len)]);
-        let descriptor =
-            AdvancedTxDataDescriptor::single_buffer_frame(buffer.phys().0, wire_len as u16);
-        write_descriptor(&mut self.descriptors, slot, descriptor.to_words());
-        self.lengths[slot] = wire_len as u16;
-        self.next_to_use = (self.next_to_use + 1) % self.size;
-        self.in_use += 1;
-        self.unflushed += 1;
-        Some(())
+        slots
+    }
+
+    /// Data descriptors of `packet`: one per chunk it touches.
+    fn data_descriptors(&self, packet: &TxPacket) -> usize {
+        if packet.len == 0 {
+            return 0;
+        }
+        (packet.offset + packet.len).div_ceil(self.chunk) - packet.offset / self.chunk
+    }
+
+    /// Writes the descriptors of one transmit whose bytes are in [`TxRing::area`]: for each
+    /// packet its context descriptor (unless the device holds it already), then one data
+    /// descriptor per chunk, EOP | RS on the last. `frames`/`bytes` are what reclaiming it
+    /// reports. False (nothing written) when it does not fit the free slots or its bytes
+    /// would use more chunks than it has slots.
+    pub(crate) fn commit(&mut self, packets: &[Option<TxPacket>], frames: u16, bytes: u32) -> bool {
+        let slots = self.slots_for(packets);
+        let chunks_used = packets
+            .iter()
+            .flatten()
+            .map(|packet| (packet.offset + packet.len).div_ceil(self.chunk))
+            .max()
+            .unwrap_or(0);
+        if slots == 0 || slots > usize::from(self.free_slots()) || chunks_used > slots {
+            return false;
+        }
+        let first = self.next_to_use;
+        let area_base = self.buffers.phys().0 + u64::from(first) * self.chunk as u64;
+        let mut slot = usize::from(first);
+        let size = usize::from(self.size);
+        for packet in packets.iter().flatten() {
+            if let Some((index, words)) = packet.context
+                && self
+                    .contexts
+                    .get(index)
+                    .is_some_and(|loaded| *loaded != Some(words))
+            {
+                write_descriptor(&mut self.descriptors, slot, words);
+                self.contexts[index] = Some(words);
+                self.contexts_written += 1;
+                slot = (slot + 1) % size;
+            }
+            let mut done = 0;
+            while done < packet.len {
+                let offset = packet.offset + done;
+                let piece = (self.chunk - offset % self.chunk).min(packet.len - done);
+                let last = done + piece == packet.len;
+                let mut command = packet.command;
+                if last {
+                    command |= TxCommand::EOP | TxCommand::RS;
+                }
+                let olinfo_status = if done == 0 { packet.olinfo_status } else { 0 };
+                let descriptor = AdvancedTxDataDescriptor::new(
+                    area_base + offset as u64,
+                    piece as u16,
+                    command,
+                    olinfo_status,
+                );
+                write_descriptor(&mut self.descriptors, slot, descriptor.to_words());
+                slot = (slot + 1) % size;
+                done += piece;
+            }
+        }
+        self.units[usize::from(first)] = TxUnit {
+            slots: slots as u16,
+            frames,
+            bytes,
+        };
+        self.next_to_use = slot as u16;
+        self.in_use += slots as u16;
+        self.unflushed += slots as u16;
+        true
     }
 
     /// The tail to write when frames were queued since the last doorbell.
@@ -164,21 +308,30 @@ impl TxRing {
         Some(self.next_to_use)
     }
 
-    /// Collects frames the device finished (DD written back), oldest first.
+    /// Collects transmits the device finished (DD on their last descriptor), oldest first.
     pub(crate) fn reclaim(&mut self) -> Reclaimed {
         let mut reclaimed = Reclaimed::default();
         while self.outstanding() > 0 {
-            let slot = usize::from(self.next_to_clean);
-            let Some(words) = read_descriptor(&self.descriptors, slot) else {
+            let first = usize::from(self.next_to_clean);
+            let unit = self.units[first];
+            if unit.slots == 0 || unit.slots > self.outstanding() {
+                // Only a bookkeeping bug could get here; stop rather than walk garbage.
+                log::error!("igbvf: TX slot {first} has no transmit recorded");
+                break;
+            }
+            let last = (first + usize::from(unit.slots) - 1) % usize::from(self.size);
+            let Some(words) = read_descriptor(&self.descriptors, last) else {
                 break;
             };
             if !AdvancedTxDataDescriptor::from_words(words).is_done() {
                 break;
             }
-            reclaimed.frames += 1;
-            reclaimed.bytes += u64::from(self.lengths[slot]);
-            self.next_to_clean = (self.next_to_clean + 1) % self.size;
-            self.in_use -= 1;
+            reclaimed.frames += u64::from(unit.frames);
+            reclaimed.bytes += u64::from(unit.bytes);
+            self.units[first] = TxUnit::default();
+            self.next_to_clean =
+                ((first + usize::from(unit.slots)) % usize::from(self.size)) as u16;
+            self.in_use -= unit.slots;
         }
         reclaimed
     }
@@ -200,6 +353,45 @@ pub(crate) struct RxDrops {
 impl RxDrops {
     pub(crate) fn total(&self) -> u64 {
         self.bad_length + self.frame_errors + self.multi_descriptor + self.unposted_written
+    }
+}
+
+/// What the device said about received checksums.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RxChecksums {
+    /// Frames delivered as verified (the stack skips its own check).
+    pub verified: u64,
+    /// Frames with IPE or L4E, delivered unverified so the stack checks (and drops) them.
+    pub errors: u64,
+}
+
+/// IPv4 ethertype as it sits in the frame.
+const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
+/// IPv6 ethertype as it sits in the frame.
+const ETHERTYPE_IPV6: [u8; 2] = [0x86, 0xDD];
+/// 802.1Q tag protocol identifier as it sits in the frame.
+const ETHERTYPE_VLAN: [u8; 2] = [0x81, 0x00];
+
+/// True when the write-back vouches for every checksum of `frame` (82576 datasheet §7.1.5.2;
+/// Linux `igb_rx_checksum` reads the same bits): an L4 checksum was checked (TCPCS/L4I or
+/// UDPCS), for IPv4 the header checksum too (IPCS), and neither error bit is set. Frames the
+/// device only partly checked (ICMP, fragments, RXCSUM offloads off at the PF) are left to the
+/// stack.
+fn checksums_verified(status: RxStatus, frame: &[u8]) -> bool {
+    if status.intersects(RxStatus::IP_CHECKSUM_ERROR | RxStatus::L4_CHECKSUM_ERROR)
+        || !status.intersects(RxStatus::TCP_CHECKSUM | RxStatus::UDP_CHECKSUM)
+    {
+        return false;
+    }
+    // A stripped VLAN tag (VP) is gone from the buffer; an unstripped one is skipped here.
+    let ethertype = match frame.get(12..14) {
+        Some(tag) if tag == ETHERTYPE_VLAN => frame.get(16..18),
+        other => other,
+    };
+    match ethertype {
+        Some(ethertype) if ethertype == ETHERTYPE_IPV4 => status.contains(RxStatus::IP_CHECKSUM),
+        Some(ethertype) if ethertype == ETHERTYPE_IPV6 => true,
+        _ => false,
     }
 }
 
@@ -314,6 +506,7 @@ impl RxRing {
         &mut self,
         budget: usize,
         drops: &mut RxDrops,
+        checksums: &mut RxChecksums,
         sink: &mut dyn FnMut(&[u8], RxMeta),
     ) -> (usize, u64) {
         let mut delivered = 0;
@@ -366,12 +559,20 @@ impl RxRing {
                 );
                 continue;
             }
-            sink(
-                &buffer[..length],
-                RxMeta {
-                    checksum_verified: false,
-                },
-            );
+            let frame = &buffer[..length];
+            let checksum_verified = checksums_verified(status, frame);
+            checksums.verified += u64::from(checksum_verified);
+            if status.intersects(RxStatus::IP_CHECKSUM_ERROR | RxStatus::L4_CHECKSUM_ERROR) {
+                checksums.errors += 1;
+                if checksums.errors.is_power_of_two() {
+                    log::warn!(
+                        "igbvf: RX checksum error bits {:#010x} ({} so far); delivered unverified",
+                        status.bits(),
+                        checksums.errors
+                    );
+                }
+            }
+            sink(frame, RxMeta { checksum_verified });
             delivered += 1;
             bytes += length as u64;
         }
