@@ -1452,6 +1452,11 @@ fn raw_bursts_fill_the_ring_and_go_out_unchanged() {
         "as many as the ring holds: {queued}"
     );
     assert_eq!(
+        stack.next_wakeup_ns(),
+        Some(clock.get()),
+        "a sender that made progress is not put to sleep"
+    );
+    assert_eq!(
         stack.transmit_raw_burst(&frame, 100),
         Ok(0),
         "the ring is full until reclaimed"
@@ -1463,6 +1468,10 @@ fn raw_bursts_fill_the_ring_and_go_out_unchanged() {
         "the frames go out byte for byte"
     );
     stack.poll();
+    assert!(
+        stack.next_wakeup_ns() > Some(clock.get()),
+        "idle again after a poll"
+    );
     assert_eq!(
         stack.transmit_raw_burst(&frame, 3),
         Ok(3),

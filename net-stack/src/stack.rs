@@ -279,6 +279,9 @@ pub struct NetStack {
     lingering: Vec<Lingering>,
     next_port: u16,
     polls: u64,
+    /// A raw burst since the last poll queued frames: its sender wants to go on as soon as the
+    /// ring has room, which may be at once (no interrupt would say so).
+    raw_burst_progressed: bool,
     counters: StackCounters,
 }
 
@@ -485,6 +488,7 @@ impl NetStack {
             lingering: Vec::new(),
             next_port: FIRST_EPHEMERAL_PORT + (seed % u64::from(EPHEMERAL_PORTS)) as u16,
             polls: 0,
+            raw_burst_progressed: false,
             counters: StackCounters::default(),
             config,
         })
@@ -567,6 +571,7 @@ impl NetStack {
     /// happened (call again before sleeping).
     pub fn poll(&mut self) -> bool {
         self.polls += 1;
+        self.raw_burst_progressed = false;
         let now_ns = self.platform.now_ns();
         let now = instant(now_ns);
         let mut did_work = self.bond.poll(now_ns);
@@ -631,6 +636,7 @@ impl NetStack {
         let now_ns = self.platform.now_ns();
         if self.bond.pending_rx() > 0
             || self.bond.has_pending_transmit()
+            || self.raw_burst_progressed
             || self.lingering.iter().any(|l| l.aborted_at_poll.is_some())
         {
             return Some(now_ns);
@@ -1120,6 +1126,10 @@ impl NetStack {
             sent += 1;
         }
         self.bond.flush();
+        // A ring that took frames may have room again right after the doorbell (the device is
+        // quick, or `flush` reclaimed): don't sleep on it. A ring that took none arms its
+        // completion interrupt, which wakes the loop.
+        self.raw_burst_progressed |= sent > 0;
         Ok(sent)
     }
 
