@@ -326,6 +326,18 @@ impl Path {
         }
     }
 
+    /// Counts a refused transmission; logged at 1, 2, 4, 8... failures.
+    fn count_transmit_error(&mut self, what: fmt::Arguments<'_>) {
+        self.counters.tx_errors += 1;
+        if self.counters.tx_errors.is_power_of_two() {
+            log::warn!(
+                "bond: {}: {what} ({} failures so far)",
+                self.device.name(),
+                self.counters.tx_errors
+            );
+        }
+    }
+
     fn flush(&mut self) {
         if self.dirty {
             self.dirty = false;
@@ -480,14 +492,7 @@ impl Paths {
                 path.dirty = true;
             }
             Err(error) => {
-                path.counters.tx_errors += 1;
-                if path.counters.tx_errors.is_power_of_two() {
-                    log::warn!(
-                        "bond: transmit on {} failed: {error} ({} failures so far)",
-                        path.device.name(),
-                        path.counters.tx_errors
-                    );
-                }
+                path.count_transmit_error(format_args!("transmit failed: {error}"));
                 if let DeviceError::FrameTooLarge { .. } = error {
                     // Cannot happen with a consistent MTU; worth a louder note.
                     log::error!(
@@ -593,14 +598,9 @@ impl Paths {
                 Err(DeviceError::RingFull) => return sent_any,
                 Ok(()) | Err(_) => {
                     path.dirty |= wrong_length;
-                    path.counters.tx_errors += 1;
-                    if path.counters.tx_errors.is_power_of_two() {
-                        log::warn!(
-                            "bond: segment of {segment_len} bytes refused by {} ({} failures so far)",
-                            path.device.name(),
-                            path.counters.tx_errors
-                        );
-                    }
+                    path.count_transmit_error(format_args!(
+                        "a {segment_len}-byte segment was refused"
+                    ));
                     // TCP retransmits the rest.
                     break;
                 }

@@ -622,17 +622,20 @@ fn tcp_echo_of_one_mib_udp_echo_and_ping_over_the_synthetic_path() {
     assert_eq!(sim.wire.lost, 0);
 }
 
-#[test]
-fn vf_going_down_mid_transfer_moves_traffic_to_synthetic_without_losing_a_byte() {
-    // A short hold-down so the switch back happens while the transfer is still running.
-    let options = StackOptions {
+/// A short hold-down, so the switch back to the VF happens while a transfer is still running.
+fn short_hold_down() -> StackOptions {
+    StackOptions {
         bond: BondConfig {
             hold_down_ns: MS,
             ..BondConfig::default()
         },
         ..StackOptions::default()
-    };
-    let mut sim = Sim::new(Topology::Hub, options);
+    }
+}
+
+#[test]
+fn vf_going_down_mid_transfer_moves_traffic_to_synthetic_without_losing_a_byte() {
+    let mut sim = Sim::new(Topology::Hub, short_hold_down());
     let vf = sim.attach_vf();
     sim.run_until(200 * MS, &mut |_, _| false, &mut |sim| {
         sim.guest.active_path() == PathId::Vf
@@ -1492,14 +1495,7 @@ fn raw_bursts_fill_the_ring_and_go_out_unchanged() {
 
 #[test]
 fn large_tcp_frames_are_cut_by_a_tso_nic_or_in_software_and_arrive_exact() {
-    let options = StackOptions {
-        bond: BondConfig {
-            hold_down_ns: MS,
-            ..BondConfig::default()
-        },
-        ..StackOptions::default()
-    };
-    let mut sim = Sim::new(Topology::Hub, options);
+    let mut sim = Sim::new(Topology::Hub, short_hold_down());
     // The synthetic NIC checksums and segments; the VF does neither.
     sim.wire.guest_synthetic.set_offloads(true, 65_535);
     let vf = sim.attach_vf();
