@@ -171,6 +171,16 @@ fn stock_client_completes_every_mode_over_the_vf_alone() {
                     stats.summary()
                 ));
             }
+            // The guest-to-host modes (-R, --bidir) send large TCP frames that the igb VF
+            // segments itself (TSO), none cut up in software.
+            if counter(&stats, "synthetic_tx_tso") < 100
+                || counter(&stats, "synthetic_tx_soft_segmented") != 0
+            {
+                guest.fail(format!(
+                    "the VF did not segment the large frames itself: {}",
+                    stats.summary()
+                ));
+            }
             guest.assert_alive("after every mode");
             eprintln!(
                 "iperf vf: {} modes, {} refusals in {:.1} s; {}",

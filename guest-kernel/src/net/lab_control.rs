@@ -77,7 +77,8 @@ pub fn stats_line(stack: &NetStack) -> String {
         "ok active={:?} rx_frames={} tx_frames={} synthetic_rx={} synthetic_tx={} vf_rx={} vf_tx={} \
          switches_to_vf={} switches_to_synthetic={} duplicates_dropped={} bad_frames_dropped={} \
          tcp_accepted={} vf_hardware_rx={} vf_hardware_tx={} vf_driver_rx={} vf_driver_tx={} \
-         synthetic_hardware_rx={} synthetic_hardware_tx={} synthetic_driver_rx={} synthetic_driver_tx={}",
+         synthetic_hardware_rx={} synthetic_hardware_tx={} synthetic_driver_rx={} synthetic_driver_tx={} \
+         synthetic_tx_tso={} synthetic_tx_soft_segmented={} vf_tx_tso={} vf_tx_soft_segmented={}",
         bond.active,
         bond.total.bond.rx_frames,
         bond.total.bond.tx_frames,
@@ -98,5 +99,11 @@ pub fn stats_line(stack: &NetStack) -> String {
         bond.synthetic.device.hardware_tx_frames,
         bond.synthetic.device.rx_frames,
         bond.synthetic.device.tx_frames,
+        bond.synthetic.bond.tx_offloaded_segmentation,
+        bond.synthetic.bond.tx_software_segmentation,
+        vf.map_or(0, |vf| vf.bond.tx_offloaded_segmentation)
+            + bond.vf_retired.bond.tx_offloaded_segmentation,
+        vf.map_or(0, |vf| vf.bond.tx_software_segmentation)
+            + bond.vf_retired.bond.tx_software_segmentation,
     )
 }
