@@ -256,15 +256,45 @@ fn parse_mac(text: &str) -> Option<MacAddress> {
 /// the synthetic path alone in charge.
 fn attach_vf_if_present(stack: &mut NetStack) {
     match vf_path::bring_up_vf_path(stack.mac_address()) {
-        Ok(Some(vf)) => {
-            if let Err(rejected) = stack.attach_vf(vf) {
-                log::warn!("net: VF not paired: {rejected:?}");
-            }
-        }
+        Ok(Some(vf)) => attach(stack, vf),
         Ok(None) => {}
-        Err(error) => {
-            log::warn!("net: VF path unavailable, staying on the synthetic path: {error}")
+        Err(error) => warn_unavailable(&error),
+    }
+}
+
+fn attach(stack: &mut NetStack, vf: Box<dyn net_device::NetDevice>) {
+    if let Err(rejected) = stack.attach_vf(vf) {
+        log::warn!("net: VF not paired: {rejected:?}");
+    }
+}
+
+fn warn_unavailable(error: &KernelError) {
+    log::warn!("net: VF path unavailable, staying on the synthetic path: {error}");
+}
+
+/// A VF path that arrived by hot-plug, brought up one step per event-loop round so the
+/// synthetic path keeps being served in between (each step blocks for milliseconds).
+#[derive(Default)]
+struct VfArrival {
+    due: bool,
+}
+
+impl VfArrival {
+    /// Runs the next step; returns true when one ran.
+    fn step(&mut self, stack: &mut NetStack) -> bool {
+        if !core::mem::take(&mut self.due) {
+            return false;
         }
+        if stack.bond().has_vf() {
+            return true;
+        }
+        match vf_path::bring_up_step(stack.mac_address()) {
+            Ok(vf_path::BringUpStep::Ready(vf)) => attach(stack, vf),
+            Ok(vf_path::BringUpStep::Again) => self.due = true,
+            Ok(vf_path::BringUpStep::Nothing) => {}
+            Err(error) => warn_unavailable(&error),
+        }
+        true
     }
 }
 
@@ -277,9 +307,9 @@ fn carries_vf_path(devices: &[PciDevice]) -> bool {
 
 /// Handles PCIe hot-plug events. The VF path's slot leaving: stop choosing the VF, quiesce it
 /// (no DMA in flight), drop it and the lab PF, then let the slot power off. A VF path
-/// arriving: bring it up and attach it (the bond switches once it is ready). Devices nobody
-/// drives are let go at once.
-fn service_hotplug(stack: &mut NetStack) {
+/// arriving: marked for bring-up, which the event loop runs step by step between polls, then
+/// attached (the bond switches once it is ready). Devices nobody drives are let go at once.
+fn service_hotplug(stack: &mut NetStack, arrival: &mut VfArrival) {
     let events = match PCI.lock().as_mut() {
         Some(pci) => pci.service(),
         None => return,
@@ -288,6 +318,7 @@ fn service_hotplug(stack: &mut NetStack) {
         match event {
             HotplugEvent::DeviceLeaving { slot, devices } => {
                 if carries_vf_path(&devices) {
+                    arrival.due = false;
                     let started = time::now_ns();
                     if let Some(mut vf) = stack.detach_vf() {
                         vf.stop();
@@ -318,7 +349,7 @@ fn service_hotplug(stack: &mut NetStack) {
             }
             HotplugEvent::DeviceArrived { devices, .. } => {
                 if carries_vf_path(&devices) && !stack.bond().has_vf() {
-                    attach_vf_if_present(stack);
+                    arrival.due = true;
                 }
             }
         }
@@ -329,16 +360,18 @@ fn service_hotplug(stack: &mut NetStack) {
 /// or the next deadline whenever a round did nothing. Returns the app's exit code.
 pub fn run(stack: &mut NetStack, mut app: impl FnMut(&mut NetStack) -> ControlFlow<i32>) -> i32 {
     let mut control = lab_control::LabControl::open();
+    let mut arrival = VfArrival::default();
     loop {
-        service_hotplug(stack);
+        service_hotplug(stack, &mut arrival);
         vf_path::service_lab_pf();
         if let Some(control) = control.as_mut() {
             control.service(stack);
         }
-        let did_work = stack.poll();
+        let mut did_work = stack.poll();
         if let ControlFlow::Break(code) = app(stack) {
             return code;
         }
+        did_work |= arrival.step(stack);
         if !did_work {
             stack.wait();
         }

@@ -226,51 +226,81 @@ pub fn start_vf(vf: PciAddress) -> Result<Box<dyn NetDevice>, KernelError> {
 /// Brings up the lab PF on the first igb PF (if asked for) and its VF 0; returns the VF
 /// driver. `Ok(None)` when there is nothing to do.
 pub fn bring_up_vf_path(mac: MacAddress) -> Result<Option<Box<dyn NetDevice>>, KernelError> {
+    // Two steps at most: the lab PF (creating the VF), then the VF.
+    for _ in 0..2 {
+        match bring_up_step(mac)? {
+            BringUpStep::Ready(vf) => return Ok(Some(vf)),
+            BringUpStep::Nothing => return Ok(None),
+            BringUpStep::Again => {}
+        }
+    }
+    Ok(None)
+}
+
+/// Where [`bring_up_step`] left the VF path.
+pub enum BringUpStep {
+    /// The VF driver is up.
+    Ready(Box<dyn NetDevice>),
+    /// A step was done (the lab PF enabled its VF); call again for the next.
+    Again,
+    /// No VF path here.
+    Nothing,
+}
+
+/// Does the next step of bringing up the VF path: the lab PF when there is no VF yet (and the
+/// lab PF is asked for), else the VF driver. Each step blocks the caller for a few
+/// milliseconds (register and mailbox round trips), so the event loop serves the network
+/// between steps.
+pub fn bring_up_step(mac: MacAddress) -> Result<BringUpStep, KernelError> {
     let (pf, existing_vf) = {
         let guard = PCI.lock();
         let Some(pci) = guard.as_ref() else {
-            return Ok(None);
+            return Ok(BringUpStep::Nothing);
         };
         let pf = pci
             .devices()
             .iter()
             .find(|device| is_lab_pf_device(device))
             .map(|device| device.address);
+        // A VF on the bus, or one the lab PF enabled in an earlier step.
         let vf = pci
             .devices()
             .iter()
             .find(|device| is_igb_vf(device))
-            .map(|device| device.address);
+            .map(|device| device.address)
+            .or_else(|| {
+                pf.and_then(|pf| pci.device(pf))
+                    .and_then(|device| device.sriov.as_ref())
+                    .and_then(|state| state.vfs.first().copied())
+            });
         (pf, vf)
     };
-    let vf = match (existing_vf, pf) {
-        (Some(vf), _) => vf,
+    match (existing_vf, pf) {
+        (Some(vf), _) => start_vf(vf).map(BringUpStep::Ready),
         (None, Some(pf)) if lab_pf_requested() => {
             start_lab_pf(pf, mac)?;
             let guard = PCI.lock();
             let pci = guard.as_ref().ok_or(KernelError::NoNetworkDevice {
                 reason: "PCI not initialised",
             })?;
-            let vfs = pci
+            let has_vf = pci
                 .device(pf)
                 .and_then(|device| device.sriov.as_ref())
-                .map(|state| state.vfs.clone());
-            match vfs.and_then(|vfs| vfs.first().copied()) {
-                Some(vf) => vf,
-                None => {
-                    return Err(KernelError::NoNetworkDevice {
-                        reason: "the lab PF enabled no VF",
-                    });
-                }
+                .is_some_and(|state| !state.vfs.is_empty());
+            if has_vf {
+                Ok(BringUpStep::Again)
+            } else {
+                Err(KernelError::NoNetworkDevice {
+                    reason: "the lab PF enabled no VF",
+                })
             }
         }
         (None, Some(pf)) => {
             log::info!("igb PF {pf} present but igb.lab_pf=1 not given: it belongs to the host");
-            return Ok(None);
+            Ok(BringUpStep::Nothing)
         }
-        (None, None) => return Ok(None),
-    };
-    start_vf(vf).map(Some)
+        (None, None) => Ok(BringUpStep::Nothing),
+    }
 }
 
 /// Services the lab PF's mailbox (VF requests) once; cheap when idle.
