@@ -723,11 +723,13 @@ impl BenchGuest {
     }
 }
 
-/// Inside the namespace: every path, direction and stream count, `runs` times each.
-fn measure_all(elf: &Path, runs: usize) -> Result<()> {
+/// Inside the namespace: every path (or the one asked for), direction and stream count, `runs`
+/// times each.
+fn measure_all(elf: &Path, runs: usize, only: Option<NetPaths>) -> Result<()> {
     let mut rows = Vec::new();
     let mut memory = GUEST_MEMORY;
-    for path in BENCH_PATHS {
+    let selected = |path: &BenchPath| only.is_none_or(|only| only == path.paths);
+    for path in BENCH_PATHS.into_iter().filter(selected) {
         let guest = match BenchGuest::boot(elf, path, memory) {
             Ok(guest) => guest,
             Err(error) if memory == GUEST_MEMORY => {
@@ -776,7 +778,7 @@ fn measure_all(elf: &Path, runs: usize) -> Result<()> {
     );
     for path in BENCH_PATHS
         .iter()
-        .filter(|path| path.paths != NetPaths::Both)
+        .filter(|path| path.paths != NetPaths::Both && selected(path))
     {
         for direction in [Direction::In, Direction::Out] {
             let raw = raw_ceiling(elf, *path, memory, direction)?;
@@ -904,9 +906,9 @@ fn raw_ceiling(elf: &Path, path: BenchPath, memory: &str, direction: Direction) 
 
 /// `cargo xtask bench iperf [--runs N]`: builds the iperf image, creates the namespace, runs
 /// the measurements inside it, prints the table, removes the namespace.
-pub fn iperf_benchmark(runs: usize) -> Result<()> {
+pub fn iperf_benchmark(runs: usize, paths: Option<NetPaths>) -> Result<()> {
     if let Some(elf) = std::env::var_os(INSIDE_ENV) {
-        return measure_all(Path::new(&elf), runs);
+        return measure_all(Path::new(&elf), runs, paths);
     }
     require_root("iperf")?;
     let elf = build_app("iperf", Profile::Release)?;
@@ -917,7 +919,10 @@ pub fn iperf_benchmark(runs: usize) -> Result<()> {
         &[TAP_SYNTHETIC, TAP_VF],
     )?;
     let runs_text = runs.to_string();
-    let args = ["bench", "iperf", "--runs", &runs_text];
+    let mut args = vec!["bench", "iperf", "--runs", &runs_text];
+    if let Some(paths) = paths {
+        args.extend(["--paths", paths.name()]);
+    }
     eprintln!(
         "xtask: namespace {} (br0 {BENCH_HOST}/{BENCH_PREFIX_LENGTH}, taps {TAP_SYNTHETIC} + \
          {TAP_VF}), guest {BENCH_GUEST}",

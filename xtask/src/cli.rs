@@ -29,10 +29,11 @@ commands:
                                          bridged tap (default virtio, 3 runs), vs a Linux guest
   bench failover [--cycles N]            root: echo stream across VF removal/restore per trigger
                                          (default 5 cycles): longest gap, TCP retransmissions
-  bench iperf [--runs N]                 root: host iperf3 against the iperf app (-m 32M) under TCG
-                                         over the VF, virtio-net and the bond, in/out, 1 and 4
-                                         streams (default 3 runs): Gbit/s vs a Linux guest,
-                                         retransmits, QEMU CPU
+  bench iperf [--paths vf|virtio|both] [--runs N]
+                                         root: host iperf3 against the iperf app (-m 32M) under TCG
+                                         over the VF, virtio-net and the bond (default all three),
+                                         in/out, 1 and 4 streams (default 3 runs): Gbit/s vs a
+                                         Linux guest, retransmits, QEMU CPU; raw-frame ceilings
   help                                   this text
 
 The QEMU exit status is translated: `cargo xtask run` exits with the guest's exit code
@@ -112,6 +113,8 @@ pub enum Command {
     BenchIperf {
         /// Client runs per measurement.
         runs: usize,
+        /// Only this path (VF alone, virtio-net alone or the bond); all three when `None`.
+        paths: Option<NetPaths>,
     },
     /// `help`.
     Help,
@@ -201,22 +204,26 @@ fn parse_bench_failover(mut words: Words) -> Result<Command> {
 /// Parses the options of `bench iperf`.
 fn parse_bench_iperf(mut words: Words) -> Result<Command> {
     let mut runs = crate::bench_iperf::DEFAULT_RUNS;
+    let mut paths = None;
     while let Some(word) = words.words.next() {
         let (name, inline) = split_option(&word);
-        if name != "--runs" {
-            return Err(unexpected(&word));
-        }
-        let text = words.value(&name, inline)?;
-        runs = match text.parse::<usize>() {
-            Ok(count) if count > 0 => count,
-            _ => {
-                return Err(Error::Usage(format!(
-                    "--runs `{text}` is not a positive number"
-                )));
+        match name.as_str() {
+            "--paths" => paths = Some(words.value(&name, inline)?.parse()?),
+            "--runs" => {
+                let text = words.value(&name, inline)?;
+                runs = match text.parse::<usize>() {
+                    Ok(count) if count > 0 => count,
+                    _ => {
+                        return Err(Error::Usage(format!(
+                            "--runs `{text}` is not a positive number"
+                        )));
+                    }
+                };
             }
-        };
+            _ => return Err(unexpected(&word)),
+        }
     }
-    Ok(Command::BenchIperf { runs })
+    Ok(Command::BenchIperf { runs, paths })
 }
 
 /// Parses the arguments after `cargo xtask`.
@@ -461,21 +468,33 @@ mod tests {
     fn bench_iperf_takes_only_a_positive_run_count() {
         assert_eq!(
             parse_words("bench iperf").unwrap(),
-            Command::BenchIperf { runs: 3 }
+            Command::BenchIperf {
+                runs: 3,
+                paths: None
+            }
         );
         assert_eq!(
-            parse_words("bench iperf --runs=7").unwrap(),
-            Command::BenchIperf { runs: 7 }
+            parse_words("bench iperf --runs=7 --paths vf").unwrap(),
+            Command::BenchIperf {
+                runs: 7,
+                paths: Some(NetPaths::Vf)
+            }
         );
+        for paths in [NetPaths::Virtio, NetPaths::Vf, NetPaths::Both] {
+            assert_eq!(paths.name().parse::<NetPaths>().unwrap(), paths);
+        }
         assert_eq!(
             parse_words("bench iperf --runs 1").unwrap(),
-            Command::BenchIperf { runs: 1 }
+            Command::BenchIperf {
+                runs: 1,
+                paths: None
+            }
         );
         for line in [
             "bench iperf --runs 0",
             "bench iperf --runs",
             "bench iperf --runs many",
-            "bench iperf --paths vf",
+            "bench iperf --paths sriov",
         ] {
             assert!(
                 matches!(parse_words(line), Err(Error::Usage(_))),

@@ -29,6 +29,17 @@ pub enum NetPaths {
     Both,
 }
 
+impl NetPaths {
+    /// The `--paths` word for this choice.
+    pub fn name(self) -> &'static str {
+        match self {
+            NetPaths::Virtio => "virtio",
+            NetPaths::Vf => "vf",
+            NetPaths::Both => "both",
+        }
+    }
+}
+
 impl std::str::FromStr for NetPaths {
     type Err = Error;
 

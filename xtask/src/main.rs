@@ -77,9 +77,9 @@ fn main() -> ExitCode {
             xtask::bench_failover::failover_benchmark(cycles)?;
             Ok(0)
         }
-        cli::Command::BenchIperf { runs } => {
+        cli::Command::BenchIperf { runs, paths } => {
             tools::ensure_tools(&[tools::Tool::Qemu, tools::Tool::Ip, tools::Tool::Iperf3])?;
-            xtask::bench_iperf::iperf_benchmark(runs)?;
+            xtask::bench_iperf::iperf_benchmark(runs, paths)?;
             Ok(0)
         }
     });
