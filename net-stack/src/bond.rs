@@ -84,7 +84,7 @@ impl Default for BondConfig {
             max_hold_down_ns: 10_000 * NS_PER_MS,
             stable_ns: 1_000 * NS_PER_MS,
             dedup_window_ns: 50 * NS_PER_MS,
-            dedup_slots: 8192,
+            dedup_slots: 16384,
             rx_queue_frames: 512,
             rx_queue_bytes: 1024 * 1024,
             rx_budget: 128,

@@ -8,8 +8,9 @@
 //! * the same frame arriving twice on one path (a genuine retransmission) is delivered twice;
 //! * an identical frame arriving after the window (a later retransmission) is delivered.
 //!
-//! The table is a fixed-size open-addressed hash table with a short probe sequence, so the cost
-//! per frame is bounded and no allocation happens after construction.
+//! The table is a fixed-size set-associative hash table (a key maps to one bucket of four
+//! slots), so the cost per frame is small and bounded and no allocation happens after
+//! construction. It runs for every received frame while two paths deliver.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -22,8 +23,8 @@ const HEAD_BYTES: usize = 128;
 /// Bytes hashed from the end of the frame, so frames with equal headers but different payload
 /// tails (IPv6 has no IP ID) still differ.
 const TAIL_BYTES: usize = 64;
-/// Slots inspected per lookup.
-const PROBES: usize = 8;
+/// Slots per bucket, all inspected per lookup: 4 × 16 bytes, one cache line.
+const PROBES: usize = 4;
 
 /// A 64-bit fingerprint of a frame: its length, its first [`HEAD_BYTES`] and last
 /// [`TAIL_BYTES`]. Hashing only part of the frame keeps the cost flat at line rate.
@@ -43,20 +44,28 @@ pub fn frame_key(frame: &[u8]) -> u64 {
     hash
 }
 
+/// 16 bytes, so a probe sequence spans two cache lines: the table is touched for every frame.
 #[derive(Clone, Copy)]
 struct Entry {
-    key: u64,
+    /// The fingerprint with its lowest bit replaced by the path it arrived on.
+    tagged_key: u64,
+    /// When it arrived; 0 for a free (or consumed) slot.
     arrived_ns: u64,
-    path: PathId,
-    live: bool,
 }
 
 const EMPTY: Entry = Entry {
-    key: 0,
+    tagged_key: 0,
     arrived_ns: 0,
-    path: PathId::Synthetic,
-    live: false,
 };
+
+/// `key` with its lowest bit standing for `path`.
+fn tag(key: u64, path: PathId) -> u64 {
+    (key & !1)
+        | match path {
+            PathId::Synthetic => 0,
+            PathId::Vf => 1,
+        }
+}
 
 /// What [`DedupWindow::check`] decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,39 +107,37 @@ impl DedupWindow {
     /// Decides about a frame with fingerprint `key` that arrived on `path` at `now_ns`, and
     /// records it when it is delivered.
     pub fn check(&mut self, key: u64, path: PathId, now_ns: u64) -> Verdict {
-        let base = key as usize & self.mask;
+        let tagged_key = tag(key, path);
+        // Bit 0 is the path, so the bucket comes from the bits above it. Buckets are aligned
+        // groups of PROBES slots (one cache line).
+        let base = ((key >> 1) as usize & self.mask) & !(PROBES - 1);
+        // A frame at time 0 must still count as live.
+        let arrived_ns = now_ns.max(1);
+        let window_ns = self.window_ns;
+        let bucket = &mut self.slots[base..base + PROBES];
+        let live = |entry: &Entry| {
+            entry.arrived_ns != 0 && arrived_ns.saturating_sub(entry.arrived_ns) <= window_ns
+        };
         let mut free = None;
-        let mut oldest: Option<(u64, usize)> = None;
-        for probe in 0..PROBES {
-            let index = (base + probe) & self.mask;
-            let entry = &mut self.slots[index];
-            let expired = !entry.live || now_ns.saturating_sub(entry.arrived_ns) > self.window_ns;
-            if !expired && entry.key == key && entry.path != path {
+        for (index, entry) in bucket.iter_mut().enumerate() {
+            if !live(entry) {
+                free.get_or_insert(index);
+            } else if entry.tagged_key ^ tagged_key == 1 {
                 // The other path's copy: consume the entry so a third copy is judged afresh.
-                entry.live = false;
+                entry.arrived_ns = 0;
                 return Verdict::Duplicate;
             }
-            if expired {
-                if free.is_none() {
-                    free = Some(index);
-                }
-            } else if oldest.is_none_or(|(time, _)| entry.arrived_ns < time) {
-                oldest = Some((entry.arrived_ns, index));
-            }
         }
-        let index = match (free, oldest) {
-            (Some(index), _) => index,
-            (None, Some((_, index))) => {
-                self.evictions += 1;
-                index
-            }
-            (None, None) => base,
-        };
-        self.slots[index] = Entry {
-            key,
-            arrived_ns: now_ns,
-            path,
-            live: true,
+        let index = free.unwrap_or_else(|| {
+            // A full bucket: the oldest entry's copy most likely arrived long ago.
+            self.evictions += 1;
+            (0..PROBES)
+                .min_by_key(|&index| bucket[index].arrived_ns)
+                .unwrap_or(0)
+        });
+        bucket[index] = Entry {
+            tagged_key,
+            arrived_ns,
         };
         Verdict::Deliver
     }
@@ -187,7 +194,7 @@ mod tests {
         let mut window = DedupWindow::new(64, 100 * MS);
         // Keys that all land in bucket 0.
         for i in 0..(PROBES as u64 + 1) {
-            assert_eq!(window.check(i << 32, PathId::Vf, i), Verdict::Deliver);
+            assert_eq!(window.check(i << 32, PathId::Vf, i + 1), Verdict::Deliver);
         }
         assert_eq!(window.evictions, 1);
         // The first key was evicted; the second is still matched.
