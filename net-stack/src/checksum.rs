@@ -213,17 +213,7 @@ mod tests {
     use super::*;
     use alloc::vec::Vec;
 
-    /// The RFC 1071 way, byte pair by byte pair, as the reference.
-    fn reference(data: &[u8]) -> u16 {
-        let mut sum: u32 = 0;
-        for pair in data.chunks(2) {
-            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
-        }
-        while sum >> 16 != 0 {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        sum as u16
-    }
+    use net_device::checksum::reference;
 
     fn udp_ipv4_frame(payload: &[u8]) -> Vec<u8> {
         let mut frame = alloc::vec![0u8; 14 + 20 + 8 + payload.len()];

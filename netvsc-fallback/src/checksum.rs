@@ -167,16 +167,7 @@ pub(crate) mod tests {
     }
 
     /// A deliberately naive RFC 1071 sum, independent of the driver's implementation.
-    pub(crate) fn reference_checksum(data: &[u8]) -> u16 {
-        let mut sum: u32 = 0;
-        for index in (0..data.len()).step_by(2) {
-            let high = u32::from(data[index]) << 8;
-            let low = data.get(index + 1).map_or(0, |byte| u32::from(*byte));
-            sum += high | low;
-            sum = (sum & 0xFFFF) + (sum >> 16);
-        }
-        sum as u16
-    }
+    pub(crate) use net_device::checksum::reference as reference_checksum;
 
     /// Turns a fully checksummed TCP/IPv4 frame into its partial form: the checksum field holds
     /// the folded pseudo-header sum, as a NEEDS_CSUM sender leaves it.

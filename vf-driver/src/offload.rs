@@ -779,17 +779,7 @@ fn software_for(layout: &Layout, len: usize) -> SoftwareChecksum {
 mod tests {
     use super::*;
 
-    /// RFC 1071 reference, byte pair by byte pair.
-    fn reference_sum(data: &[u8]) -> u16 {
-        let mut sum: u32 = 0;
-        for pair in data.chunks(2) {
-            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
-        }
-        while sum >> 16 != 0 {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        sum as u16
-    }
+    use net_device::checksum::reference as reference_sum;
 
     #[test]
     fn removing_and_adding_a_length_is_one_s_complement_arithmetic() {

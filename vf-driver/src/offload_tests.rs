@@ -49,15 +49,7 @@ fn start(ring: u16) -> (FakeIgb, Vf) {
     start_with(config(ring))
 }
 
-/// RFC 1071 reference: the one's-complement sum of `data`, byte pair by byte pair.
-fn reference_sum(data: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    for pair in data.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
+use net_device::checksum::reference as reference_sum;
 
 fn be16(frame: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([frame[at], frame[at + 1]])
