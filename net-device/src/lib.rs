@@ -249,6 +249,9 @@ impl Default for Capabilities {
 pub struct RxMeta {
     /// The device verified the L3/L4 checksums of this frame.
     pub checksum_verified: bool,
+    /// The data was validated but the L4 checksum field holds only the pseudo-header sum
+    /// (virtio-net NEEDS_CSUM left as it came): whoever checks that field must complete it.
+    pub checksum_partial: bool,
 }
 
 /// Per-frame transmit requests, returned by the closure that writes the frame.

@@ -1223,7 +1223,7 @@ impl Bond {
             .as_ref()
             .is_some_and(|vf| vf.ineligible.is_none())
             || now_ns < self.dedup_grace_until_ns;
-        let (mac, max_frame) = (self.mac, self.ip_mtu + ETHERNET_HEADER_LEN + VLAN_TAG_LEN);
+        let (mac, max_untagged) = (self.mac, self.ip_mtu + ETHERNET_HEADER_LEN);
         let room = self
             .config
             .rx_queue_frames
@@ -1260,11 +1260,14 @@ impl Bond {
             }
             // Larger than the MTU is fine for a TCP frame a NIC coalesced (virtio GUEST_TSO):
             // smoltcp takes TCP segments of any size that fits the window.
+            // An IP packet beyond the MTU is not ours to take (a VLAN tag may add 4 bytes).
+            let tagged = frame.get(12..14) == Some(&[0x81, 0x00][..]);
+            let max_frame = max_untagged + if tagged { VLAN_TAG_LEN } else { 0 };
             let oversized = frame.len() > max_frame
                 && (frame.len() > MAX_SEGMENTATION_FRAME + VLAN_TAG_LEN
                     || TcpLayout::parse(frame).is_none());
             let rejection = if frame.len() < ETHERNET_HEADER_LEN || oversized {
-                Some("length outside 14..=MTU+18 (64 KiB for TCP)")
+                Some("length outside 14..=MTU+14 (+4 tagged, 64 KiB for TCP)")
             } else if frame[6..12] == mac.0 {
                 // Our own frame looped back by a hub or bridge through the other path.
                 Some("our own source MAC (looped back)")
@@ -1302,6 +1305,12 @@ impl Bond {
             };
             buffer.clear();
             buffer.extend_from_slice(frame);
+            if meta.checksum_partial && TcpLayout::parse(&buffer).is_none() {
+                // smoltcp verifies UDP checksums itself (the only check a reassembled datagram
+                // gets), so a validated-but-partial field must be completed first. TCP's is
+                // never read again.
+                crate::checksum::fill(&mut buffer);
+            }
             rx.push(buffer);
             counters.rx_frames += 1;
             counters.rx_bytes += frame.len() as u64;
@@ -1675,6 +1684,7 @@ mod tests {
         };
         let verified = net_device::RxMeta {
             checksum_verified: true,
+            ..net_device::RxMeta::default()
         };
         // What virtio-net delivers with GUEST_TSO: one 64 KiB TCP frame.
         control.inject_rx_with(&tcp_frame(MAX_SEGMENTATION_FRAME), verified);
@@ -1711,6 +1721,37 @@ mod tests {
     }
 
     #[test]
+    fn partial_udp_checksums_are_completed_for_smoltcp_and_tcp_ones_left() {
+        let (synthetic, control) = FakeDevice::new("virtio-net", MAC);
+        let mut bond = Bond::new(Box::new(synthetic), 1500, BondConfig::default());
+        let ip_frame = |protocol: u8, len: usize| {
+            let mut frame = frame(0x45, len);
+            frame[16..18].copy_from_slice(&((len - 14) as u16).to_be_bytes());
+            frame[23] = protocol;
+            frame[34 + 12] = 5 << 4; // a TCP header length, for the TCP frame
+            frame[38..40].copy_from_slice(&((len - 34) as u16).to_be_bytes()); // UDP length
+            crate::checksum::fill(&mut frame);
+            // What virtio-net NEEDS_CSUM leaves: only the pseudo-header sum in the field.
+            frame[if protocol == 17 { 40 } else { 50 }] ^= 0x5a;
+            frame
+        };
+        let partial = net_device::RxMeta {
+            checksum_verified: true,
+            checksum_partial: true,
+        };
+        let udp = ip_frame(17, 300);
+        let tcp = ip_frame(6, 300);
+        control.inject_rx_with(&udp, partial);
+        control.inject_rx_with(&tcp, partial);
+        bond.poll(MS);
+        let delivered = drain(&mut bond);
+        assert_eq!(delivered.len(), 2);
+        assert!(crate::checksum::verify(&delivered[0]), "UDP completed");
+        assert_eq!(delivered[0][42..], udp[42..], "payload untouched");
+        assert_eq!(delivered[1], tcp, "TCP left as it came");
+    }
+
+    #[test]
     fn malformed_and_looped_frames_are_dropped_and_counted() {
         let (synthetic, control) = FakeDevice::new("virtio-net", MAC);
         let mut bond = Bond::new(Box::new(synthetic), 1500, BondConfig::default());
@@ -1720,9 +1761,17 @@ mod tests {
         looped[6..12].copy_from_slice(&MAC.0);
         control.inject_rx(&looped);
         control.inject_rx(&frame(2, 60));
+        // One byte over the MTU untagged: dropped; the same length with a VLAN tag: taken.
+        let mut untagged = frame(3, 1500 + 14 + 1);
+        untagged[12..14].copy_from_slice(&[0x88, 0xb5]);
+        control.inject_rx(&untagged);
+        let mut tagged = frame(4, 1500 + 14 + 4);
+        tagged[12..14].copy_from_slice(&[0x81, 0x00]);
+        tagged[16..18].copy_from_slice(&[0x88, 0xb5]);
+        control.inject_rx(&tagged);
         bond.poll(MS);
-        assert_eq!(drain(&mut bond).len(), 1);
-        assert_eq!(bond.stats().bad_frames_dropped, 3);
+        assert_eq!(drain(&mut bond).len(), 2);
+        assert_eq!(bond.stats().bad_frames_dropped, 4);
     }
 
     #[test]

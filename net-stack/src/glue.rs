@@ -21,7 +21,8 @@ use alloc::vec::Vec;
 use core::num::{NonZeroU16, NonZeroUsize};
 
 use smoltcp::phy::{
-    ChecksumCapabilities, Device, DeviceCapabilities, Medium, PacketMeta, RxToken, TxToken,
+    Checksum, ChecksumCapabilities, Device, DeviceCapabilities, Medium, PacketMeta, RxToken,
+    TxToken,
 };
 use smoltcp::time::Instant;
 
@@ -110,8 +111,12 @@ impl Device for Bond {
         capabilities.medium = Medium::Ethernet;
         capabilities.max_transmission_unit = self.ip_mtu() + ETHERNET_HEADER_LEN;
         capabilities.max_burst_size = None;
-        // The bond fills in and verifies checksums itself (see `checksum`), or has the NIC do it.
-        capabilities.checksum = ChecksumCapabilities::ignored();
+        // The bond fills in and verifies checksums itself (see `checksum`), or has the NIC do it;
+        // but a UDP datagram reassembled from IPv4 fragments is only whole inside smoltcp, so
+        // smoltcp verifies received UDP checksums.
+        let mut checksum = ChecksumCapabilities::ignored();
+        checksum.udp = Checksum::Rx;
+        capabilities.checksum = checksum;
         // Large TCP frames on every path: the NIC segments them where it can, the bond
         // elsewhere (see `segmentation`).
         let segmentation = NonZeroUsize::new(MAX_SEGMENTATION_FRAME);
@@ -128,7 +133,6 @@ mod tests {
     use crate::fake::FakeDevice;
     use alloc::boxed::Box;
     use net_device::{LinkState, MacAddress};
-    use smoltcp::phy::Checksum;
 
     const MAC: MacAddress = MacAddress([0x02, 0, 0, 0, 0, 1]);
 
@@ -141,6 +145,7 @@ mod tests {
         assert_eq!(capabilities.max_burst_size, None);
         assert!(matches!(capabilities.checksum.tcp, Checksum::None));
         assert!(matches!(capabilities.checksum.ipv4, Checksum::None));
+        assert!(matches!(capabilities.checksum.udp, Checksum::Rx));
     }
 
     #[test]

@@ -36,6 +36,9 @@ use crate::config::{Ipv4Mode, MIN_MTU, NetConfig};
 use crate::slab::{Key, Slab};
 use crate::{Error, Platform, Result, TcpState};
 
+/// Largest IPv4 packet: the limit of a fragmented UDP datagram (smoltcp's fragmentation and
+/// reassembly buffers are sized for it).
+const MAX_IPV4_PACKET: usize = 65_535;
 const NS_PER_MS: u64 = 1_000_000;
 const FIRST_EPHEMERAL_PORT: u16 = 49152;
 const EPHEMERAL_PORTS: u16 = 16384;
@@ -266,7 +269,9 @@ pub struct NetStack {
     platform: Box<dyn Platform>,
     config: NetConfig,
     options: StackOptions,
-    iface: Interface,
+    /// Boxed: with IPv4 fragmentation its buffers make it ~64 KiB, too much to move around on
+    /// the kernel's boot stack.
+    iface: Box<Interface>,
     sockets: SocketSet<'static>,
     bond: Bond,
     dhcp: Option<SocketHandle>,
@@ -419,7 +424,7 @@ impl NetStack {
         let mut bond = Bond::new(synthetic, ip_mtu, options.bond.clone());
         let mut iface_config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac.0)));
         iface_config.random_seed = seed;
-        let mut iface = Interface::new(iface_config, &mut bond, instant(now_ns));
+        let mut iface = Box::new(Interface::new(iface_config, &mut bond, instant(now_ns)));
 
         let link_local = link_local_address(mac);
         let mut addresses = vec![IpCidr::Ipv6(Ipv6Cidr::new(link_local, 64))];
@@ -1025,17 +1030,17 @@ impl NetStack {
             .ok_or(Error::InvalidHandle)
     }
 
-    /// Largest UDP payload to `remote` that fits one packet (no IP fragmentation).
+    /// Largest UDP payload to `remote`: a whole IPv4 datagram (sent as fragments when it
+    /// exceeds the MTU, as stock tools expect), or what fits one IPv6 packet (no IPv6
+    /// fragmentation).
     pub fn udp_max_payload(&self, remote: &IpEndpoint) -> usize {
-        let ip_header = match remote.addr {
-            IpAddress::Ipv4(_) => IPV4_HEADER_LEN,
-            IpAddress::Ipv6(_) => IPV6_HEADER_LEN,
+        let (packet_limit, ip_header) = match remote.addr {
+            IpAddress::Ipv4(_) => (MAX_IPV4_PACKET, IPV4_HEADER_LEN),
+            IpAddress::Ipv6(_) => (self.bond.ip_mtu(), IPV6_HEADER_LEN),
         };
-        let packet_limit = self
-            .bond
-            .ip_mtu()
-            .saturating_sub(ip_header + UDP_HEADER_LEN);
-        packet_limit.min(self.options.udp.tx_payload_bytes)
+        packet_limit
+            .saturating_sub(ip_header + UDP_HEADER_LEN)
+            .min(self.options.udp.tx_payload_bytes)
     }
 
     /// Queues one datagram to `remote`. `Err(WouldBlock)` when the transmit queue is full.

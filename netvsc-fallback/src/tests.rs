@@ -378,7 +378,8 @@ fn guest_tso_frames_up_to_64k_are_reassembled() {
     assert_eq!(
         received[0].1,
         RxMeta {
-            checksum_verified: true
+            checksum_verified: true,
+            ..RxMeta::default()
         }
     );
 }
@@ -657,7 +658,8 @@ fn receive_completes_partial_checksums_and_reports_data_valid() {
             vec![(
                 complete,
                 RxMeta {
-                    checksum_verified: true
+                    checksum_verified: true,
+                    ..RxMeta::default()
                 }
             )],
             "payload {payload_len}"
@@ -676,7 +678,8 @@ fn receive_completes_partial_checksums_and_reports_data_valid() {
         vec![(
             frame.clone(),
             RxMeta {
-                checksum_verified: true
+                checksum_verified: true,
+                ..RxMeta::default()
             }
         )]
     );
@@ -719,7 +722,8 @@ fn partial_checksums_can_be_left_for_a_consuming_stack() {
         vec![(
             partial.clone(),
             RxMeta {
-                checksum_verified: true
+                checksum_verified: true,
+                checksum_partial: true,
             }
         )]
     );

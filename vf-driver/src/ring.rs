@@ -572,7 +572,13 @@ impl RxRing {
                     );
                 }
             }
-            sink(frame, RxMeta { checksum_verified });
+            sink(
+                frame,
+                RxMeta {
+                    checksum_verified,
+                    ..RxMeta::default()
+                },
+            );
             delivered += 1;
             bytes += length as u64;
         }

@@ -264,7 +264,8 @@ pub fn parse_params(body: &[u8], limits: &Limits) -> Result<TestParams, Error> {
     let udp_counters_64bit = flag(&object, "udp_counters_64bit");
     let default_len = match protocol {
         Protocol::Tcp => 128 * 1024,
-        Protocol::Udp => limits.max_udp_payload as u64,
+        // iperf3's own default datagram size, where a client leaves `len` out.
+        Protocol::Udp => (limits.max_udp_payload as u64).min(1460),
     };
     let block_len = unsigned(&object, "len", default_len)?;
     let header_len: u64 = if udp_counters_64bit { 16 } else { 12 };
@@ -284,13 +285,14 @@ pub fn parse_params(body: &[u8], limits: &Limits) -> Result<TestParams, Error> {
             ));
         }
         Protocol::Udp if block_len > limits.max_udp_payload as u64 => {
-            // The datagrams would be IP fragments, which this stack does not reassemble or
-            // produce: tell the client "Message too long" instead of losing every datagram.
+            // Larger than any datagram to this client (IPv4: 65507 bytes, as fragments; IPv6:
+            // one packet, there is no IPv6 fragmentation): tell the client "Message too long"
+            // instead of losing every datagram.
             return Err(rejected(
                 code::CREATE_STREAM,
                 errno::EMSGSIZE,
                 format!(
-                    "UDP datagram size {block_len} exceeds {} (no IP fragmentation); use -l",
+                    "UDP datagram size {block_len} exceeds {}, the largest to this client; use -l",
                     limits.max_udp_payload
                 ),
             ));

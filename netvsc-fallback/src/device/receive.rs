@@ -186,6 +186,7 @@ fn checksum_meta(
         return Ok((
             RxMeta {
                 checksum_verified: false,
+                ..RxMeta::default()
             },
             false,
         ));
@@ -207,6 +208,7 @@ fn checksum_meta(
             return Ok((
                 RxMeta {
                     checksum_verified: true,
+                    checksum_partial: true,
                 },
                 false,
             ));
@@ -217,6 +219,7 @@ fn checksum_meta(
         return Ok((
             RxMeta {
                 checksum_verified: true,
+                ..RxMeta::default()
             },
             true,
         ));
@@ -225,6 +228,7 @@ fn checksum_meta(
     Ok((
         RxMeta {
             checksum_verified: verified,
+            ..RxMeta::default()
         },
         false,
     ))

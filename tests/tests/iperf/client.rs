@@ -91,6 +91,18 @@ pub const MODES: &[Mode] = &[
         summary: &["udp reverse=no streams=1 "],
         ..Mode::plain("-u -t 2 -l 1K -b 10M")
     },
+    // Datagrams beyond the MTU travel as IPv4 fragments, reassembled by the guest...
+    Mode {
+        parameters: &["len=16000"],
+        summary: &["udp reverse=no streams=1 "],
+        ..Mode::plain("-u -t 2 -l 16000 -b 10M")
+    },
+    // ... and fragmented by it.
+    Mode {
+        parameters: &["len=16000"],
+        summary: &["udp reverse=yes streams=1 "],
+        ..Mode::plain("-u -t 2 -R -l 16000 -b 10M")
+    },
 ];
 
 /// One client invocation the app must refuse, with the message the client prints.
