@@ -17,11 +17,12 @@ use alloc::vec::Vec;
 
 use crate::bond::PathId;
 
-/// Bytes hashed from the start of the frame: Ethernet + IPv4/IPv6 + TCP/UDP headers and the
-/// first payload bytes, which carry the IP ID, ports, sequence and acknowledgement numbers.
-const HEAD_BYTES: usize = 128;
+/// Bytes hashed from the start of the frame: Ethernet + IPv4/IPv6 + TCP/UDP headers, which
+/// carry the IP ID, ports, sequence and acknowledgement numbers and the transport checksum (so
+/// the payload counts too: the checksum covers it).
+const HEAD_BYTES: usize = 80;
 /// Bytes hashed from the end of the frame, so frames with equal headers but different payload
-/// tails (IPv6 has no IP ID) still differ.
+/// tails (and no checksum) still differ.
 const TAIL_BYTES: usize = 64;
 /// Slots per bucket, all inspected per lookup: 4 × 16 bytes, one cache line.
 const PROBES: usize = 4;
