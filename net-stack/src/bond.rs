@@ -478,6 +478,14 @@ impl Paths {
                 path.device.name()
             );
         }
+        if let (Err(DeviceError::RingFull), Some(mss)) = (&result, mss)
+            && let Some(fill) = fill.take()
+        {
+            // No room for the whole large frame after all (a ring's "room" is judged before the
+            // frame's size is known): cut it up and send the segments as room appears, instead
+            // of losing it to a TCP retransmission.
+            return self.segment_in_software(len, usize::from(mss), fill);
+        }
         match result {
             Ok(()) if wrong_length.is_none() && output.is_some() => {
                 path.counters.tx_frames += 1;
@@ -1718,6 +1726,47 @@ mod tests {
         bond.poll(4 * MS);
         assert_eq!(drain(&mut bond).len(), 1);
         assert_eq!(bond.stats().synthetic.bond.rx_queue_full, 0);
+    }
+
+    #[test]
+    fn a_large_frame_the_ring_refuses_is_cut_up_instead_of_lost() {
+        let (synthetic, control) = FakeDevice::new("virtio-net", MAC);
+        control.set_offloads(true, 65_535);
+        control.set_tx_ring_capacity(8);
+        control.set_large_frame_slots(8);
+        let mut bond = Bond::new(Box::new(synthetic), 1500, BondConfig::default());
+        assert!(bond.send_frame(&frame(1, 60)), "one slot taken");
+        // A 12 000-byte TCP payload behind IPv4 + TCP headers: 9 segments.
+        let payload: Vec<u8> = (0..12_000u32).map(|index| (index % 251) as u8).collect();
+        let mut large = frame(0x45, 54 + payload.len());
+        large[16..18].copy_from_slice(&((40 + payload.len()) as u16).to_be_bytes());
+        large[23] = 6;
+        large[34 + 12] = 5 << 4;
+        large[54..].copy_from_slice(&payload);
+        let wrote = bond.paths.transmit_with(large.len(), Some(1448), |buffer| {
+            buffer.copy_from_slice(&large);
+            buffer.len()
+        });
+        assert_eq!(wrote, large.len());
+        assert!(bond.paths.has_pending_segments(), "7 slots: the rest waits");
+        let mut wire = Vec::new();
+        for step in 1..10 {
+            bond.flush();
+            wire.extend(control.take_tx());
+            bond.poll(step * MS);
+        }
+        assert!(!bond.paths.has_pending_segments());
+        assert_eq!(wire.len(), 1 + 9, "the small frame, then 9 segments");
+        let mut received = Vec::new();
+        for segment in &wire[1..] {
+            assert!(segment.len() <= 1514);
+            assert!(crate::checksum::verify(segment));
+            received.extend_from_slice(&segment[54..]);
+        }
+        assert_eq!(received, payload, "every byte, in order");
+        let counters = bond.stats().synthetic.bond;
+        assert_eq!(counters.tx_software_segmentation, 1);
+        assert_eq!(counters.tx_errors, 0);
     }
 
     #[test]

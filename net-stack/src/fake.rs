@@ -41,6 +41,8 @@ struct FakeState {
     /// Ring slots in use (queued or flushed but not completed by `poll`).
     in_ring: usize,
     ring_capacity: usize,
+    /// Free slots a frame larger than the MTU needs (a TSO frame spans several buffers).
+    large_frame_slots: usize,
     stats: Stats,
     stopped: bool,
     polls: u64,
@@ -79,6 +81,7 @@ impl FakeDevice {
             wire: VecDeque::new(),
             in_ring: 0,
             ring_capacity: 256,
+            large_frame_slots: 1,
             stats: Stats::default(),
             stopped: false,
             polls: 0,
@@ -151,6 +154,12 @@ impl FakeControl {
             state.segmentation_offloads,
             state.offload_errors,
         )
+    }
+
+    /// Free ring slots a frame larger than the MTU needs; `can_transmit` only looks for one,
+    /// as a driver that cannot know the next frame's size does.
+    pub fn set_large_frame_slots(&self, slots: usize) {
+        self.state.borrow_mut().large_frame_slots = slots.max(1);
     }
 
     /// Number of transmit ring slots.
@@ -285,7 +294,12 @@ impl NetDevice for FakeDevice {
             if len > max {
                 return Err(DeviceError::FrameTooLarge { len, max });
             }
-            if state.in_ring >= state.ring_capacity {
+            let needed = if len > state.capabilities.mtu + 14 {
+                state.large_frame_slots
+            } else {
+                1
+            };
+            if state.in_ring + needed > state.ring_capacity {
                 state.stats.tx_ring_full += 1;
                 return Err(DeviceError::RingFull);
             }

@@ -935,7 +935,7 @@ impl<R: RegisterIo, D: DmaAllocator> NetDevice for VirtioNet<R, D> {
     fn can_transmit(&self) -> bool {
         self.state == DriverState::Running
             && self.link_up
-            && (self.tx.has_room(NET_HEADER_LEN + self.max_tx_frame)
+            && (self.tx.has_room(NET_HEADER_LEN + self.largest_tx_frame())
                 || self.tx.queue.used_pending() != 0)
     }
 

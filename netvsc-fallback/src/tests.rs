@@ -603,6 +603,34 @@ fn large_tcp_frames_use_segmentation_offload() {
 }
 
 #[test]
+fn with_tso_the_ring_has_room_only_while_a_largest_frame_fits() {
+    // 64 slots of 2 KiB: a 64 KiB TSO frame needs 33 of them.
+    let config = VirtioNetConfig {
+        tx_pool_slots: 64,
+        ..VirtioNetConfig::default()
+    };
+    let Setup {
+        device, mut driver, ..
+    } = setup_with(FakeDeviceConfig::default(), config);
+    assert_eq!(driver.capabilities().max_tso_size, 65_535);
+    for index in 0..31 {
+        send(&mut driver, &test_frame(1500, index), TxMeta::default()).unwrap();
+    }
+    assert!(driver.can_transmit(), "33 slots left: a largest frame fits");
+    send(&mut driver, &test_frame(1500, 31), TxMeta::default()).unwrap();
+    assert!(
+        !driver.can_transmit(),
+        "32 slots left: an MTU frame would fit, a 64 KiB one would not"
+    );
+    driver.flush();
+    assert_eq!(device.take_tx_frames().len(), 32);
+    assert!(
+        driver.can_transmit(),
+        "room again once the device sent them"
+    );
+}
+
+#[test]
 fn full_transmit_ring_is_reported_and_recovers() {
     let config = VirtioNetConfig {
         tx_queue_size: 4,

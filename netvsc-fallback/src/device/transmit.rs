@@ -289,6 +289,13 @@ impl TransmitPath {
 }
 
 impl<R: RegisterIo, D: DmaAllocator> VirtioNet<R, D> {
+    /// The largest frame `transmit` takes: a TSO frame when HOST_TSO was negotiated. The ring
+    /// counts as having room only when one of those fits, since the stack commits to a frame
+    /// before it knows its size.
+    pub(super) fn largest_tx_frame(&self) -> usize {
+        self.max_tso_frame.max(self.max_tx_frame)
+    }
+
     /// The `transmit` datapath for a running device with link up.
     pub(super) fn transmit_frame(
         &mut self,
@@ -394,7 +401,7 @@ impl<R: RegisterIo, D: DmaAllocator> VirtioNet<R, D> {
         // A full ring makes `can_transmit` say no, so nobody calls `transmit` (which arms the
         // completion interrupt when it finds the ring full): arm it here, or the stack would
         // sleep until its next timer instead of waking when the ring drains.
-        if !self.tx.interrupt_armed && !self.tx.has_room(NET_HEADER_LEN + self.max_tx_frame) {
+        if !self.tx.interrupt_armed && !self.tx.has_room(NET_HEADER_LEN + self.largest_tx_frame()) {
             self.arm_transmit_interrupt();
             // Completions from before the arm raise no interrupt: collect them now.
             self.reclaim_transmitted();
@@ -431,7 +438,7 @@ impl<R: RegisterIo, D: DmaAllocator> VirtioNet<R, D> {
             self.tx.queue.consume_used(count as u16);
             entries_left -= count;
         }
-        if self.tx.interrupt_armed && self.tx.has_room(NET_HEADER_LEN + self.max_tx_frame) {
+        if self.tx.interrupt_armed && self.tx.has_room(NET_HEADER_LEN + self.largest_tx_frame()) {
             self.tx.queue.disable_interrupts();
             self.tx.interrupt_armed = false;
         }
