@@ -10,6 +10,10 @@
 //!   hold-down, else the synthetic path. With no usable path, smoltcp is held back (it keeps
 //!   its data); frames that cannot wait (announcements, immediate replies) are dropped and
 //!   counted.
+//! * **Offloads** follow the active path frame by frame: its NIC completes TCP/UDP checksums
+//!   and segments smoltcp's large TCP frames when it offers that; otherwise the bond computes
+//!   the checksums and cuts the frames itself ([`crate::segmentation`]), holding the remaining
+//!   segments (and back-pressuring smoltcp) while the ring is full.
 //! * **Receive** is accepted from both paths (the host may steer some traffic to either path at
 //!   any time, see failover-lessons §8.2), through a [`crate::dedup`] window so a frame arriving on
 //!   both never reaches the stack twice.
