@@ -12,10 +12,10 @@
 //!   counted.
 //! * **Offloads** follow the active path frame by frame: its NIC completes TCP/UDP checksums
 //!   and segments smoltcp's large TCP frames when it offers that; otherwise the bond computes
-//!   the checksums and cuts the frames itself ([`crate::segmentation`]), holding the remaining
+//!   the checksums and cuts the frames itself (the `segmentation` module), holding the remaining
 //!   segments (and back-pressuring smoltcp) while the ring is full.
 //! * **Receive** is accepted from both paths (the host may steer some traffic to either path at
-//!   any time, see failover-lessons §8.2), through a [`crate::dedup`] window so a frame arriving on
+//!   any time, see failover-lessons §8.2), through a duplicate window (`dedup`) so a frame arriving on
 //!   both never reaches the stack twice.
 //! * When the VF goes away (link down, resetting, gone, detached, MAC change) the bond switches
 //!   to the synthetic path at once. When the VF comes back `Up`, it must stay up for the hold-down
