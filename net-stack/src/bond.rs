@@ -15,8 +15,8 @@
 //!   the checksums and cuts the frames itself (the `segmentation` module), holding the remaining
 //!   segments (and back-pressuring smoltcp) while the ring is full.
 //! * **Receive** is accepted from both paths (the host may steer some traffic to either path at
-//!   any time, see failover-lessons §8.2), through a duplicate window (`dedup`) so a frame arriving on
-//!   both never reaches the stack twice.
+//!   any time, see failover-lessons §8.2), through a duplicate window (`dedup`) so a frame
+//!   arriving on both never reaches the stack twice.
 //! * When the VF goes away (link down, resetting, gone, detached, MAC change) the bond switches
 //!   to the synthetic path at once. When the VF comes back `Up`, it must stay up for the hold-down
 //!   time (doubled on every flap, up to a maximum) before traffic moves back. If the synthetic
