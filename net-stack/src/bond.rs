@@ -530,8 +530,7 @@ impl Paths {
         mss: usize,
         fill: impl FnOnce(&mut [u8]) -> R,
     ) -> R {
-        let pending = &mut self.segmentation;
-        if pending.layout.is_some() {
+        if self.segmentation.layout.is_some() {
             // Only a reply token (handed out with a received frame, bypassing readiness) can
             // get here while segments wait; smoltcp never asks to segment those, so this is a
             // bug elsewhere. TCP retransmits what is dropped.
