@@ -456,7 +456,11 @@ impl Hwc {
         let buffer = self.request.as_mut_slice();
         buffer[..size_of::<GdmaRequestHeader>()].copy_from_slice(header.as_bytes());
         buffer[size_of::<GdmaRequestHeader>()..request_len].copy_from_slice(body);
-        self.post_receive()?;
+        if self.receive_posted.is_none() {
+            // Given up after a timeout: post and announce a fresh one.
+            self.post_receive()?;
+            self.ring_receive(regs);
+        }
         let receive_position = self.receive_posted.unwrap_or(0);
 
         let mut wqe = [0u8; wqe_len(size_of::<HwcTxOob>(), 1)];
@@ -524,15 +528,19 @@ impl Hwc {
                                 what: "HWC receive completion",
                                 value: 0,
                             })?;
+                        if oob.wqe_offset != receive_position {
+                            // A late answer to a request that timed out (its receive WQE was
+                            // given up), or garbage: not this request's response.
+                            self.counters.bad_completions += 1;
+                            log::warn!(
+                                "MANA HWC: response in receive WQE {:#x}, expected {:#x}, dropped",
+                                oob.wqe_offset,
+                                receive_position
+                            );
+                            continue;
+                        }
                         self.rq.release(wqe_len(8, 1) as u32);
                         self.receive_posted = None;
-                        if oob.wqe_offset != receive_position {
-                            self.counters.bad_completions += 1;
-                            return Err(Error::ManaProtocol {
-                                what: "HWC response for a receive WQE never posted",
-                                value: u64::from(oob.wqe_offset),
-                            });
-                        }
                         received = Some(oob.data_size as usize);
                     } else {
                         self.counters.bad_completions += 1;

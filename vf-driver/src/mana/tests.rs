@@ -554,3 +554,24 @@ fn invalid_configurations_are_refused() {
         ));
     }
 }
+
+#[test]
+fn a_late_answer_after_an_hwc_timeout_is_dropped_and_the_channel_recovers() {
+    let (fake, mut driver, _clock) = start();
+    fake.state.borrow_mut().hwc_silent = true;
+    assert!(matches!(
+        driver.generate_test_event(),
+        Err(Error::HwcTimeout {
+            request: GDMA_GENERATE_TEST_EQE,
+            ..
+        })
+    ));
+    // The device wakes up: it answers the old request first (into a receive WQE the driver
+    // gave up on), then the new one.
+    fake.state.borrow_mut().hwc_silent = false;
+    driver.generate_test_event().expect("the channel works again");
+    assert_eq!(driver.counters().hwc.bad_completions, 1);
+    driver.poll(0);
+    assert_eq!(driver.counters().test_events, 2);
+    assert_eq!(driver.link_state(), LinkState::Up);
+}
