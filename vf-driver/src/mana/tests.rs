@@ -569,7 +569,9 @@ fn a_late_answer_after_an_hwc_timeout_is_dropped_and_the_channel_recovers() {
     // The device wakes up: it answers the old request first (into a receive WQE the driver
     // gave up on), then the new one.
     fake.state.borrow_mut().hwc_silent = false;
-    driver.generate_test_event().expect("the channel works again");
+    driver
+        .generate_test_event()
+        .expect("the channel works again");
     assert_eq!(driver.counters().hwc.bad_completions, 1);
     driver.poll(0);
     assert_eq!(driver.counters().test_events, 2);
