@@ -9,7 +9,7 @@
 //! against the real device.
 #![allow(missing_docs)]
 
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, VecDeque};
 use alloc::rc::Rc;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -204,6 +204,10 @@ pub struct FakeState {
     pub eq_id_override: Option<u32>,
     /// Every HWC request type, in order.
     pub requests: Vec<u32>,
+    /// Hostile HWC answers: each request takes the next one. Bytes 0..4 are the length the
+    /// receive completion claims, 4..8 XOR the receive WQE offset it names, the rest is
+    /// written over the real response (header included).
+    pub forged_responses: VecDeque<Vec<u8>>,
     /// MSI-X indexes raised, in order.
     pub interrupts: Vec<u32>,
     /// Frames sent.
@@ -270,6 +274,48 @@ impl FakeMana {
             .find(|id| *id != state.hwc_eq)
             .unwrap_or(0);
         state.post_eq(eq, event_type, data, owner);
+    }
+
+    /// Writes a raw entry (its last dword's owner bits replaced unless `owner` forges them)
+    /// into the data path's RX CQ (`ring` 0), TX CQ (1), data EQ (2) or HWC EQ (3).
+    pub fn post_raw(&self, ring: u8, entry: &[u8], owner: Option<u32>) {
+        let mut state = self.state.borrow_mut();
+        let data_cq = |state: &FakeState, rx: bool| {
+            let wq = if rx { state.data_rq } else { state.data_sq };
+            let queues = if rx { &state.rqs } else { &state.sqs };
+            wq.and_then(|id| queues.get(&id)).map(|queue| queue.cq)
+        };
+        let (queue, size) = match ring {
+            0 => (
+                data_cq(&state, true).and_then(|id| state.cqs.get_mut(&id)),
+                64,
+            ),
+            1 => (
+                data_cq(&state, false).and_then(|id| state.cqs.get_mut(&id)),
+                64,
+            ),
+            2 => {
+                let hwc = state.hwc_eq;
+                (
+                    state
+                        .eqs
+                        .iter_mut()
+                        .find(|(id, _)| **id != hwc)
+                        .map(|(_, eq)| eq),
+                    16,
+                )
+            }
+            _ => {
+                let hwc = state.hwc_eq;
+                (state.eqs.get_mut(&hwc), 16)
+            }
+        };
+        if let Some(queue) = queue {
+            let mut bytes = vec![0u8; size];
+            let len = entry.len().min(size);
+            bytes[..len].copy_from_slice(&entry[..len]);
+            queue.write(bytes, owner);
+        }
     }
 
     /// Receives `frame` into the next posted buffer; `false` when none is posted.
@@ -493,6 +539,22 @@ impl FakeState {
             };
             let mut bytes = response_header.as_bytes().to_vec();
             bytes.extend_from_slice(&response);
+            let mut claimed_len = bytes.len() as u32;
+            let mut offset_xor = 0;
+            if let Some(forged) = self.forged_responses.pop_front() {
+                let word = |at: usize| {
+                    forged
+                        .get(at..at + 4)
+                        .map_or(0, |w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+                };
+                claimed_len = word(0);
+                offset_xor = word(4);
+                let body = forged.get(8..).unwrap_or(&[]);
+                if bytes.len() < body.len() {
+                    bytes.resize(body.len(), 0);
+                }
+                bytes[..body.len()].copy_from_slice(body);
+            }
             if let Some(target) = receive.sges.first() {
                 dma_write(
                     target.address,
@@ -504,10 +566,10 @@ impl FakeState {
             let oob = HwcRxOob {
                 flags: 0,
                 reserved: 0,
-                wqe_offset: receive.position,
+                wqe_offset: receive.position ^ offset_xor,
                 wqe_addr_high: 0,
                 client_data_unit: 0,
-                data_size: bytes.len() as u32,
+                data_size: claimed_len,
                 chunk_offset: 0,
             };
             self.post_cq(cq, oob.as_bytes(), rq_id, false);

@@ -25,6 +25,8 @@ mod transmit;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fake;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod fuzz;
 #[cfg(test)]
 mod tests;
 
