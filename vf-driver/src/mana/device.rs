@@ -22,7 +22,7 @@ use net_device::{
     Capabilities, DeviceError, DmaAllocator, DmaRegion, LinkState, MacAddress, NetDevice,
     RegisterIo, RxMeta, Stats, TxMeta,
 };
-use zerocopy::IntoBytes;
+use zerocopy::{FromBytes, IntoBytes};
 
 use super::defs::{
     CLIENT_OOB_8, CLIENT_OOB_24, CQE_RX_OBJECT_FENCE, CQE_RX_OKAY, CQE_RX_TRUNCATED, CQE_TX_OKAY,
@@ -332,7 +332,7 @@ impl<R: RegisterIo, D: DmaAllocator> Mana<R, D> {
     }
 
     /// One HWC request with a typed response.
-    fn call<Resp: zerocopy::FromBytes>(
+    fn call<Resp: FromBytes>(
         &mut self,
         message_type: u32,
         device_id: GdmaDeviceId,
@@ -1062,8 +1062,6 @@ impl<R: RegisterIo, D: DmaAllocator> Mana<R, D> {
         })
     }
 }
-
-use zerocopy::FromBytes as _;
 
 /// Posts one receive WQE for buffer `buffer`.
 fn post_receive(
