@@ -12,6 +12,7 @@ use netvsp::Nic;
 use pal_async::task::Spawn;
 use pal_async::{DefaultDriver, DefaultPool};
 use vmbus_channel::channel::{ChannelHandle, offer_channel};
+use vmbus_core::MaxVersionInfo;
 use vmbus_server::VmbusServer;
 use vmcore::vm_task::{SingleDriverBackend, VmTaskDriverSource};
 
@@ -28,8 +29,14 @@ pub struct VmbusHost {
 }
 
 impl VmbusHost {
-    /// Starts a server over `dma`'s guest memory (no MNF, highest version allowed).
+    /// Starts a server over `dma`'s guest memory (no MNF, every version allowed).
     pub fn start(dma: GuestDma) -> VmbusHost {
+        Self::start_with_max_version(dma, None)
+    }
+
+    /// Starts a server that refuses versions above `max_version` (`major << 16 | minor`), as
+    /// an older Hyper-V host would.
+    pub fn start_with_max_version(dma: GuestDma, max_version: Option<u32>) -> VmbusHost {
         // The executor thread runs the server and devices while the test thread plays the
         // guest, which polls synchronously like the kernel does.
         let (_thread, driver) = DefaultPool::spawn_on_thread("openvmm-host");
@@ -39,6 +46,7 @@ impl VmbusHost {
             std::sync::Arc::new(bridge.clone()),
             dma.memory().clone(),
         )
+        .max_version(max_version.map(MaxVersionInfo::new))
         .build()
         .expect("vmbus_server builds");
         server.start();

@@ -307,3 +307,32 @@ fn lower_versions_are_negotiated_on_the_right_connection_id() {
         client.unload().unwrap();
     }
 }
+
+#[test]
+fn an_older_host_is_met_at_its_highest_version() {
+    for (max, expected, contacts) in [
+        (Version::WIN10_RS5, Version::WIN10_RS5, vec![4, 4, 4]),
+        (Version::WIN10, Version::WIN10, vec![4, 4, 4, 4, 4, 1, 1]),
+    ] {
+        let mut host = VmbusHost::start_with_max_version(GuestDma::new(16 << 20, 0), Some(max.0));
+        host.offer_nic(
+            Box::new(NullEndpoint::new()),
+            guid::guid!("12345678-9abc-def0-0102-030405060708"),
+            [0x00, 0x15, 0x5d, 0x01, 0x02, 0x03],
+        );
+        let client = connect(&host);
+        assert_eq!(client.version(), Some(expected));
+        let tried: Vec<u32> = host
+            .bridge()
+            .posted_messages()
+            .iter()
+            .filter(|&&(_, message_type)| message_type == MessageType::INITIATE_CONTACT.0)
+            .map(|&(connection_id, _)| connection_id)
+            .collect();
+        assert_eq!(
+            tried, contacts,
+            "highest first, id 4 from 5.0 up, id 1 below"
+        );
+        assert_eq!(client.offers().count(), 1);
+    }
+}
