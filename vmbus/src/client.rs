@@ -769,9 +769,8 @@ impl<P: HypervisorPort> VmbusClient<P> {
                 {
                     steps += 1;
                     self.counters.post_retries += 1;
-                    // Let the host drain its queue (and us ours: it may wait for us to take
-                    // messages before it has buffers again).
-                    self.drain_messages();
+                    // Only pause (as Linux does): taking messages here could re-enter this
+                    // function from a message handler (RELID_RELEASED on rescind).
                     self.port.idle();
                 }
                 Err(status) => return Err(Error::PostMessage { what, status }),
