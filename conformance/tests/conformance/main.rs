@@ -5,3 +5,4 @@
 
 mod guest_memory;
 mod mana;
+mod vmbus_control;
