@@ -69,16 +69,22 @@ pub fn invalidate_page(address: u64) {
     unsafe { asm!("invlpg [{}]", in(reg) address, options(nostack, preserves_flags)) };
 }
 
+// CLI, STI and HLT are compiler barriers on purpose (no `nomem`): with `nomem` the compiler may
+// move memory accesses across them, e.g. hoist `wait_for_event`'s pending-event check out of
+// the interrupts-off window, or reuse a value loaded before `sti; hlt` after the wake-up,
+// either of which loses a wake-up. Interrupt handlers are the other "thread" here.
+
 /// Enables interrupts.
 pub fn enable_interrupts() {
-    // SAFETY: the IDT is loaded before any caller runs (kernel init order).
-    unsafe { asm!("sti", options(nomem, nostack)) };
+    // SAFETY: the IDT is loaded before any caller runs (kernel init order). Not `nomem`: see
+    // above.
+    unsafe { asm!("sti", options(nostack)) };
 }
 
 /// Disables interrupts.
 pub fn disable_interrupts() {
-    // SAFETY: CLI only masks interrupts.
-    unsafe { asm!("cli", options(nomem, nostack)) };
+    // SAFETY: CLI only masks interrupts. Not `nomem`: see above.
+    unsafe { asm!("cli", options(nostack)) };
 }
 
 /// True when interrupts are enabled (RFLAGS.IF).
@@ -105,15 +111,17 @@ pub fn without_interrupts<T>(f: impl FnOnce() -> T) -> T {
 /// Atomically enables interrupts and halts until the next one (`sti; hlt` has no window in
 /// which an interrupt could be missed, because STI takes effect after the next instruction).
 pub fn enable_interrupts_and_halt() {
-    // SAFETY: halting with interrupts enabled just waits for the next interrupt.
-    unsafe { asm!("sti; hlt", options(nomem, nostack)) };
+    // SAFETY: halting with interrupts enabled just waits for the next interrupt. Not `nomem`:
+    // what the interrupt handler wrote must be re-read after the wake-up.
+    unsafe { asm!("sti; hlt", options(nostack)) };
 }
 
 /// Halts forever with interrupts disabled.
 pub fn halt_forever() -> ! {
     loop {
-        // SAFETY: CLI/HLT stop the CPU; nothing else runs.
-        unsafe { asm!("cli; hlt", options(nomem, nostack)) };
+        // SAFETY: CLI/HLT stop the CPU; nothing else runs. Not `nomem`, so every store made
+        // before (exit reasons, console state a debugger or the host may read) is emitted.
+        unsafe { asm!("cli; hlt", options(nostack)) };
     }
 }
 
