@@ -4,3 +4,4 @@
 //! `netvsp`, MANA against `gdma`, vPCI against `vpci`.
 
 mod guest_memory;
+mod netvsc;
