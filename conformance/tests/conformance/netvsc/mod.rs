@@ -3,6 +3,7 @@
 //! metadata, receive-buffer exhaustion, link changes, with and without a send buffer, rescind.
 
 mod harness;
+mod stack;
 
 use std::time::{Duration, Instant};
 
