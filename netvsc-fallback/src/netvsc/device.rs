@@ -5,6 +5,7 @@ use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
+use core::borrow::Borrow;
 
 use log::{debug, info, warn};
 use net_device::{
@@ -14,7 +15,8 @@ use net_device::{
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::channel::{
-    GpaRange, IncomingKind, IncomingPacket, NetvscChannel, OutgoingPacket, TransferRange,
+    GpaRange, GpadlBuffer, IncomingKind, IncomingPacket, NetvscChannel, OutgoingPacket,
+    TransferRange,
 };
 use super::error::{Layer, NetvscError, Step};
 use super::nvsp::{self, NdisConfigCapabilities, NvspMessage, NvspVersion};
@@ -148,8 +150,9 @@ pub struct Negotiated {
 }
 
 /// The receive buffer and the layout the host gave it.
-struct ReceiveBuffer {
-    region: DmaRegion,
+struct ReceiveBuffer<B> {
+    /// The GPADL handle owning the memory; `None` once torn down.
+    buffer: Option<B>,
     gpadl: u32,
     /// Bytes the host may use (the section's end offset).
     end: usize,
@@ -157,17 +160,32 @@ struct ReceiveBuffer {
     sub_allocations: (u32, u32),
 }
 
+/// Memory of a transmit pool: our own, or a GPADL buffer (the send buffer).
+enum PoolMemory<B> {
+    Own(DmaRegion),
+    Gpadl(B),
+}
+
+impl<B: Borrow<DmaRegion>> Borrow<DmaRegion> for PoolMemory<B> {
+    fn borrow(&self) -> &DmaRegion {
+        match self {
+            PoolMemory::Own(region) => region,
+            PoolMemory::Gpadl(buffer) => buffer.borrow(),
+        }
+    }
+}
+
 /// One transmit slot pool and its free list.
-struct TxPool {
-    pool: SlotPool,
+struct TxPool<R: Borrow<DmaRegion> = DmaRegion> {
+    pool: SlotPool<R>,
     free: Vec<usize>,
     /// Frame length per slot while the host owns it (for the counters).
     lengths: Vec<usize>,
     tag: u64,
 }
 
-impl TxPool {
-    fn new(region: DmaRegion, slot_size: usize, count: usize, tag: u64) -> Option<Self> {
+impl<R: Borrow<DmaRegion>> TxPool<R> {
+    fn new(region: R, slot_size: usize, count: usize, tag: u64) -> Option<Self> {
         let pool = SlotPool::new(region, slot_size, count)?;
         Some(TxPool {
             pool,
@@ -191,6 +209,13 @@ impl TxPool {
     }
 }
 
+impl<C: NetvscChannel> Drop for Netvsc<C> {
+    /// Tears the GPADLs down first, so their memory is never freed while the host can reach it.
+    fn drop(&mut self) {
+        self.shut_down();
+    }
+}
+
 /// An owned copy of an RNDIS control reply.
 struct RndisReply {
     message_type: u32,
@@ -211,11 +236,13 @@ pub struct Netvsc<C: NetvscChannel> {
     offload: OffloadSupport,
     link: LinkState,
     gone: bool,
-    receive: ReceiveBuffer,
-    send_buffer: Option<(TxPool, u32)>,
-    small: Option<TxPool>,
-    large: Option<TxPool>,
-    control: TxPool,
+    receive: ReceiveBuffer<C::Buffer>,
+    /// `stop` ran (or bring-up failed and cleaned up): nothing left to tear down.
+    stopped: bool,
+    send_buffer: Option<(TxPool<PoolMemory<C::Buffer>>, u32)>,
+    small: Option<TxPool<PoolMemory<C::Buffer>>>,
+    large: Option<TxPool<PoolMemory<C::Buffer>>>,
+    control: TxPool<PoolMemory<C::Buffer>>,
     /// The packet being worked through (a transfer-page packet may hold many frames).
     incoming: IncomingPacket,
     /// Next range of `incoming` to process; `None` when no packet is in progress.
@@ -243,43 +270,41 @@ impl<C: NetvscChannel> Netvsc<C> {
     /// (`hyperv-vmbus-netvsc.md` §3.2, §4). Every wait is bounded by
     /// [`NetvscConfig::reply_timeout_ns`] of the channel's clock.
     ///
-    /// On failure the channel is closed and the buffers' GPADLs torn down.
+    /// On failure the channel is closed, the buffers' GPADLs torn down and the channel
+    /// dropped.
     pub fn new(
         mut channel: C,
         dma: &dyn DmaAllocator,
         config: NetvscConfig,
-    ) -> Result<Self, (NetvscError, C)> {
-        let control_region = match dma.allocate(CONTROL_PAGES * CONTROL_PAGE_SIZE, PAGE_SIZE) {
-            Some(region) => region,
-            None => {
-                return Err((
-                    NetvscError::OutOfMemory {
-                        what: "RNDIS control pages",
-                        len: CONTROL_PAGES * CONTROL_PAGE_SIZE,
-                    },
-                    channel,
-                ));
-            }
+    ) -> Result<Self, NetvscError> {
+        let fail = |mut channel: C, error: NetvscError| {
+            warn!("{}: bring-up failed: {error}", config.name);
+            channel.close();
+            Err(error)
+        };
+        let Some(control_region) = dma.allocate(CONTROL_PAGES * CONTROL_PAGE_SIZE, PAGE_SIZE)
+        else {
+            let error = NetvscError::OutOfMemory {
+                what: "RNDIS control pages",
+                len: CONTROL_PAGES * CONTROL_PAGE_SIZE,
+            };
+            return fail(channel, error);
         };
         let receive_len = config.receive_buffer_len.next_multiple_of(PAGE_SIZE);
         let Some(receive_region) = dma.allocate(receive_len, PAGE_SIZE) else {
-            return Err((
-                NetvscError::OutOfMemory {
-                    what: "receive buffer",
-                    len: receive_len,
-                },
-                channel,
-            ));
+            let error = NetvscError::OutOfMemory {
+                what: "receive buffer",
+                len: receive_len,
+            };
+            return fail(channel, error);
         };
-        let receive_gpadl = match channel.create_gpadl(&receive_region) {
-            Ok(gpadl) => gpadl,
-            Err(error) => {
-                channel.close();
-                return Err((error, channel));
-            }
+        let receive_buffer = match channel.create_gpadl(receive_region) {
+            Ok(buffer) => buffer,
+            Err(error) => return fail(channel, error),
         };
+        let receive_gpadl = receive_buffer.gpadl_id();
         let control = TxPool::new(
-            control_region,
+            PoolMemory::Own(control_region),
             CONTROL_PAGE_SIZE,
             CONTROL_PAGES,
             tag::CONTROL,
@@ -295,8 +320,9 @@ impl<C: NetvscChannel> Netvsc<C> {
             offload: OffloadSupport::default(),
             link: LinkState::Down,
             gone: false,
+            stopped: false,
             receive: ReceiveBuffer {
-                region: receive_region,
+                buffer: Some(receive_buffer),
                 gpadl: receive_gpadl,
                 end: 0,
                 sub_allocations: (0, 0),
@@ -324,26 +350,9 @@ impl<C: NetvscChannel> Netvsc<C> {
             Err(error) => {
                 warn!("{}: bring-up failed: {error}", device.config.name);
                 device.shut_down();
-                let channel = device.into_channel();
-                Err((error, channel))
+                Err(error)
             }
         }
-    }
-
-    fn into_channel(self) -> C {
-        let Netvsc {
-            channel,
-            receive,
-            send_buffer,
-            small,
-            large,
-            control,
-            ..
-        } = self;
-        // Memory the host might still reach after a failed teardown is leaked by
-        // shut_down; what is left here is ours again.
-        drop((receive, send_buffer, small, large, control));
-        channel
     }
 
     fn initialize(&mut self, dma: &dyn DmaAllocator) -> Result<(), NetvscError> {
@@ -475,7 +484,7 @@ impl<C: NetvscChannel> Netvsc<C> {
             section.offset.into(),
         )?;
         check(
-            section.end_offset as usize <= self.receive.region.len()
+            section.end_offset as usize <= self.receive_len()
                 && total <= u64::from(section.end_offset),
             "receive buffer section end",
             section.end_offset.into(),
@@ -502,7 +511,8 @@ impl<C: NetvscChannel> Netvsc<C> {
                 what: "send buffer",
                 len,
             })?;
-        let gpadl = self.channel.create_gpadl(&region)?;
+        let buffer = self.channel.create_gpadl(region)?;
+        let gpadl = buffer.gpadl_id();
         let message = nvsp::encode(
             nvsp::message_type::SEND_SEND_BUFFER,
             &nvsp::SendBuffer {
@@ -513,8 +523,8 @@ impl<C: NetvscChannel> Netvsc<C> {
         );
         // Keep the region alive (and its GPADL known) even if the host refuses it, so that
         // shut_down tears the GPADL down before the memory is freed.
-        let placeholder =
-            TxPool::new(region, len, 1, tag::SECTION).expect("one slot of the whole region");
+        let placeholder = TxPool::new(PoolMemory::Gpadl(buffer), len, 1, tag::SECTION)
+            .expect("one slot of the whole region");
         self.send_buffer = Some((placeholder, gpadl));
         self.send_request(&message, true, Step::SendBuffer)?;
         let complete = self.wait_nvsp(Step::SendBuffer, |message| match message {
@@ -538,9 +548,12 @@ impl<C: NetvscChannel> Netvsc<C> {
             });
         }
         let (placeholder, gpadl) = self.send_buffer.take().expect("set above");
-        let region = placeholder.pool.into_region();
+        let memory = placeholder
+            .pool
+            .into_region()
+            .expect("never leaked before use");
         let sections = len / section_size;
-        let pool = TxPool::new(region, section_size, sections, tag::SECTION)
+        let pool = TxPool::new(memory, section_size, sections, tag::SECTION)
             .expect("sections fit the buffer");
         self.send_buffer = Some((pool, gpadl));
         Ok(())
@@ -556,7 +569,7 @@ impl<C: NetvscChannel> Netvsc<C> {
                     len,
                 })?;
             self.small = TxPool::new(
-                region,
+                PoolMemory::Own(region),
                 SMALL_SLOT_SIZE,
                 self.config.small_slots.max(1),
                 tag::SMALL,
@@ -573,7 +586,7 @@ impl<C: NetvscChannel> Netvsc<C> {
                     what: "LSO transmit slots",
                     len: slot * count,
                 })?;
-            self.large = TxPool::new(region, slot, count, tag::LARGE);
+            self.large = TxPool::new(PoolMemory::Own(region), slot, count, tag::LARGE);
         }
         Ok(())
     }
@@ -1252,7 +1265,10 @@ impl<C: NetvscChannel> Netvsc<C> {
             return false;
         }
         self.scratch.resize(len, 0);
-        copy_from_region(&self.receive.region, start, &mut self.scratch)
+        match self.receive.buffer.as_ref() {
+            Some(buffer) => copy_from_region(buffer.borrow(), start, &mut self.scratch),
+            None => false,
+        }
     }
 
     fn receive_meta(&self, checksum: Option<u32>) -> RxMeta {
@@ -1385,30 +1401,41 @@ impl<C: NetvscChannel> Netvsc<C> {
 
     /// Closes the channel and tears the buffers' GPADLs down. Memory whose GPADL could not be
     /// torn down is leaked rather than freed under the host.
+    /// Bytes of the receive buffer.
+    fn receive_len(&self) -> usize {
+        self.receive
+            .buffer
+            .as_ref()
+            .map_or(0, |buffer| buffer.borrow().len())
+    }
+
+    /// Closes the channel and tears the buffers' GPADLs down (once). Memory whose GPADL could
+    /// not be torn down stays with the channel; GPA-direct pages the host may still read after
+    /// a surprise removal are leaked rather than freed under it.
     fn shut_down(&mut self) {
-        self.channel.close();
-        let receive_gpadl = self.receive.gpadl;
-        if self.channel.teardown_gpadl(receive_gpadl).is_err() {
-            warn!(
-                "{}: receive buffer GPADL teardown failed: leaking it",
-                self.config.name
-            );
-            core::mem::forget(core::mem::replace(
-                &mut self.receive.region,
-                crate::dma_memory::empty_region(),
-            ));
+        if self.stopped {
+            return;
         }
-        if let Some((pool, gpadl)) = self.send_buffer.as_mut()
-            && self.channel.teardown_gpadl(*gpadl).is_err()
+        self.stopped = true;
+        self.channel.close();
+        if let Some(buffer) = self.receive.buffer.take()
+            && let Err(error) = self.channel.teardown_gpadl(buffer)
         {
             warn!(
-                "{}: send buffer GPADL teardown failed: leaking it",
+                "{}: receive buffer GPADL teardown failed: {error}",
                 self.config.name
             );
-            pool.pool.leak();
+        }
+        if let Some((pool, _)) = self.send_buffer.take()
+            && let Some(PoolMemory::Gpadl(buffer)) = pool.pool.into_region()
+            && let Err(error) = self.channel.teardown_gpadl(buffer)
+        {
+            warn!(
+                "{}: send buffer GPADL teardown failed: {error}",
+                self.config.name
+            );
         }
         if self.gone {
-            // The host may not have released the GPA-direct pages it was reading.
             for pool in [
                 self.small.as_mut(),
                 self.large.as_mut(),
@@ -1758,11 +1785,9 @@ impl<C: NetvscChannel> NetDevice for Netvsc<C> {
     }
 
     fn stop(&mut self) {
-        if !self.gone {
-            self.shut_down();
-            self.gone = true;
-            self.link = LinkState::Gone;
-        }
+        self.shut_down();
+        self.gone = true;
+        self.link = LinkState::Gone;
     }
 
     fn mark_gone(&mut self) {

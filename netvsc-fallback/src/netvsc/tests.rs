@@ -20,7 +20,7 @@ fn bring_up(
     let dma = FakeDmaAllocator::new();
     let device = match Netvsc::new(channel, &dma, config) {
         Ok(device) => device,
-        Err((error, _)) => panic!("bring-up failed: {error}"),
+        Err(error) => panic!("bring-up failed: {error}"),
     };
     (host, device, dma)
 }
@@ -33,7 +33,7 @@ fn try_bring_up(
     let dma = FakeDmaAllocator::new();
     match Netvsc::new(channel, &dma, config) {
         Ok(_) => panic!("bring-up should fail"),
-        Err((error, _channel)) => (host, error, dma),
+        Err(error) => (host, error, dma),
     }
 }
 
@@ -206,7 +206,7 @@ fn a_receive_buffer_layout_beyond_the_buffer_is_refused() {
             section,
         });
         let dma = FakeDmaAllocator::new();
-        let Err((error, _)) = Netvsc::new(channel, &dma, NetvscConfig::default()) else {
+        let Err(error) = Netvsc::new(channel, &dma, NetvscConfig::default()) else {
             panic!("accepted {section:?}");
         };
         assert!(matches!(error, NetvscError::OutOfRange { .. }), "{error:?}");

@@ -378,3 +378,21 @@ fn rescind_mid_traffic_reports_gone_and_nothing_panics() {
     device.stop();
     assert_eq!(device.link_state(), LinkState::Gone);
 }
+
+#[test]
+fn stop_closes_the_channel_and_netvsp_releases_every_buffer() {
+    for use_send_buffer in [true, false] {
+        let (host, mut device) = NetvspHost::with_driver(
+            HostOptions::default(),
+            config(&NvspVersion::NEGOTIATION_ORDER, use_send_buffer),
+        );
+        send(&mut device, &frame_of(300, 1), TxMeta::default());
+        assert_eq!(wait_transmitted(&host, &mut device, 1).len(), 1);
+        device.stop();
+        assert_eq!(device.link_state(), LinkState::Gone);
+        drop(device);
+        // Rings, receive and send buffer GPADLs were torn down with netvsp's agreement, so
+        // every page went back to the allocator.
+        assert_eq!(host.dma.free_bytes(), host.dma.size());
+    }
+}
