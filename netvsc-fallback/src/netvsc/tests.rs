@@ -637,3 +637,108 @@ fn stop_closes_the_channel_and_tears_the_buffers_down() {
     drop(device);
     assert_eq!(dma.live_regions(), 0);
 }
+
+mod over_the_vmbus_client {
+    //! The kernel's path: netvsc on a `vmbus::Channel` opened by a `VmbusClient`, through
+    //! `SharedVmbusClient`, against the vmbus crate's fake host (which speaks VMBus but not
+    //! NVSP, so it plays a netvsc host that never answers).
+
+    use net_device::DmaAllocator;
+    use net_device::heap_dma::HeapDmaAllocator;
+    use vmbus::client::{ClientConfig, OpenParams};
+    use vmbus::guid::interface;
+    use vmbus::testing::{FakeHost, FakeHostConfig, offer_message};
+    use vmbus::{ClientEvent, VmbusClient};
+
+    use super::super::{
+        GpadlBuffer, NetvscChannel, NetvscConfig, NetvscError, SharedVmbusClient, Step,
+        VmbusNetvscChannel,
+    };
+    use super::Netvsc;
+
+    const RELID: u32 = 7;
+
+    fn open() -> (
+        FakeHost,
+        SharedVmbusClient<vmbus::testing::FakeHostPort>,
+        HeapDmaAllocator,
+    ) {
+        let (host, port) = FakeHost::new(FakeHostConfig {
+            offers: alloc::vec![offer_message(interface::NETWORK, RELID, 0x2007)],
+            ..FakeHostConfig::default()
+        });
+        let client = VmbusClient::connect(port, ClientConfig::default()).expect("connects");
+        (
+            host,
+            SharedVmbusClient::new(client),
+            HeapDmaAllocator::new(),
+        )
+    }
+
+    #[test]
+    fn gpadls_of_a_multi_megabyte_buffer_go_through_the_client_and_come_back() {
+        let (host, shared, dma) = open();
+        let channel = shared
+            .with_client(|client| client.open_channel(RELID, &OpenParams::new(4, 4), &dma))
+            .expect("opens");
+        let mut channel = VmbusNetvscChannel::new(channel, shared.clone());
+        let region = dma.allocate(1 << 20, 4096).unwrap();
+        let buffer = channel.create_gpadl(region).expect("GPADL created");
+        let gpadl = host.gpadl(buffer.gpadl_id()).expect("host assembled it");
+        assert_eq!(gpadl.pfns.len(), 256);
+        assert!(gpadl.bodies > 0, "a 1 MiB GPADL needs GPADL_BODY messages");
+        let region = channel.teardown_gpadl(buffer).expect("torn down");
+        assert_eq!(region.len(), 1 << 20);
+        assert!(!channel.is_rescinded());
+        host.rescind(RELID);
+        channel.wait(u64::MAX);
+        assert!(channel.is_rescinded());
+        assert!(matches!(
+            channel.try_send(&super::super::OutgoingPacket::InBand {
+                transaction_id: 1,
+                completion_requested: false,
+                payload: &[0; 40],
+            }),
+            Err(NetvscError::Rescinded)
+        ));
+        // The bus owner still sees the rescind.
+        let mut events = alloc::vec::Vec::new();
+        while let Some(event) = shared.poll() {
+            events.push(event);
+        }
+        assert!(events.contains(&ClientEvent::Rescinded { relid: RELID }));
+    }
+
+    #[test]
+    fn a_silent_netvsc_host_times_out_and_the_channel_is_closed_and_released() {
+        let (host, shared, dma) = open();
+        let channel = shared
+            .with_client(|client| client.open_channel(RELID, &OpenParams::new(4, 4), &dma))
+            .expect("opens");
+        let channel = VmbusNetvscChannel::new(channel, shared.clone());
+        let config = NetvscConfig {
+            reply_timeout_ns: 200_000_000,
+            ..NetvscConfig::default()
+        };
+        let error = match Netvsc::new(channel, &dma, config) {
+            Ok(_) => panic!("nothing answered NVSP INIT"),
+            Err(error) => error,
+        };
+        assert!(
+            matches!(
+                error,
+                NetvscError::Timeout {
+                    step: Step::Init,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        assert!(host.closed().contains(&RELID));
+        assert_eq!(
+            host.gpadl_count(),
+            0,
+            "ring and receive buffer GPADLs torn down"
+        );
+    }
+}
