@@ -37,8 +37,11 @@ static ALLOCATORS: Mutex<Vec<(usize, usize, FreeList)>> = Mutex::new(Vec::new())
 fn release(virt: NonNull<u8>, _phys: PhysAddr, len: usize) {
     let address = virt.as_ptr() as usize;
     let allocators = ALLOCATORS.lock().unwrap();
+    // Newest first: a dropped allocator's mapping can be reused by a later one at the same
+    // address, and its stale entry must not swallow the later allocator's regions.
     if let Some((base, _, free)) = allocators
         .iter()
+        .rev()
         .find(|(base, size, _)| address >= *base && address < base + size)
     {
         let offset = address - base;

@@ -39,6 +39,11 @@ const CONTROL_PAGE_SIZE: usize = PAGE_SIZE;
 const CONTROL_PAGES: usize = 4;
 /// Largest RNDIS message we accept in one transfer-page range: a 64 KiB frame plus headers.
 const MAX_RECEIVE_MESSAGE: usize = 65536 + 512;
+/// Most host replies, keepalives and completions kept waiting at once: a host that floods
+/// unsolicited messages costs a bounded amount of memory (the excess is dropped and counted).
+const MAX_QUEUED: usize = 64;
+/// Most receive completions kept waiting for ring space (one per host packet in flight).
+const MAX_UNSENT_COMPLETIONS: usize = 4096;
 /// Ethernet header length (untagged).
 const ETHERNET_HEADER_LEN: usize = 14;
 
@@ -125,6 +130,9 @@ pub struct NetvscCounters {
     pub software_checksums: u64,
     /// Frames sent with an LSO request.
     pub lso_frames: u64,
+    /// Frames refused after `fill` because their offload request cannot be honoured (LSO the
+    /// host cannot do, a checksum field outside the frame).
+    pub tx_refused: u64,
 }
 
 /// The host's latest VF association message.
@@ -1070,7 +1078,11 @@ impl<C: NetvscChannel> Netvsc<C> {
 
     fn complete_transfer(&mut self, transaction_id: u64) {
         if !self.unsent_completions.is_empty() || !self.send_receive_completion(transaction_id) {
-            self.unsent_completions.push_back(transaction_id);
+            if self.unsent_completions.len() >= MAX_UNSENT_COMPLETIONS {
+                self.drop_packet("receive completion queue full");
+            } else {
+                self.unsent_completions.push_back(transaction_id);
+            }
         }
     }
 
@@ -1084,7 +1096,7 @@ impl<C: NetvscChannel> Netvsc<C> {
         let index = (transaction_id & ((1 << tag::SHIFT) - 1)) as usize;
         match transaction_id >> tag::SHIFT {
             tag::REQUEST => match nvsp::parse(&self.incoming.payload) {
-                Ok(message) => self.nvsp_replies.push_back(message),
+                Ok(message) => self.queue_nvsp_reply(message),
                 // NDIS config and version completions are empty in netvsp.
                 Err(_) if self.incoming.payload.len() < 4 => {}
                 Err(error) => {
@@ -1158,7 +1170,7 @@ impl<C: NetvscChannel> Netvsc<C> {
             }
             Ok(other) => {
                 // Completions in in-band clothing (old hosts) are routed like completions.
-                self.nvsp_replies.push_back(other);
+                self.queue_nvsp_reply(other);
             }
             Err(error) => {
                 self.counters.bad_packets += 1;
@@ -1284,11 +1296,27 @@ impl<C: NetvscChannel> Netvsc<C> {
         }
     }
 
+    fn queue_nvsp_reply(&mut self, message: NvspMessage) {
+        if self.nvsp_replies.len() >= MAX_QUEUED {
+            self.nvsp_replies.pop_front();
+            self.drop_packet("unclaimed NVSP replies");
+        }
+        self.nvsp_replies.push_back(message);
+    }
+
+    fn queue_rndis_reply(&mut self, reply: RndisReply) {
+        if self.rndis_replies.len() >= MAX_QUEUED {
+            self.rndis_replies.pop_front();
+            self.drop_packet("unclaimed RNDIS replies");
+        }
+        self.rndis_replies.push_back(reply);
+    }
+
     fn handle_rndis_control(&mut self, message: RndisMessage<'_>) {
         match message {
             RndisMessage::Packet(_) => {}
             RndisMessage::InitializeComplete(complete) => {
-                self.rndis_replies.push_back(RndisReply {
+                self.queue_rndis_reply(RndisReply {
                     message_type: rndis::message_type::INITIALIZE_COMPLETE,
                     request_id: complete.request_id,
                     status: complete.status,
@@ -1300,14 +1328,14 @@ impl<C: NetvscChannel> Netvsc<C> {
                 request_id,
                 status,
                 info,
-            } => self.rndis_replies.push_back(RndisReply {
+            } => self.queue_rndis_reply(RndisReply {
                 message_type: rndis::message_type::QUERY_COMPLETE,
                 request_id,
                 status,
                 info: info.to_vec(),
                 initialize: None,
             }),
-            RndisMessage::SetComplete(complete) => self.rndis_replies.push_back(RndisReply {
+            RndisMessage::SetComplete(complete) => self.queue_rndis_reply(RndisReply {
                 message_type: rndis::message_type::SET_COMPLETE,
                 request_id: complete.request_id,
                 status: complete.status,
@@ -1315,7 +1343,11 @@ impl<C: NetvscChannel> Netvsc<C> {
                 initialize: None,
             }),
             RndisMessage::KeepaliveRequest { request_id } => {
-                self.unsent_keepalives.push_back(request_id);
+                if self.unsent_keepalives.len() >= MAX_QUEUED {
+                    self.drop_packet("keepalive answers queue full");
+                } else {
+                    self.unsent_keepalives.push_back(request_id);
+                }
                 self.send_unsent();
             }
             RndisMessage::KeepaliveComplete(_) | RndisMessage::ResetComplete { .. } => {}
@@ -1509,7 +1541,7 @@ impl<C: NetvscChannel> Netvsc<C> {
             Err(why) => {
                 pool.free.push(slot);
                 warn!("{}: transmit refused: {why}", self.config.name);
-                self.stats.tx_ring_full += 1;
+                self.counters.tx_refused += 1;
                 return Err(DeviceError::FrameTooLarge {
                     len,
                     max: mtu + ETHERNET_HEADER_LEN,
@@ -1669,7 +1701,8 @@ fn transmit_offload(
         }
         // LSO v2 wants the TCP checksum field to hold the pseudo-header sum without the
         // length (Windows semantics, as Linux's netvsc prepares it); ours includes the whole
-        // L4 length, so take that back out in one's-complement arithmetic.
+        // L4 length, so take that back out in one's-complement arithmetic. `start_ok` put the
+        // IP header inside the frame.
         let at = usize::from(start) + usize::from(field);
         let l4_len = (frame.len() - usize::from(start)) as u32;
         let current = u32::from(u16::from_be_bytes([frame[at], frame[at + 1]]));
@@ -1678,6 +1711,15 @@ fn transmit_offload(
             sum = (sum & 0xffff) + (sum >> 16);
         }
         frame[at..at + 2].copy_from_slice(&(sum as u16).to_be_bytes());
+        // And the IP length fields zeroed (IPv4 header checksum too): the host writes them per
+        // segment. This is the header Linux's netvsc hands Hyper-V for a large send.
+        let ip = ETHERNET_HEADER_LEN;
+        if ipv4 {
+            frame[ip + 2..ip + 4].fill(0);
+            frame[ip + 10..ip + 12].fill(0);
+        } else {
+            frame[ip + 4..ip + 6].fill(0);
+        }
         ppis.push(
             rndis::ppi_type::LARGE_SEND,
             rndis::lso_v2_value(mss, start, ipv6),
@@ -1738,7 +1780,6 @@ impl<C: NetvscChannel> NetDevice for Netvsc<C> {
     }
 
     fn poll(&mut self, _now_ns: u64) {
-        self.stats.interrupts += 1;
         self.service(0, &mut |_, _| {}, false);
     }
 

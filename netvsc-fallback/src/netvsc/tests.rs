@@ -594,10 +594,16 @@ fn large_tcp_frames_leave_with_lso_metadata_and_a_length_free_pseudo_header() {
     assert_eq!(lso & 0xfffff, 1448);
     assert_eq!((lso >> 20) & 0x3ff, 34);
     assert_eq!(lso >> 30, 1, "LSO v2, IPv4");
-    // Everything but the TCP checksum field is unchanged; that field holds the pseudo-header
-    // sum over the addresses and protocol only.
-    assert_eq!(sent[0].frame[..50], partial[..50]);
-    assert_eq!(sent[0].frame[52..], partial[52..]);
+    // Headers as Windows LSO v2 wants them (and Linux's netvsc sends them): IPv4 total length
+    // and header checksum zero, the TCP checksum field the pseudo-header sum over addresses
+    // and protocol only; everything else unchanged.
+    let sent_frame = &sent[0].frame;
+    assert_eq!(sent_frame[16..18], [0, 0]);
+    assert_eq!(sent_frame[24..26], [0, 0]);
+    assert_eq!(sent_frame[..16], partial[..16]);
+    assert_eq!(sent_frame[18..24], partial[18..24]);
+    assert_eq!(sent_frame[26..50], partial[26..50]);
+    assert_eq!(sent_frame[52..], partial[52..]);
     let mut pseudo = complete[26..34].to_vec();
     pseudo.extend_from_slice(&[0, 6, 0, 0]);
     assert_eq!(

@@ -269,8 +269,20 @@ fn large_tcp_frames_leave_with_lso_metadata_and_intact_headers() {
     assert_eq!(metadata.max_segment_size, 1448);
     assert_eq!(metadata.l2_len, 14);
     assert_eq!(metadata.l3_len, 20);
-    // Headers unchanged except the TCP checksum (pseudo-header without length, as LSO wants).
-    assert_eq!(bytes[..50], frame[..50]);
+    // Headers as Windows LSO v2 wants them (Linux's netvsc sends the same): IPv4 total length
+    // and header checksum zero, TCP checksum = pseudo-header sum without length, the rest
+    // unchanged.
+    assert_eq!(bytes[16..18], [0, 0]);
+    assert_eq!(bytes[24..26], [0, 0]);
+    assert_eq!(bytes[..16], frame[..16]);
+    assert_eq!(bytes[18..24], frame[18..24]);
+    assert_eq!(bytes[26..50], frame[26..50]);
+    let mut pseudo = frame[26..34].to_vec();
+    pseudo.extend_from_slice(&[0, 6, 0, 0]);
+    assert_eq!(
+        bytes[50..52],
+        net_device::checksum::reference(&pseudo).to_be_bytes()
+    );
     assert_eq!(bytes[52..], frame[52..]);
     assert_eq!(device.counters().lso_frames, 1);
 }
