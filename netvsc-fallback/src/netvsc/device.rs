@@ -1315,15 +1315,13 @@ impl<C: NetvscChannel> Netvsc<C> {
     fn handle_rndis_control(&mut self, message: RndisMessage<'_>) {
         match message {
             RndisMessage::Packet(_) => {}
-            RndisMessage::InitializeComplete(complete) => {
-                self.queue_rndis_reply(RndisReply {
-                    message_type: rndis::message_type::INITIALIZE_COMPLETE,
-                    request_id: complete.request_id,
-                    status: complete.status,
-                    info: Vec::new(),
-                    initialize: Some(complete),
-                })
-            }
+            RndisMessage::InitializeComplete(complete) => self.queue_rndis_reply(RndisReply {
+                message_type: rndis::message_type::INITIALIZE_COMPLETE,
+                request_id: complete.request_id,
+                status: complete.status,
+                info: Vec::new(),
+                initialize: Some(complete),
+            }),
             RndisMessage::QueryComplete {
                 request_id,
                 status,
