@@ -4,7 +4,6 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
-use core::borrow::Borrow;
 use core::ptr::NonNull;
 
 use net_device::{DmaRegion, PhysAddr};
@@ -73,22 +72,21 @@ enum SlotOwner {
 /// The CPU only gets slices of slots the driver owns; slots handed to the device (posted in a
 /// ring) cannot be borrowed until they are taken back. This is what makes the slicing sound
 /// while the device writes other slots of the same region.
-pub(crate) struct SlotPool<R: Borrow<DmaRegion> = DmaRegion> {
-    /// The memory (or something owning it, e.g. a GPADL handle); `None` once leaked.
-    region: Option<R>,
+pub(crate) struct SlotPool {
+    region: DmaRegion,
     slot_size: usize,
     owners: Vec<SlotOwner>,
     device_owned: usize,
 }
 
-impl<R: Borrow<DmaRegion>> SlotPool<R> {
+impl SlotPool {
     /// Carves `region` into `slot_count` slots of `slot_size` bytes; `None` if it is too small.
-    pub(crate) fn new(region: R, slot_size: usize, slot_count: usize) -> Option<Self> {
-        if slot_size == 0 || slot_size.checked_mul(slot_count)? > region.borrow().len() {
+    pub(crate) fn new(region: DmaRegion, slot_size: usize, slot_count: usize) -> Option<Self> {
+        if slot_size == 0 || slot_size.checked_mul(slot_count)? > region.len() {
             return None;
         }
         Some(SlotPool {
-            region: Some(region),
+            region,
             slot_size,
             owners: vec![SlotOwner::Driver; slot_count],
             device_owned: 0,
@@ -115,8 +113,9 @@ impl<R: Borrow<DmaRegion>> SlotPool<R> {
         if slot >= self.owners.len() {
             return None;
         }
-        let region: &DmaRegion = self.region.as_ref()?.borrow();
-        Some(PhysAddr(region.phys().0 + (slot * self.slot_size) as u64))
+        Some(PhysAddr(
+            self.region.phys().0 + (slot * self.slot_size) as u64,
+        ))
     }
 
     /// True when `slot` exists and is posted to the device.
@@ -170,13 +169,12 @@ impl<R: Borrow<DmaRegion>> SlotPool<R> {
         if !self.span_has_owner(first, count, SlotOwner::Driver) {
             return None;
         }
-        let region: &DmaRegion = self.region.as_ref()?.borrow();
         // SAFETY: the slots exist, so the range lies inside the region (checked in new()); they
         // are driver-owned, so the device is not writing them; the shared borrow of `self`
         // prevents a mutable CPU borrow of the same slots.
         Some(unsafe {
             core::slice::from_raw_parts(
-                region.as_ptr().add(first * self.slot_size),
+                self.region.as_ptr().add(first * self.slot_size),
                 count * self.slot_size,
             )
         })
@@ -187,27 +185,23 @@ impl<R: Borrow<DmaRegion>> SlotPool<R> {
         if !self.span_has_owner(first, count, SlotOwner::Driver) {
             return None;
         }
-        let region: &DmaRegion = self.region.as_ref()?.borrow();
-        // SAFETY: as in span(); `&mut self` makes the CPU-side borrow exclusive (the region is
-        // only reached through this pool while it owns it).
+        // SAFETY: as in span(); `&mut self` makes the CPU-side borrow exclusive.
         Some(unsafe {
             core::slice::from_raw_parts_mut(
-                region.as_ptr().add(first * self.slot_size),
+                self.region.as_ptr().add(first * self.slot_size),
                 count * self.slot_size,
             )
         })
     }
 
-    /// Gives the region back (to carve it differently, or to release it); `None` if leaked.
-    pub(crate) fn into_region(self) -> Option<R> {
+    /// Gives the region back (to carve it differently).
+    pub(crate) fn into_region(self) -> DmaRegion {
         self.region
     }
 
     /// Forgets the memory instead of freeing it, for when the device may still write it.
     pub(crate) fn leak(&mut self) {
-        if let Some(region) = self.region.take() {
-            core::mem::forget(region);
-        }
+        core::mem::forget(core::mem::replace(&mut self.region, empty_region()));
         self.owners.clear();
         self.device_owned = 0;
     }

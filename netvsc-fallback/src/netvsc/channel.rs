@@ -7,7 +7,6 @@
 //! crate's unit tests.
 
 use alloc::vec::Vec;
-use core::borrow::Borrow;
 
 use net_device::DmaRegion;
 
@@ -95,14 +94,6 @@ pub struct IncomingPacket {
     pub payload: Vec<u8>,
 }
 
-/// A buffer the host reaches through a GPADL. It owns the buffer's memory until
-/// [`NetvscChannel::teardown_gpadl`] gets the host to release it, so the memory cannot be freed
-/// while the host may still use it.
-pub trait GpadlBuffer: Borrow<DmaRegion> {
-    /// The GPADL id NVSP messages name the buffer by.
-    fn gpadl_id(&self) -> u32;
-}
-
 /// The channel a netvsc driver runs on: one opened VMBus channel plus the client operations it
 /// needs. Datapath calls (`try_send`, `try_receive`, `flush`) never block; `create_gpadl`,
 /// `teardown_gpadl` and `wait` block at most for bounded times the implementation chooses.
@@ -116,15 +107,11 @@ pub trait NetvscChannel {
     /// Malformed packets are the implementation's to count and skip, or an error if the ring
     /// itself cannot be trusted any more.
     fn try_receive(&mut self, into: &mut IncomingPacket) -> Result<bool, NetvscError>;
-    /// A buffer behind a GPADL.
-    type Buffer: GpadlBuffer;
     /// Describes `region` (page-aligned, a multiple of 4 KiB) to the host as a GPADL and
-    /// returns it once the host has confirmed it. On failure the memory is the channel's to
-    /// free, or to keep if the host might have taken part of the GPADL.
-    fn create_gpadl(&mut self, region: DmaRegion) -> Result<Self::Buffer, NetvscError>;
-    /// Tears a GPADL down and gives the memory back. On failure the channel keeps the memory
-    /// (never freed under the host).
-    fn teardown_gpadl(&mut self, buffer: Self::Buffer) -> Result<DmaRegion, NetvscError>;
+    /// returns its id once the host has confirmed it.
+    fn create_gpadl(&mut self, region: &DmaRegion) -> Result<u32, NetvscError>;
+    /// Tears a GPADL down; the memory may be reused once this returns `Ok`.
+    fn teardown_gpadl(&mut self, gpadl: u32) -> Result<(), NetvscError>;
     /// Monotonic time in nanoseconds.
     fn now_ns(&self) -> u64;
     /// Waits until the host signals the channel or `deadline_ns` passes (whichever is first);

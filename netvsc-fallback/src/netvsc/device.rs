@@ -5,7 +5,6 @@ use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
-use core::borrow::Borrow;
 
 use log::{debug, info, warn};
 use net_device::{
@@ -15,14 +14,13 @@ use net_device::{
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::channel::{
-    GpaRange, GpadlBuffer, IncomingKind, IncomingPacket, NetvscChannel, OutgoingPacket,
-    TransferRange,
+    GpaRange, IncomingKind, IncomingPacket, NetvscChannel, OutgoingPacket, TransferRange,
 };
 use super::error::{Layer, NetvscError, Step};
 use super::nvsp::{self, NdisConfigCapabilities, NvspMessage, NvspVersion};
 use super::rndis::{self, OffloadSupport, RndisMessage};
 use crate::checksum::complete_partial_checksum;
-use crate::dma_memory::{SlotPool, copy_from_region};
+use crate::dma_memory::{SlotPool, copy_from_region, empty_region};
 
 /// Bytes of a guest page as VMBus counts them.
 const PAGE_SIZE: usize = 4096;
@@ -158,48 +156,53 @@ pub struct Negotiated {
 }
 
 /// The receive buffer and the layout the host gave it.
-struct ReceiveBuffer<B> {
-    /// The GPADL handle owning the memory; `None` once torn down.
-    buffer: Option<B>,
+struct ReceiveBuffer {
+    region: DmaRegion,
     gpadl: u32,
+    /// The host may reach the memory (GPADL not torn down): leak it rather than free it.
+    gpadl_live: bool,
     /// Bytes the host may use (the section's end offset).
     end: usize,
     /// Sub-allocation size and count the host announced.
     sub_allocations: (u32, u32),
 }
 
-/// Memory of a transmit pool: our own, or a GPADL buffer (the send buffer).
-enum PoolMemory<B> {
-    Own(DmaRegion),
-    Gpadl(B),
-}
-
-impl<B: Borrow<DmaRegion>> Borrow<DmaRegion> for PoolMemory<B> {
-    fn borrow(&self) -> &DmaRegion {
-        match self {
-            PoolMemory::Own(region) => region,
-            PoolMemory::Gpadl(buffer) => buffer.borrow(),
+impl Drop for ReceiveBuffer {
+    fn drop(&mut self) {
+        if self.gpadl_live {
+            core::mem::forget(core::mem::replace(&mut self.region, empty_region()));
         }
     }
 }
 
 /// One transmit slot pool and its free list.
-struct TxPool<R: Borrow<DmaRegion> = DmaRegion> {
-    pool: SlotPool<R>,
+struct TxPool {
+    pool: SlotPool,
     free: Vec<usize>,
     /// Frame length per slot while the host owns it (for the counters).
     lengths: Vec<usize>,
     tag: u64,
+    /// The pool is the send buffer and its GPADL is not torn down: leak it rather than free it.
+    gpadl_live: bool,
 }
 
-impl<R: Borrow<DmaRegion>> TxPool<R> {
-    fn new(region: R, slot_size: usize, count: usize, tag: u64) -> Option<Self> {
+impl Drop for TxPool {
+    fn drop(&mut self) {
+        if self.gpadl_live {
+            self.pool.leak();
+        }
+    }
+}
+
+impl TxPool {
+    fn new(region: DmaRegion, slot_size: usize, count: usize, tag: u64) -> Option<Self> {
         let pool = SlotPool::new(region, slot_size, count)?;
         Some(TxPool {
             pool,
             free: (0..count).rev().collect(),
             lengths: vec![0; count],
             tag,
+            gpadl_live: false,
         })
     }
 
@@ -214,13 +217,6 @@ impl<R: Borrow<DmaRegion>> TxPool<R> {
         }
         self.free.push(slot);
         Some(self.lengths[slot])
-    }
-}
-
-impl<C: NetvscChannel> Drop for Netvsc<C> {
-    /// Tears the GPADLs down first, so their memory is never freed while the host can reach it.
-    fn drop(&mut self) {
-        self.shut_down();
     }
 }
 
@@ -244,13 +240,13 @@ pub struct Netvsc<C: NetvscChannel> {
     offload: OffloadSupport,
     link: LinkState,
     gone: bool,
-    receive: ReceiveBuffer<C::Buffer>,
-    /// `stop` ran (or bring-up failed and cleaned up): nothing left to tear down.
+    /// `stop` ran: the channel is closed and the buffers torn down.
     stopped: bool,
-    send_buffer: Option<(TxPool<PoolMemory<C::Buffer>>, u32)>,
-    small: Option<TxPool<PoolMemory<C::Buffer>>>,
-    large: Option<TxPool<PoolMemory<C::Buffer>>>,
-    control: TxPool<PoolMemory<C::Buffer>>,
+    receive: ReceiveBuffer,
+    send_buffer: Option<(TxPool, u32)>,
+    small: Option<TxPool>,
+    large: Option<TxPool>,
+    control: TxPool,
     /// The packet being worked through (a transfer-page packet may hold many frames).
     incoming: IncomingPacket,
     /// Next range of `incoming` to process; `None` when no packet is in progress.
@@ -278,41 +274,45 @@ impl<C: NetvscChannel> Netvsc<C> {
     /// (`hyperv-vmbus-netvsc.md` §3.2, §4). Every wait is bounded by
     /// [`NetvscConfig::reply_timeout_ns`] of the channel's clock.
     ///
-    /// On failure the channel is closed, the buffers' GPADLs torn down and the channel
-    /// dropped.
+    /// On failure the channel is closed and the buffers' GPADLs torn down.
     pub fn new(
         mut channel: C,
         dma: &dyn DmaAllocator,
         config: NetvscConfig,
-    ) -> Result<Self, NetvscError> {
-        let fail = |mut channel: C, error: NetvscError| {
-            warn!("{}: bring-up failed: {error}", config.name);
-            channel.close();
-            Err(error)
-        };
-        let Some(control_region) = dma.allocate(CONTROL_PAGES * CONTROL_PAGE_SIZE, PAGE_SIZE)
-        else {
-            let error = NetvscError::OutOfMemory {
-                what: "RNDIS control pages",
-                len: CONTROL_PAGES * CONTROL_PAGE_SIZE,
-            };
-            return fail(channel, error);
+    ) -> Result<Self, (NetvscError, C)> {
+        let control_region = match dma.allocate(CONTROL_PAGES * CONTROL_PAGE_SIZE, PAGE_SIZE) {
+            Some(region) => region,
+            None => {
+                return Err((
+                    NetvscError::OutOfMemory {
+                        what: "RNDIS control pages",
+                        len: CONTROL_PAGES * CONTROL_PAGE_SIZE,
+                    },
+                    channel,
+                ));
+            }
         };
         let receive_len = config.receive_buffer_len.next_multiple_of(PAGE_SIZE);
         let Some(receive_region) = dma.allocate(receive_len, PAGE_SIZE) else {
-            let error = NetvscError::OutOfMemory {
-                what: "receive buffer",
-                len: receive_len,
-            };
-            return fail(channel, error);
+            return Err((
+                NetvscError::OutOfMemory {
+                    what: "receive buffer",
+                    len: receive_len,
+                },
+                channel,
+            ));
         };
-        let receive_buffer = match channel.create_gpadl(receive_region) {
-            Ok(buffer) => buffer,
-            Err(error) => return fail(channel, error),
+        let receive_gpadl = match channel.create_gpadl(&receive_region) {
+            Ok(gpadl) => gpadl,
+            Err(error) => {
+                // The host may hold part of the GPADL: never free the memory under it.
+                core::mem::forget(receive_region);
+                channel.close();
+                return Err((error, channel));
+            }
         };
-        let receive_gpadl = receive_buffer.gpadl_id();
         let control = TxPool::new(
-            PoolMemory::Own(control_region),
+            control_region,
             CONTROL_PAGE_SIZE,
             CONTROL_PAGES,
             tag::CONTROL,
@@ -330,8 +330,9 @@ impl<C: NetvscChannel> Netvsc<C> {
             gone: false,
             stopped: false,
             receive: ReceiveBuffer {
-                buffer: Some(receive_buffer),
+                region: receive_region,
                 gpadl: receive_gpadl,
+                gpadl_live: true,
                 end: 0,
                 sub_allocations: (0, 0),
             },
@@ -358,9 +359,26 @@ impl<C: NetvscChannel> Netvsc<C> {
             Err(error) => {
                 warn!("{}: bring-up failed: {error}", device.config.name);
                 device.shut_down();
-                Err(error)
+                let channel = device.into_channel();
+                Err((error, channel))
             }
         }
+    }
+
+    fn into_channel(self) -> C {
+        let Netvsc {
+            channel,
+            receive,
+            send_buffer,
+            small,
+            large,
+            control,
+            ..
+        } = self;
+        // Memory the host might still reach after a failed teardown is leaked by
+        // shut_down; what is left here is ours again.
+        drop((receive, send_buffer, small, large, control));
+        channel
     }
 
     fn initialize(&mut self, dma: &dyn DmaAllocator) -> Result<(), NetvscError> {
@@ -492,7 +510,7 @@ impl<C: NetvscChannel> Netvsc<C> {
             section.offset.into(),
         )?;
         check(
-            section.end_offset as usize <= self.receive_len()
+            section.end_offset as usize <= self.receive.region.len()
                 && total <= u64::from(section.end_offset),
             "receive buffer section end",
             section.end_offset.into(),
@@ -519,8 +537,14 @@ impl<C: NetvscChannel> Netvsc<C> {
                 what: "send buffer",
                 len,
             })?;
-        let buffer = self.channel.create_gpadl(region)?;
-        let gpadl = buffer.gpadl_id();
+        let gpadl = match self.channel.create_gpadl(&region) {
+            Ok(gpadl) => gpadl,
+            Err(error) => {
+                // The host may hold part of the GPADL: never free the memory under it.
+                core::mem::forget(region);
+                return Err(error);
+            }
+        };
         let message = nvsp::encode(
             nvsp::message_type::SEND_SEND_BUFFER,
             &nvsp::SendBuffer {
@@ -531,8 +555,9 @@ impl<C: NetvscChannel> Netvsc<C> {
         );
         // Keep the region alive (and its GPADL known) even if the host refuses it, so that
         // shut_down tears the GPADL down before the memory is freed.
-        let placeholder = TxPool::new(PoolMemory::Gpadl(buffer), len, 1, tag::SECTION)
-            .expect("one slot of the whole region");
+        let mut placeholder =
+            TxPool::new(region, len, 1, tag::SECTION).expect("one slot of the whole region");
+        placeholder.gpadl_live = true;
         self.send_buffer = Some((placeholder, gpadl));
         self.send_request(&message, true, Step::SendBuffer)?;
         let complete = self.wait_nvsp(Step::SendBuffer, |message| match message {
@@ -555,14 +580,14 @@ impl<C: NetvscChannel> Netvsc<C> {
                 value: section_size as u64,
             });
         }
-        let (placeholder, gpadl) = self.send_buffer.take().expect("set above");
-        let memory = placeholder
-            .pool
-            .into_region()
-            .expect("never leaked before use");
+        let (mut placeholder, gpadl) = self.send_buffer.take().expect("set above");
+        let empty = SlotPool::new(empty_region(), 1, 0).expect("zero slots fit");
+        let region = core::mem::replace(&mut placeholder.pool, empty).into_region();
+        placeholder.gpadl_live = false;
         let sections = len / section_size;
-        let pool = TxPool::new(memory, section_size, sections, tag::SECTION)
+        let mut pool = TxPool::new(region, section_size, sections, tag::SECTION)
             .expect("sections fit the buffer");
+        pool.gpadl_live = true;
         self.send_buffer = Some((pool, gpadl));
         Ok(())
     }
@@ -577,7 +602,7 @@ impl<C: NetvscChannel> Netvsc<C> {
                     len,
                 })?;
             self.small = TxPool::new(
-                PoolMemory::Own(region),
+                region,
                 SMALL_SLOT_SIZE,
                 self.config.small_slots.max(1),
                 tag::SMALL,
@@ -594,7 +619,7 @@ impl<C: NetvscChannel> Netvsc<C> {
                     what: "LSO transmit slots",
                     len: slot * count,
                 })?;
-            self.large = TxPool::new(PoolMemory::Own(region), slot, count, tag::LARGE);
+            self.large = TxPool::new(region, slot, count, tag::LARGE);
         }
         Ok(())
     }
@@ -1277,10 +1302,7 @@ impl<C: NetvscChannel> Netvsc<C> {
             return false;
         }
         self.scratch.resize(len, 0);
-        match self.receive.buffer.as_ref() {
-            Some(buffer) => copy_from_region(buffer.borrow(), start, &mut self.scratch),
-            None => false,
-        }
+        copy_from_region(&self.receive.region, start, &mut self.scratch)
     }
 
     fn receive_meta(&self, checksum: Option<u32>) -> RxMeta {
@@ -1430,42 +1452,31 @@ impl<C: NetvscChannel> Netvsc<C> {
     }
 
     /// Closes the channel and tears the buffers' GPADLs down. Memory whose GPADL could not be
-    /// torn down is leaked rather than freed under the host.
-    /// Bytes of the receive buffer.
-    fn receive_len(&self) -> usize {
-        self.receive
-            .buffer
-            .as_ref()
-            .map_or(0, |buffer| buffer.borrow().len())
-    }
-
-    /// Closes the channel and tears the buffers' GPADLs down (once). Memory whose GPADL could
-    /// not be torn down stays with the channel; GPA-direct pages the host may still read after
-    /// a surprise removal are leaked rather than freed under it.
+    /// torn down is leaked rather than freed under the host (the buffers' `Drop` does that).
     fn shut_down(&mut self) {
-        if self.stopped {
-            return;
-        }
-        self.stopped = true;
         self.channel.close();
-        if let Some(buffer) = self.receive.buffer.take()
-            && let Err(error) = self.channel.teardown_gpadl(buffer)
-        {
-            warn!(
-                "{}: receive buffer GPADL teardown failed: {error}",
-                self.config.name
-            );
+        if self.receive.gpadl_live {
+            match self.channel.teardown_gpadl(self.receive.gpadl) {
+                Ok(()) => self.receive.gpadl_live = false,
+                Err(error) => warn!(
+                    "{}: receive buffer GPADL teardown failed ({error}): leaking it",
+                    self.config.name
+                ),
+            }
         }
-        if let Some((pool, _)) = self.send_buffer.take()
-            && let Some(PoolMemory::Gpadl(buffer)) = pool.pool.into_region()
-            && let Err(error) = self.channel.teardown_gpadl(buffer)
+        if let Some((pool, gpadl)) = self.send_buffer.as_mut()
+            && pool.gpadl_live
         {
-            warn!(
-                "{}: send buffer GPADL teardown failed: {error}",
-                self.config.name
-            );
+            match self.channel.teardown_gpadl(*gpadl) {
+                Ok(()) => pool.gpadl_live = false,
+                Err(error) => warn!(
+                    "{}: send buffer GPADL teardown failed ({error}): leaking it",
+                    self.config.name
+                ),
+            }
         }
         if self.gone {
+            // The host may not have released the GPA-direct pages it was reading.
             for pool in [
                 self.small.as_mut(),
                 self.large.as_mut(),
@@ -1824,7 +1835,12 @@ impl<C: NetvscChannel> NetDevice for Netvsc<C> {
     }
 
     fn stop(&mut self) {
-        self.shut_down();
+        if !self.stopped {
+            // Also after a rescind: the client still closes the channel and tears the GPADLs
+            // down (the host expects it before it releases the relid).
+            self.stopped = true;
+            self.shut_down();
+        }
         self.gone = true;
         self.link = LinkState::Gone;
     }

@@ -16,9 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use net_device::{DmaRegion, MacAddress};
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
-use super::channel::{
-    GpadlBuffer, IncomingKind, IncomingPacket, NetvscChannel, OutgoingPacket, TransferRange,
-};
+use super::channel::{IncomingKind, IncomingPacket, NetvscChannel, OutgoingPacket, TransferRange};
 use super::error::NetvscError;
 use super::nvsp::{self, NvspVersion};
 use super::rndis;
@@ -112,25 +110,6 @@ pub struct FakeTxFrame {
 struct Gpadl {
     address: u64,
     len: usize,
-}
-
-/// A buffer behind one of the fake host's GPADLs.
-#[derive(Debug)]
-pub struct FakeGpadl {
-    id: u32,
-    region: DmaRegion,
-}
-
-impl core::borrow::Borrow<DmaRegion> for FakeGpadl {
-    fn borrow(&self) -> &DmaRegion {
-        &self.region
-    }
-}
-
-impl GpadlBuffer for FakeGpadl {
-    fn gpadl_id(&self) -> u32 {
-        self.id
-    }
 }
 
 #[derive(Default)]
@@ -862,9 +841,7 @@ impl NetvscChannel for FakeChannel {
         }
     }
 
-    type Buffer = FakeGpadl;
-
-    fn create_gpadl(&mut self, region: DmaRegion) -> Result<FakeGpadl, NetvscError> {
+    fn create_gpadl(&mut self, region: &DmaRegion) -> Result<u32, NetvscError> {
         let mut state = lock(&self.state);
         let id = state.next_gpadl;
         state.next_gpadl += 1;
@@ -875,22 +852,19 @@ impl NetvscChannel for FakeChannel {
                 len: region.len(),
             },
         );
-        Ok(FakeGpadl { id, region })
+        Ok(id)
     }
 
-    fn teardown_gpadl(&mut self, buffer: FakeGpadl) -> Result<DmaRegion, NetvscError> {
+    fn teardown_gpadl(&mut self, gpadl: u32) -> Result<(), NetvscError> {
         let mut state = lock(&self.state);
         state.gpadl_teardowns += 1;
-        match state.gpadls.remove(&buffer.id) {
-            Some(_) => Ok(buffer.region),
-            None => {
-                // Never free memory whose GPADL state is unknown.
-                core::mem::forget(buffer);
-                Err(NetvscError::Channel {
-                    what: "unknown GPADL",
-                })
-            }
-        }
+        state
+            .gpadls
+            .remove(&gpadl)
+            .map(|_| ())
+            .ok_or(NetvscError::Channel {
+                what: "unknown GPADL",
+            })
     }
 
     fn now_ns(&self) -> u64 {

@@ -23,10 +23,9 @@ pub mod fake_host;
 mod tests;
 
 pub use channel::{
-    GpaRange, GpadlBuffer, IncomingKind, IncomingPacket, NetvscChannel, OutgoingPacket,
-    TransferRange,
+    GpaRange, IncomingKind, IncomingPacket, NetvscChannel, OutgoingPacket, TransferRange,
 };
 pub use device::{Negotiated, Netvsc, NetvscConfig, NetvscCounters, VfAssociation};
 pub use error::{Layer, NetvscError, Step};
 pub use rndis::OffloadSupport;
-pub use vmbus_channel::{ClientGpadl, SharedVmbusClient, VmbusChannelControl, VmbusNetvscChannel};
+pub use vmbus_channel::{VmbusChannelControl, VmbusNetvscChannel};

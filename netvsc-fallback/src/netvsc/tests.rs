@@ -20,7 +20,7 @@ fn bring_up(
     let dma = FakeDmaAllocator::new();
     let device = match Netvsc::new(channel, &dma, config) {
         Ok(device) => device,
-        Err(error) => panic!("bring-up failed: {error}"),
+        Err((error, _)) => panic!("bring-up failed: {error}"),
     };
     (host, device, dma)
 }
@@ -33,7 +33,7 @@ fn try_bring_up(
     let dma = FakeDmaAllocator::new();
     match Netvsc::new(channel, &dma, config) {
         Ok(_) => panic!("bring-up should fail"),
-        Err(error) => (host, error, dma),
+        Err((error, _channel)) => (host, error, dma),
     }
 }
 
@@ -206,7 +206,7 @@ fn a_receive_buffer_layout_beyond_the_buffer_is_refused() {
             section,
         });
         let dma = FakeDmaAllocator::new();
-        let Err(error) = Netvsc::new(channel, &dma, NetvscConfig::default()) else {
+        let Err((error, _)) = Netvsc::new(channel, &dma, NetvscConfig::default()) else {
             panic!("accepted {section:?}");
         };
         assert!(matches!(error, NetvscError::OutOfRange { .. }), "{error:?}");
@@ -644,107 +644,25 @@ fn stop_closes_the_channel_and_tears_the_buffers_down() {
     assert_eq!(dma.live_regions(), 0);
 }
 
-mod over_the_vmbus_client {
-    //! The kernel's path: netvsc on a `vmbus::Channel` opened by a `VmbusClient`, through
-    //! `SharedVmbusClient`, against the vmbus crate's fake host (which speaks VMBus but not
-    //! NVSP, so it plays a netvsc host that never answers).
+#[test]
+fn dropping_without_stop_never_frees_memory_the_host_can_reach() {
+    let (host, device, dma) = bring_up(FakeHostConfig::default(), NetvscConfig::default());
+    drop(device);
+    // Both GPADLs are still the host's: their memory stays allocated (and writable by it).
+    assert_eq!(host.gpadls().0, 2);
+    assert!(host.write_receive_buffer(0, &[1, 2, 3]));
+    assert_eq!(dma.live_regions(), 2);
+}
 
-    use net_device::DmaAllocator;
-    use net_device::heap_dma::HeapDmaAllocator;
-    use vmbus::client::{ClientConfig, OpenParams};
-    use vmbus::guid::interface;
-    use vmbus::testing::{FakeHost, FakeHostConfig, offer_message};
-    use vmbus::{ClientEvent, VmbusClient};
-
-    use super::super::{
-        GpadlBuffer, NetvscChannel, NetvscConfig, NetvscError, SharedVmbusClient, Step,
-        VmbusNetvscChannel,
-    };
-    use super::Netvsc;
-
-    const RELID: u32 = 7;
-
-    fn open() -> (
-        FakeHost,
-        SharedVmbusClient<vmbus::testing::FakeHostPort>,
-        HeapDmaAllocator,
-    ) {
-        let (host, port) = FakeHost::new(FakeHostConfig {
-            offers: alloc::vec![offer_message(interface::NETWORK, RELID, 0x2007)],
-            ..FakeHostConfig::default()
-        });
-        let client = VmbusClient::connect(port, ClientConfig::default()).expect("connects");
-        (
-            host,
-            SharedVmbusClient::new(client),
-            HeapDmaAllocator::new(),
-        )
-    }
-
-    #[test]
-    fn gpadls_of_a_multi_megabyte_buffer_go_through_the_client_and_come_back() {
-        let (host, shared, dma) = open();
-        let channel = shared
-            .with_client(|client| client.open_channel(RELID, &OpenParams::new(4, 4), &dma))
-            .expect("opens");
-        let mut channel = VmbusNetvscChannel::new(channel, shared.clone());
-        let region = dma.allocate(1 << 20, 4096).unwrap();
-        let buffer = channel.create_gpadl(region).expect("GPADL created");
-        let gpadl = host.gpadl(buffer.gpadl_id()).expect("host assembled it");
-        assert_eq!(gpadl.pfns.len(), 256);
-        assert!(gpadl.bodies > 0, "a 1 MiB GPADL needs GPADL_BODY messages");
-        let region = channel.teardown_gpadl(buffer).expect("torn down");
-        assert_eq!(region.len(), 1 << 20);
-        assert!(!channel.is_rescinded());
-        host.rescind(RELID);
-        channel.wait(u64::MAX);
-        assert!(channel.is_rescinded());
-        assert!(matches!(
-            channel.try_send(&super::super::OutgoingPacket::InBand {
-                transaction_id: 1,
-                completion_requested: false,
-                payload: &[0; 40],
-            }),
-            Err(NetvscError::Rescinded)
-        ));
-        // The bus owner still sees the rescind.
-        let mut events = alloc::vec::Vec::new();
-        while let Some(event) = shared.poll() {
-            events.push(event);
-        }
-        assert!(events.contains(&ClientEvent::Rescinded { relid: RELID }));
-    }
-
-    #[test]
-    fn a_silent_netvsc_host_times_out_and_the_channel_is_closed_and_released() {
-        let (host, shared, dma) = open();
-        let channel = shared
-            .with_client(|client| client.open_channel(RELID, &OpenParams::new(4, 4), &dma))
-            .expect("opens");
-        let channel = VmbusNetvscChannel::new(channel, shared.clone());
-        let config = NetvscConfig {
-            reply_timeout_ns: 200_000_000,
-            ..NetvscConfig::default()
-        };
-        let error = match Netvsc::new(channel, &dma, config) {
-            Ok(_) => panic!("nothing answered NVSP INIT"),
-            Err(error) => error,
-        };
-        assert!(
-            matches!(
-                error,
-                NetvscError::Timeout {
-                    step: Step::Init,
-                    ..
-                }
-            ),
-            "{error:?}"
-        );
-        assert!(host.closed().contains(&RELID));
-        assert_eq!(
-            host.gpadl_count(),
-            0,
-            "ring and receive buffer GPADLs torn down"
-        );
-    }
+#[test]
+fn stop_after_a_rescind_still_closes_and_tears_down() {
+    let (host, mut device, dma) = bring_up(FakeHostConfig::default(), NetvscConfig::default());
+    host.rescind();
+    device.poll(0);
+    assert_eq!(device.link_state(), LinkState::Gone);
+    device.stop();
+    assert!(host.closed());
+    assert_eq!(host.gpadls().0, 0);
+    drop(device);
+    assert_eq!(dma.live_regions(), 0);
 }

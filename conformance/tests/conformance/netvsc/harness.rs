@@ -19,7 +19,7 @@ use net_backend::{
 };
 use net_device::{DmaAllocator, DmaRegion};
 use netvsc_fallback::netvsc::{
-    GpadlBuffer, Netvsc, NetvscConfig, NetvscError, VmbusChannelControl, VmbusNetvscChannel,
+    Netvsc, NetvscConfig, NetvscError, VmbusChannelControl, VmbusNetvscChannel,
 };
 use netvsp::Nic;
 use pal_async::DefaultDriver;
@@ -238,24 +238,6 @@ pub struct NetvspControl {
     started: Instant,
 }
 
-/// A buffer registered with netvsp as a GPADL.
-pub struct HostGpadl {
-    id: u32,
-    region: DmaRegion,
-}
-
-impl std::borrow::Borrow<DmaRegion> for HostGpadl {
-    fn borrow(&self) -> &DmaRegion {
-        &self.region
-    }
-}
-
-impl GpadlBuffer for HostGpadl {
-    fn gpadl_id(&self) -> u32 {
-        self.id
-    }
-}
-
 fn gpadl_buffer(region: &DmaRegion) -> Vec<u64> {
     let pages = region.len().div_ceil(4096);
     let first = region.phys().0 / 4096;
@@ -288,34 +270,24 @@ impl NetvspControl {
 }
 
 impl VmbusChannelControl for NetvspControl {
-    type Buffer = HostGpadl;
-
-    fn create_gpadl(&mut self, _relid: u32, region: DmaRegion) -> Result<HostGpadl, NetvscError> {
-        let id = self.gpadl(&region)?;
-        Ok(HostGpadl { id, region })
+    fn create_gpadl(&mut self, _relid: u32, region: &DmaRegion) -> Result<u32, NetvscError> {
+        self.gpadl(region)
     }
 
-    fn teardown_gpadl(&mut self, buffer: HostGpadl) -> Result<DmaRegion, NetvscError> {
-        let gpadl = buffer.id;
+    fn teardown_gpadl(&mut self, _relid: u32, gpadl: u32) -> Result<(), NetvscError> {
         let requests = self.requests.clone();
-        let torn_down = call_with_timeout(
+        call_with_timeout(
             async move {
                 requests
                     .call(ChannelRequest::TeardownGpadl, GpadlId(gpadl))
                     .await
             },
             RPC_TIMEOUT,
-        );
-        match torn_down {
-            Some(Ok(())) => Ok(buffer.region),
-            _ => {
-                // The host may still hold it: never free it.
-                std::mem::forget(buffer);
-                Err(NetvscError::Channel {
-                    what: "GPADL teardown",
-                })
-            }
-        }
+        )
+        .and_then(|result| result.ok())
+        .ok_or(NetvscError::Channel {
+            what: "GPADL teardown",
+        })
     }
 
     fn now_ns(&self) -> u64 {
@@ -341,26 +313,12 @@ impl VmbusChannelControl for NetvspControl {
         self.rescinded.load(Ordering::SeqCst)
     }
 
-    fn close(&mut self, channel: vmbus::Channel) {
+    fn close(&mut self, _relid: u32) {
         let requests = self.requests.clone();
-        let closed = call_with_timeout(
+        let _ = call_with_timeout(
             async move { requests.call(ChannelRequest::Close, ()).await },
             RPC_TIMEOUT,
         );
-        let ring_gpadl = channel.ids().ring_gpadl;
-        let rings = channel.into_memory();
-        match closed {
-            Some(Ok(())) => {
-                if let Err(error) = self.teardown_gpadl(HostGpadl {
-                    id: ring_gpadl,
-                    region: rings,
-                }) {
-                    eprintln!("ring GPADL teardown failed: {error}");
-                }
-            }
-            // netvsp may still use the rings: keep them.
-            _ => std::mem::forget(rings),
-        }
     }
 }
 
@@ -499,7 +457,7 @@ impl NetvspHost {
         let (host, channel) = NetvspHost::start(options);
         match Netvsc::new(channel, &host.dma, config) {
             Ok(device) => (host, device),
-            Err(error) => panic!("netvsc bring-up against netvsp failed: {error}"),
+            Err((error, _)) => panic!("netvsc bring-up against netvsp failed: {error}"),
         }
     }
 
