@@ -37,8 +37,8 @@ static ALLOCATORS: Mutex<Vec<(usize, usize, FreeList)>> = Mutex::new(Vec::new())
 fn release(virt: NonNull<u8>, _phys: PhysAddr, len: usize) {
     let address = virt.as_ptr() as usize;
     let allocators = ALLOCATORS.lock().unwrap();
-    // Newest first: a dropped allocator's mapping can be reused by a later one at the same
-    // address, and its stale entry must not swallow the later allocator's regions.
+    // Newest first: a dropped allocator's entry stays behind, and its address range may be
+    // handed out again to a newer `GuestMemory`, whose entry must win.
     if let Some((base, _, free)) = allocators
         .iter()
         .rev()

@@ -9,6 +9,10 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use net_device::DmaRegion;
 
+/// Most malformed packets one [`Channel::receive`] skips before returning, so a host writing
+/// garbage as fast as we read cannot keep the caller in the loop.
+pub const MAX_SKIPPED_PER_RECEIVE: usize = 64;
+
 /// What the host knows a channel by.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct ChannelIds {
@@ -173,14 +177,19 @@ impl Channel {
     }
 
     /// Takes the next well-formed packet from the host, copied into `buffer`. Malformed packets
-    /// (sound framing, bad contents) are counted, logged and skipped; a corrupt ring stops the
-    /// channel. Signals the host when it waits for ring space that this read freed.
+    /// (sound framing, bad contents) are counted, logged and skipped (at most
+    /// [`MAX_SKIPPED_PER_RECEIVE`] per call, then `None`); a corrupt ring stops the channel.
+    /// Signals the host when it waits for ring space that this read freed.
     pub fn receive<'b>(
         &mut self,
         buffer: &'b mut Vec<u8>,
     ) -> Result<Option<IncomingPacket<'b>>, Error> {
         self.ensure_usable()?;
+        let mut skipped = 0;
         loop {
+            if skipped == MAX_SKIPPED_PER_RECEIVE {
+                return Ok(None);
+            }
             let status = self.incoming.read(&mut self.memory, buffer);
             let status = match status {
                 Ok(status) => status,
@@ -195,6 +204,7 @@ impl Channel {
             match IncomingPacket::parse(buffer) {
                 Ok(_) => break,
                 Err(error) => {
+                    skipped += 1;
                     self.counters.malformed_packets += 1;
                     log::warn!("vmbus: relid {} dropped a packet: {error}", self.ids.relid);
                 }
@@ -393,6 +403,34 @@ mod tests {
         assert_eq!(packet.transaction_id, 2);
         assert_eq!(f.channel.counters().malformed_packets, 1);
         assert_eq!(f.channel.counters().packets_received, 1);
+    }
+
+    #[test]
+    fn a_host_writing_only_garbage_cannot_keep_receive_looping() {
+        let mut f = fixture();
+        // 70 packets of unknown type 0x5 (sound framing), then a good one.
+        for _ in 0..70 {
+            let start = f.host_memory.load_u32(2 * PAGE_SIZE).unwrap() as usize;
+            f.host_writer
+                .write(&mut f.host_memory, &OutgoingPacket::in_band(1, false, &[]))
+                .unwrap();
+            assert!(f.host_memory.write(3 * PAGE_SIZE + start, &[0x5, 0]));
+        }
+        f.host_writer
+            .write(
+                &mut f.host_memory,
+                &OutgoingPacket::in_band(2, false, &[b"good"]),
+            )
+            .unwrap();
+        let mut buffer = Vec::new();
+        assert!(f.channel.receive(&mut buffer).unwrap().is_none());
+        assert_eq!(
+            f.channel.counters().malformed_packets,
+            MAX_SKIPPED_PER_RECEIVE as u64
+        );
+        let packet = f.channel.receive(&mut buffer).unwrap().unwrap();
+        assert_eq!(packet.transaction_id, 2);
+        assert_eq!(f.channel.counters().malformed_packets, 70);
     }
 
     #[test]

@@ -34,6 +34,9 @@ pub const DEFAULT_VERSIONS: [Version; 9] = [
     Version::WIN8,
 ];
 
+/// Most host messages handled in one go, so a flooding host cannot keep a call from returning.
+const MAX_MESSAGES_PER_DRAIN: usize = 256;
+
 /// First GPADL id handed out (Linux starts at the same value; any non-zero unique id works).
 const FIRST_GPADL_ID: u32 = 0x000e_1e10;
 
@@ -45,6 +48,9 @@ pub struct ClientConfig {
     /// Longest wait for any one host response, and for a post the host keeps refusing with a
     /// retryable status.
     pub response_timeout_ns: u64,
+    /// Most `idle()` rounds one wait may take, whatever the clock says: a stuck clock must not
+    /// make a wait endless.
+    pub max_wait_steps: u64,
 }
 
 impl Default for ClientConfig {
@@ -52,6 +58,7 @@ impl Default for ClientConfig {
         ClientConfig {
             versions: DEFAULT_VERSIONS.to_vec(),
             response_timeout_ns: 5_000_000_000,
+            max_wait_steps: 10_000_000,
         }
     }
 }
@@ -750,18 +757,20 @@ impl<P: HypervisorPort> VmbusClient<P> {
         what: &'static str,
     ) -> Result<(), Error> {
         let start = self.port.now_ns();
+        let mut steps = 0u64;
         loop {
             match self.port.post_message(connection_id, bytes) {
                 Ok(()) => return Ok(()),
                 Err(status)
                     if status.is_retryable()
+                        && steps < self.config.max_wait_steps
                         && self.port.now_ns().saturating_sub(start)
                             < self.config.response_timeout_ns =>
                 {
+                    steps += 1;
                     self.counters.post_retries += 1;
-                    // Let the host drain its queue (and us ours: it may wait for us to take
-                    // messages before it has buffers again).
-                    self.drain_messages();
+                    // Only pause (as Linux does): taking messages here could re-enter this
+                    // function from a message handler (RELID_RELEASED on rescind).
                     self.port.idle();
                 }
                 Err(status) => return Err(Error::PostMessage { what, status }),
@@ -776,13 +785,15 @@ impl<P: HypervisorPort> VmbusClient<P> {
         mut done: impl FnMut(&mut Self) -> Option<T>,
     ) -> Result<T, Error> {
         let start = self.port.now_ns();
+        let mut steps = 0u64;
         loop {
             self.drain_messages();
             if let Some(value) = done(self) {
                 return Ok(value);
             }
             let waited = self.port.now_ns().saturating_sub(start);
-            if waited >= self.config.response_timeout_ns {
+            steps += 1;
+            if waited >= self.config.response_timeout_ns || steps > self.config.max_wait_steps {
                 self.counters.timeouts += 1;
                 log::warn!(
                     "vmbus: no {what} from the host after {} ms",
@@ -799,7 +810,10 @@ impl<P: HypervisorPort> VmbusClient<P> {
 
     fn drain_messages(&mut self) {
         let mut message = [0u8; MAX_MESSAGE_SIZE];
-        while let Some(len) = self.port.poll_message(&mut message) {
+        for _ in 0..MAX_MESSAGES_PER_DRAIN {
+            let Some(len) = self.port.poll_message(&mut message) else {
+                break;
+            };
             self.counters.messages_received += 1;
             let len = len.min(MAX_MESSAGE_SIZE);
             self.handle_message(&message[..len]);
@@ -1074,6 +1088,67 @@ mod tests {
                 waited_ms: 50
             }
         ));
+    }
+
+    /// A port whose clock never moves: only the step bound ends a wait.
+    struct StuckClock(FakeHostPort);
+
+    impl HypervisorPort for StuckClock {
+        fn post_message(&mut self, connection_id: u32, payload: &[u8]) -> Result<(), HvStatus> {
+            self.0.post_message(connection_id, payload)
+        }
+        fn signal_event(&self, connection_id: u32) -> Result<(), HvStatus> {
+            HypervisorPort::signal_event(&self.0, connection_id)
+        }
+        fn event_signal(&self) -> alloc::sync::Arc<dyn crate::EventSignal> {
+            self.0.event_signal()
+        }
+        fn poll_message(&mut self, buffer: &mut [u8; MAX_MESSAGE_SIZE]) -> Option<usize> {
+            self.0.poll_message(buffer)
+        }
+        fn take_channel_events(&mut self, events: &mut ChannelEvents) {
+            self.0.take_channel_events(events)
+        }
+        fn vp_index(&self) -> u32 {
+            0
+        }
+        fn now_ns(&self) -> u64 {
+            0
+        }
+        fn idle(&mut self) {}
+    }
+
+    #[test]
+    fn a_stuck_clock_cannot_make_a_wait_endless() {
+        let (_host, port) = FakeHost::new(FakeHostConfig {
+            silent: true,
+            ..config()
+        });
+        let config = ClientConfig {
+            max_wait_steps: 1000,
+            ..client_config()
+        };
+        assert!(matches!(
+            VmbusClient::connect(StuckClock(port), config).unwrap_err(),
+            Error::Timeout {
+                what: "VERSION_RESPONSE",
+                waited_ms: 0
+            }
+        ));
+    }
+
+    #[test]
+    fn a_flooding_host_cannot_keep_poll_from_returning() {
+        let (host, client) = connect(config());
+        let mut client = client.unwrap();
+        for _ in 0..1000 {
+            host.inject(&[99, 0, 0, 0, 0, 0, 0, 0]);
+        }
+        assert_eq!(client.poll(), None);
+        assert_eq!(client.counters().unknown_type, 256);
+        while client.counters().unknown_type < 1000 {
+            assert_eq!(client.poll(), None);
+        }
     }
 
     #[test]

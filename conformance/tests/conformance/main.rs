@@ -5,3 +5,4 @@
 
 mod guest_memory;
 mod netvsc;
+mod vmbus_control;
