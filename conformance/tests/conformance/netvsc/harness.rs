@@ -87,6 +87,34 @@ pub struct EndpointState {
     link: Option<mesh::Sender<Vec<bool>>>,
 }
 
+/// A capture endpoint with everything offloadable, and its shared state.
+pub fn capture_endpoint(
+    offloads: TxOffloadSupport,
+) -> (Box<dyn Endpoint>, Arc<Mutex<EndpointState>>) {
+    let (link_send, link_receive) = mesh::channel();
+    let state = Arc::new(Mutex::new(EndpointState {
+        link: Some(link_send),
+        ..EndpointState::default()
+    }));
+    let endpoint = CaptureEndpoint {
+        state: state.clone(),
+        link: link_receive,
+        pending_link: VecDeque::new(),
+        offloads,
+    };
+    (Box::new(endpoint), state)
+}
+
+/// Queues a frame for the guest on an endpoint's state (length filled in).
+pub fn inject_into(state: &Mutex<EndpointState>, frame: Vec<u8>, mut metadata: RxMetadata) {
+    metadata.len = frame.len();
+    let mut state = state.lock().unwrap();
+    state.received.push_back((frame, metadata));
+    if let Some(waker) = state.waker.take() {
+        waker.wake();
+    }
+}
+
 /// A backend endpoint that keeps transmitted frames (bytes and metadata) and delivers
 /// injected ones, written for these tests after netvsp's own test endpoint.
 struct CaptureEndpoint {
@@ -313,12 +341,20 @@ impl VmbusChannelControl for NetvspControl {
         self.rescinded.load(Ordering::SeqCst)
     }
 
-    fn close(&mut self, _relid: u32) {
+    fn close(&mut self, channel: vmbus::Channel) {
         let requests = self.requests.clone();
-        let _ = call_with_timeout(
+        let closed = call_with_timeout(
             async move { requests.call(ChannelRequest::Close, ()).await },
             RPC_TIMEOUT,
         );
+        let ring_gpadl = channel.ids().ring_gpadl;
+        let rings = channel.into_memory();
+        if matches!(closed, Some(Ok(()))) && self.teardown_gpadl(RELID, ring_gpadl).is_ok() {
+            drop(rings);
+        } else {
+            // netvsp may still use the rings: keep them.
+            std::mem::forget(rings);
+        }
     }
 }
 
@@ -462,13 +498,8 @@ impl NetvspHost {
     }
 
     /// Queues a frame for the guest with the given metadata (length filled in).
-    pub fn inject(&self, frame: Vec<u8>, mut metadata: RxMetadata) {
-        metadata.len = frame.len();
-        let mut state = self.endpoint.lock().unwrap();
-        state.received.push_back((frame, metadata));
-        if let Some(waker) = state.waker.take() {
-            waker.wake();
-        }
+    pub fn inject(&self, frame: Vec<u8>, metadata: RxMetadata) {
+        inject_into(&self.endpoint, frame, metadata);
     }
 
     /// Frames still queued in the endpoint (netvsp has not taken them yet).
