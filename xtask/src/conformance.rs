@@ -206,9 +206,10 @@ pub fn bench() -> Result<bool> {
     .map(|arg| arg.to_string())
     .collect();
     let (success, stdout) = cargo_test(&args)?;
+    // With --nocapture the harness's `test … ` prefix can share a line with the first result.
     let lines: Vec<&str> = stdout
         .lines()
-        .filter(|line| line.starts_with("bench "))
+        .filter_map(|line| line.find("bench ").map(|start| &line[start..]))
         .collect();
     for line in &lines {
         println!("{line}");
