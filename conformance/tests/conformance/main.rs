@@ -5,4 +5,5 @@
 
 mod guest_memory;
 mod mana;
+mod netvsc;
 mod vmbus_control;
