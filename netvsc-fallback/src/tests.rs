@@ -848,13 +848,13 @@ fn merged_frame_waits_for_all_its_buffers() {
     let Setup {
         device, mut driver, ..
     } = setup_with(FakeDeviceConfig::default(), config);
-    // The header claims three buffers but only one is used so far.
+    // The header claims three buffers, the first one is full, only it is used so far.
     let header = VirtioNetHeader {
         num_buffers: 3,
         ..VirtioNetHeader::default()
     };
     device
-        .inject_rx_frame_with_header(header, &test_frame(300, 1))
+        .inject_rx_frame_with_header(header, &test_frame(500, 1))
         .unwrap();
     assert!(receive_all(&mut driver).is_empty());
     assert_eq!(driver.stats().rx_dropped_bad, 0, "not an error yet");
@@ -864,12 +864,65 @@ fn merged_frame_waits_for_all_its_buffers() {
     device.inject_rx_frame(&test_frame(100, 3)).unwrap();
     let received = receive_all(&mut driver);
     assert_eq!(received.len(), 1);
-    assert_eq!(received[0].0.len(), 300 + 112 + 112);
+    assert_eq!(received[0].0.len(), 500 + 112 + 112);
     // Afterwards frames flow normally.
     device.inject_rx_frame(&test_frame(900, 4)).unwrap();
     assert_eq!(
         receive_all(&mut driver),
         vec![(test_frame(900, 4), RxMeta::default())]
+    );
+}
+
+/// Found by the fuzz harness (target virtio-net): a frame that fills one buffer in part but
+/// claims 16 made the driver wait and swallow the next good frames as its continuation.
+#[test]
+fn buffer_count_beyond_a_partly_used_first_buffer_is_dropped_at_once() {
+    let Setup {
+        device, mut driver, ..
+    } = setup();
+    for num_buffers in [2, 16] {
+        let header = VirtioNetHeader {
+            num_buffers,
+            ..VirtioNetHeader::default()
+        };
+        device
+            .inject_rx_frame_with_header(header, &test_frame(240, 1))
+            .unwrap();
+        assert!(receive_all(&mut driver).is_empty());
+    }
+    assert_eq!(driver.stats().rx_dropped_bad, 2);
+    assert!(!driver.rx_pending());
+    device.inject_rx_frame(&test_frame(64, 2)).unwrap();
+    assert_eq!(
+        receive_all(&mut driver),
+        vec![(test_frame(64, 2), RxMeta::default())]
+    );
+}
+
+/// More buffers than the longest frame can need are impossible even when the first is full.
+#[test]
+fn buffer_count_beyond_the_longest_frame_is_dropped_at_once() {
+    let config = VirtioNetConfig {
+        rx_buffer_size: 512,
+        ..VirtioNetConfig::default()
+    };
+    let Setup {
+        device, mut driver, ..
+    } = setup_with(FakeDeviceConfig::default(), config);
+    // A 1514-byte frame with its header needs 3 buffers of 512 bytes; 4 is a lie.
+    let header = VirtioNetHeader {
+        num_buffers: 4,
+        ..VirtioNetHeader::default()
+    };
+    device
+        .inject_rx_frame_with_header(header, &test_frame(500, 1))
+        .unwrap();
+    assert!(receive_all(&mut driver).is_empty());
+    assert_eq!(driver.stats().rx_dropped_bad, 1);
+    device.inject_rx_frame(&test_frame(64, 2)).unwrap();
+    assert_eq!(
+        receive_all(&mut driver),
+        vec![(test_frame(64, 2), RxMeta::default())]
     );
 }
 

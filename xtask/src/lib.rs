@@ -14,6 +14,7 @@ pub mod cli;
 pub mod disk_image;
 pub mod error;
 pub mod exit;
+pub mod fuzz;
 pub mod image;
 pub mod machine;
 pub mod qemu;

@@ -61,6 +61,7 @@ fn main() -> ExitCode {
             Ok(0)
         }
         cli::Command::Test => test(),
+        cli::Command::Fuzz(options) => xtask::fuzz::run_harness(&options.harness_args()),
         cli::Command::BenchBoot { runs } => {
             tools::ensure_tools(tools::RUN_TOOLS)?;
             let elf = image::build_app("hello", Profile::Release)?;
@@ -204,6 +205,10 @@ fn test() -> Result<i32> {
         ],
     )? {
         failed.push("host unit tests");
+    }
+    let smoke = ["--cases".to_string(), xtask::fuzz::SMOKE_CASES.to_string()];
+    if xtask::fuzz::run_harness(&smoke)? != 0 {
+        failed.push("fuzz targets");
     }
     let mut images_built = true;
     for app in TEST_APPS {

@@ -1,0 +1,22 @@
+//! The registered targets: one line each in [`TARGETS`].
+
+mod acpi;
+mod boot;
+mod cmdline;
+mod common;
+mod iperf_control;
+mod iperf_json;
+mod virtio_net;
+
+use crate::engine::Target;
+
+/// Every target, in the order `cargo xtask fuzz` runs them. To add one, write a module with a
+/// `TARGET` constant (see any of these) and list it here.
+pub static TARGETS: &[Target] = &[
+    cmdline::TARGET,
+    boot::TARGET,
+    acpi::TARGET,
+    iperf_json::TARGET,
+    iperf_control::TARGET,
+    virtio_net::TARGET,
+];
