@@ -54,6 +54,11 @@ impl Script {
         }
     }
 
+    /// Changes how many reads out of 256 are tampered with.
+    pub fn set_rate(&mut self, rate: u8) {
+        self.rate = rate;
+    }
+
     /// Register reads so far (tampered or not).
     pub fn reads(&self) -> u64 {
         self.reads

@@ -4,6 +4,7 @@ mod acpi;
 mod boot;
 mod cmdline;
 mod common;
+mod igbvf;
 mod iperf_control;
 mod iperf_json;
 mod virtio_net;
@@ -19,4 +20,5 @@ pub static TARGETS: &[Target] = &[
     iperf_json::TARGET,
     iperf_control::TARGET,
     virtio_net::TARGET,
+    igbvf::TARGET,
 ];

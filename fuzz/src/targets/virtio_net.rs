@@ -66,8 +66,10 @@ fn run(input: &mut Input, steps: &mut Steps) -> Outcome {
         ..VirtioNetConfig::default()
     };
     let rate = input.u8();
+    // Mostly the device turns hostile once the driver runs (deeper states); sometimes at once.
+    let hostile_init = input.below(4) == 3;
     let script_bytes = input.bytes(256);
-    let script = Script::new(script_bytes, rate);
+    let script = Script::new(script_bytes, if hostile_init { rate } else { 0 });
     let device = FakeVirtioNet::new(device_config);
     let honest = device.regions();
     let regions = VirtioPciRegions {
@@ -89,6 +91,7 @@ fn run(input: &mut Input, steps: &mut Steps) -> Outcome {
         })?;
         return Ok(());
     };
+    script.borrow_mut().set_rate(rate);
     let mut watch = StatsWatch::new(&driver);
     let mut counters_before = counters(&driver);
     let mut now = 0u64;
@@ -235,6 +238,7 @@ fn seeds() -> Vec<Vec<u8>> {
     let mut plain = vec![0u8; 8];
     plain.extend_from_slice(&[0, 0, 0, 0, 0, 1, 0, 0, 0, 0]);
     plain.push(0); // rate: never tamper
+    plain.push(0); // hostile after initialisation only
     plain.push(0); // empty script
     let mut operations = Vec::new();
     for _ in 0..6 {
@@ -246,7 +250,7 @@ fn seeds() -> Vec<Vec<u8>> {
     }
     let mut hostile = plain.clone();
     hostile[18] = 64;
-    hostile[19] = 200;
+    hostile[20] = 200;
     hostile.extend((0..200u32).map(|i| (i * 37) as u8));
     plain.extend_from_slice(&operations);
     hostile.extend_from_slice(&operations);
