@@ -494,7 +494,13 @@ impl<R: RegisterIo, S: SriovControl> LabPf<R, S> {
     /// Takes the buffer lock; false while the VF holds it.
     fn lock(&mut self, vf: usize) -> bool {
         self.regs.write32(pf::p2v_mailbox(vf), pf::P2V_PFU);
-        self.regs.read32(pf::p2v_mailbox(vf)) & pf::P2V_PFU != 0
+        if self.regs.read32(pf::p2v_mailbox(vf)) & pf::P2V_PFU != 0 {
+            return true;
+        }
+        // Not ours by the read-back; drop any claim anyway, in case the read lied (a lock the
+        // PF holds with nothing to send would shut the VF out of its mailbox for good).
+        self.regs.write32(pf::p2v_mailbox(vf), 0);
+        false
     }
 
     /// Writes a message to VF `vf` and raises STS; false if the VF held the buffer.

@@ -7,6 +7,7 @@ mod common;
 mod igbvf;
 mod iperf_control;
 mod iperf_json;
+mod lab_pf;
 mod virtio_net;
 
 use crate::engine::Target;
@@ -21,4 +22,5 @@ pub static TARGETS: &[Target] = &[
     iperf_control::TARGET,
     virtio_net::TARGET,
     igbvf::TARGET,
+    lab_pf::TARGET,
 ];
