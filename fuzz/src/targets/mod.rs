@@ -8,6 +8,7 @@ mod igbvf;
 mod iperf_control;
 mod iperf_json;
 mod lab_pf;
+mod pci;
 mod virtio_net;
 
 use crate::engine::Target;
@@ -23,4 +24,5 @@ pub static TARGETS: &[Target] = &[
     virtio_net::TARGET,
     igbvf::TARGET,
     lab_pf::TARGET,
+    pci::TARGET,
 ];
