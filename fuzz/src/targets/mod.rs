@@ -1,6 +1,7 @@
 //! The registered targets: one line each in [`TARGETS`].
 
 mod acpi;
+mod bond;
 mod boot;
 mod cmdline;
 mod common;
@@ -9,6 +10,7 @@ mod iperf_control;
 mod iperf_json;
 mod lab_pf;
 mod pci;
+mod stack;
 mod virtio_net;
 
 use crate::engine::Target;
@@ -25,4 +27,6 @@ pub static TARGETS: &[Target] = &[
     igbvf::TARGET,
     lab_pf::TARGET,
     pci::TARGET,
+    bond::TARGET,
+    stack::TARGET,
 ];

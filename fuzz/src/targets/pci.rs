@@ -300,7 +300,7 @@ fn run(input: &mut Input, steps: &mut Steps) -> Outcome {
                 function.put16(at, input.u16());
             }
             _ => {
-                let offset = usize::from(input.u16()) % SPACE & !3;
+                let offset = (usize::from(input.u16()) % SPACE) & !3;
                 let value = input.u32();
                 if input.bool() {
                     let old = function.get32(offset);
