@@ -100,7 +100,7 @@ fn seeds() -> Vec<Vec<u8>> {
 pub const TARGET: Target = Target {
     name: "acpi",
     about: "RSDP, RSDT/XSDT, MCFG, FADT, DSDT _S5_ from hostile table bytes",
-    default_cases: 100_000,
+    default_cases: 200_000,
     max_input_len: 1024,
     memory_bound: 128 * 1024,
     step_bound: 2048,

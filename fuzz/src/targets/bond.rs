@@ -249,7 +249,7 @@ fn seeds() -> Vec<Vec<u8>> {
 pub const TARGET: Target = Target {
     name: "bond",
     about: "bond: frames on both paths (dedup, queue), sends (checksums, segmentation), events",
-    default_cases: 60_000,
+    default_cases: 100_000,
     max_input_len: 4096,
     memory_bound: 8 * 1024 * 1024,
     step_bound: 1_000,

@@ -183,7 +183,7 @@ fn seeds() -> Vec<Vec<u8>> {
 pub const TARGET: Target = Target {
     name: "boot-info",
     about: "PVH start info, Multiboot2 tags, memory maps, then the usable-RAM plan",
-    default_cases: 100_000,
+    default_cases: 200_000,
     max_input_len: 4096,
     memory_bound: 256 * 1024,
     // A 1024-byte command line read bytewise plus a 4096-entry PVH map at 3 reads each.

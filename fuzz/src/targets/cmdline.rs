@@ -159,7 +159,7 @@ fn seeds() -> Vec<Vec<u8>> {
 pub const TARGET: Target = Target {
     name: "cmdline",
     about: "kernel command line: ip=/gw=/dns=/mtu=/ip6=/gw6=, key lookup, iperf options",
-    default_cases: 150_000,
+    default_cases: 200_000,
     max_input_len: 512,
     memory_bound: 256 * 1024,
     step_bound: 4096,

@@ -254,7 +254,7 @@ fn seeds() -> Vec<Vec<u8>> {
 pub const TARGET: Target = Target {
     name: "igbvf",
     about: "igbvf driver vs hostile registers, RX write-backs, PF mailbox words, resets, removal",
-    default_cases: 30_000,
+    default_cases: 50_000,
     max_input_len: 4096,
     memory_bound: 2 * 1024 * 1024,
     // A reset the PF never completes costs the driver reset_timeout_ns (50 ms) of polling at

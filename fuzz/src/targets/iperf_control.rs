@@ -125,7 +125,7 @@ fn seeds() -> Vec<Vec<u8>> {
 pub const TARGET: Target = Target {
     name: "iperf-control",
     about: "iperf3 parameters vs limits, cookie, UDP headers, loss/jitter accounting, pacer",
-    default_cases: 100_000,
+    default_cases: 150_000,
     max_input_len: 2048,
     memory_bound: 512 * 1024,
     step_bound: 4096,

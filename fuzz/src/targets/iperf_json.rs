@@ -60,7 +60,7 @@ fn seeds() -> Vec<Vec<u8>> {
 pub const TARGET: Target = Target {
     name: "iperf-json",
     about: "iperf3 JSON parser: depth, strings, numbers; writer output parses back",
-    default_cases: 150_000,
+    default_cases: 200_000,
     max_input_len: 2048,
     memory_bound: 512 * 1024,
     step_bound: 4096,

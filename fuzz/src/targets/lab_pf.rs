@@ -177,7 +177,7 @@ fn seeds() -> Vec<Vec<u8>> {
 pub const TARGET: Target = Target {
     name: "lab-pf",
     about: "lab PF mailbox side vs hostile VFs and PF registers; an honest VF still comes up",
-    default_cases: 30_000,
+    default_cases: 50_000,
     max_input_len: 2048,
     memory_bound: 1024 * 1024,
     // Bring-up and the honest VF's start are bounded waits on the test clock (link and

@@ -8,6 +8,7 @@ mod common;
 mod igbvf;
 mod iperf_control;
 mod iperf_json;
+mod iperf_server;
 mod lab_pf;
 mod pci;
 mod stack;
@@ -23,6 +24,7 @@ pub static TARGETS: &[Target] = &[
     acpi::TARGET,
     iperf_json::TARGET,
     iperf_control::TARGET,
+    iperf_server::TARGET,
     virtio_net::TARGET,
     igbvf::TARGET,
     lab_pf::TARGET,

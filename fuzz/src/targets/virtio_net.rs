@@ -261,7 +261,7 @@ fn seeds() -> Vec<Vec<u8>> {
 pub const TARGET: Target = Target {
     name: "virtio-net",
     about: "virtio-net driver vs hostile registers, used ring, net headers, link/reset/removal",
-    default_cases: 40_000,
+    default_cases: 50_000,
     max_input_len: 4096,
     memory_bound: 4 * 1024 * 1024,
     // A reset that never completes costs the driver's reset_poll_limit (100 000) status reads;
