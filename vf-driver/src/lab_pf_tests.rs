@@ -746,3 +746,23 @@ fn a_lock_claim_that_reads_back_wrong_is_dropped() {
     .expect("VF 0 comes up");
     assert_eq!(vf.mac_address(), VF0_MAC);
 }
+
+#[test]
+fn receive_checksum_offload_can_be_left_off() {
+    let fake = FakeIgb::new();
+    let config = LabPfConfig {
+        num_vfs: 1,
+        vf_macs: alloc::vec![Some(VF0_MAC)],
+        receive_checksum_offload: false,
+        ..LabPfConfig::default()
+    };
+    let mut lab = LabPf::new(fake.pf_registers(), fake.sriov(), config).expect("valid lab config");
+    lab.bring_up(&mut TestHost::new(STEP_NS))
+        .expect("PF programs");
+    let rxcsum = fake.pf_register(pf::RXCSUM);
+    assert_eq!(
+        rxcsum & (pf::RXCSUM_IP_OFFLOAD | pf::RXCSUM_L4_OFFLOAD | pf::RXCSUM_SCTP_OFFLOAD),
+        0,
+        "RXCSUM {rxcsum:#x}"
+    );
+}
