@@ -22,10 +22,12 @@ commands:
                                          VF event on the running instance (default: the newest)
   image <app> [--format raw|qcow2|vhdx|vhd|iso] [--cmdline \"...\"] [--debug]
                                          bootable disk image (GRUB, BIOS + UEFI); prints its path last
-  test                                   host unit tests, a short fuzz run, then QEMU integration tests
+  test                                   host unit tests, a short fuzz run, conformance, then QEMU integration tests
   fuzz [--target NAME] [--cases N] [--seed S] [--input HEX]
                                          hostile-input harness (fuzz/): per target cases, failures,
                                          time; a failure prints its reproducer (--input)
+  conformance [FILTER]                   our VMBus/netvsc/vPCI/MANA code against OpenVMM's host code
+                                         in one process ($OPENVMM_DIR, else ../shared/openvmm)
   bench boot [--runs N]                  hello boot time under TCG (default 5 runs) and idle CPU
   bench echo [--paths virtio|vf|both] [--runs N]
                                          root: echo round trips/s and bulk MB/s under TCG on a
@@ -97,6 +99,11 @@ pub enum Command {
     Test,
     /// `fuzz ...`.
     Fuzz(crate::fuzz::FuzzOptions),
+    /// `conformance [FILTER]`.
+    Conformance {
+        /// Only tests whose name contains this.
+        filter: Option<String>,
+    },
     /// `bench boot`.
     BenchBoot {
         /// Number of boots.
@@ -354,6 +361,13 @@ pub fn parse(args: &[String]) -> Result<Command> {
             Ok(Command::Vf { action, qmp })
         }
         "fuzz" => parse_fuzz(words),
+        "conformance" => {
+            let filter = words.words.next();
+            if let Some(extra) = words.words.next() {
+                return Err(unexpected(&extra));
+            }
+            Ok(Command::Conformance { filter })
+        }
         "test" => match words.words.next() {
             None => Ok(Command::Test),
             Some(other) => Err(unexpected(&other)),
@@ -541,6 +555,17 @@ mod tests {
     fn other_commands() {
         assert_eq!(parse_words("").unwrap(), Command::Help);
         assert_eq!(parse_words("test").unwrap(), Command::Test);
+        assert_eq!(
+            parse_words("conformance").unwrap(),
+            Command::Conformance { filter: None }
+        );
+        assert_eq!(
+            parse_words("conformance netvsc").unwrap(),
+            Command::Conformance {
+                filter: Some("netvsc".to_string())
+            }
+        );
+        assert!(parse_words("conformance a b").is_err());
         assert_eq!(
             parse_words("fuzz --target acpi --cases 10 --seed 0x10").unwrap(),
             Command::Fuzz(crate::fuzz::FuzzOptions {

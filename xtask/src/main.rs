@@ -62,6 +62,13 @@ fn main() -> ExitCode {
         }
         cli::Command::Test => test(),
         cli::Command::Fuzz(options) => xtask::fuzz::run_harness(&options.harness_args()),
+        cli::Command::Conformance { filter } => {
+            Ok(if xtask::conformance::run(filter.as_deref())? {
+                0
+            } else {
+                1
+            })
+        }
         cli::Command::BenchBoot { runs } => {
             tools::ensure_tools(tools::RUN_TOOLS)?;
             let elf = image::build_app("hello", Profile::Release)?;
@@ -209,6 +216,14 @@ fn test() -> Result<i32> {
     let smoke = ["--cases".to_string(), xtask::fuzz::SMOKE_CASES.to_string()];
     if xtask::fuzz::run_harness(&smoke)? != 0 {
         failed.push("fuzz targets");
+    }
+    match xtask::conformance::run(None) {
+        Ok(true) => {}
+        Ok(false) => failed.push("conformance (OpenVMM in-process)"),
+        Err(error) => {
+            eprintln!("xtask: error: {error}");
+            failed.push("conformance (OpenVMM in-process)");
+        }
     }
     let mut images_built = true;
     for app in TEST_APPS {
