@@ -13,6 +13,7 @@ mod lab_pf;
 mod pci;
 mod stack;
 mod virtio_net;
+mod vmbus_packet;
 
 use crate::engine::Target;
 
@@ -31,4 +32,5 @@ pub static TARGETS: &[Target] = &[
     pci::TARGET,
     bond::TARGET,
     stack::TARGET,
+    vmbus_packet::TARGET,
 ];
