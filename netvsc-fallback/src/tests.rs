@@ -1397,3 +1397,77 @@ fn a_control_queue_of_one_entry_is_refused() {
     );
     assert_eq!(allocator.live_regions(), 0);
 }
+
+/// A window of the fake; the common-configuration one's first `queue_size` read lies (64).
+struct LiesOnceAboutQueueSize {
+    inner: FakeWindow,
+    /// `Some(already lied)` for the common window.
+    lied: Option<core::cell::Cell<bool>>,
+}
+
+impl RegisterIo for LiesOnceAboutQueueSize {
+    fn read32(&self, offset: usize) -> u32 {
+        self.inner.read32(offset)
+    }
+    fn write32(&self, offset: usize, value: u32) {
+        self.inner.write32(offset, value);
+    }
+    fn read16(&self, offset: usize) -> u16 {
+        if offset == registers::QUEUE_SIZE
+            && self.lied.as_ref().is_some_and(|lied| !lied.replace(true))
+        {
+            return 64;
+        }
+        self.inner.read16(offset)
+    }
+    fn write16(&self, offset: usize, value: u16) {
+        self.inner.write16(offset, value);
+    }
+    fn read8(&self, offset: usize) -> u8 {
+        self.inner.read8(offset)
+    }
+    fn write8(&self, offset: usize, value: u8) {
+        self.inner.write8(offset, value);
+    }
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+}
+
+/// Found by the fuzz harness (target virtio-net): when the queue maximum read wrong once, the
+/// driver set up rings of a size the device refused and ran on with the link up while nothing
+/// could ever arrive; now it reads the size back and fails initialisation instead.
+#[test]
+fn a_queue_size_the_device_did_not_take_fails_initialisation() {
+    let device = FakeVirtioNet::new(FakeDeviceConfig {
+        queue_max_size: 4,
+        ..FakeDeviceConfig::default()
+    });
+    let honest = device.regions();
+    let honest_window = |inner| LiesOnceAboutQueueSize { inner, lied: None };
+    let regions = crate::VirtioPciRegions {
+        common: LiesOnceAboutQueueSize {
+            inner: honest.common,
+            lied: Some(core::cell::Cell::new(false)),
+        },
+        notify: honest_window(honest.notify),
+        notify_off_multiplier: honest.notify_off_multiplier,
+        isr: honest_window(honest.isr),
+        device: honest_window(honest.device),
+    };
+    let allocator = FakeDmaAllocator::new();
+    let result = VirtioNet::new(regions, allocator.clone(), VirtioNetConfig::default());
+    assert!(
+        matches!(
+            result,
+            Err(Error::QueueTooSmall {
+                size: 4,
+                needed: 64,
+                ..
+            })
+        ),
+        "got {:?}",
+        result.err()
+    );
+    assert_eq!(allocator.live_regions(), 0, "all memory returned");
+}

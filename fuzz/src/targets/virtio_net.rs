@@ -222,7 +222,13 @@ fn run(input: &mut Input, steps: &mut Steps) -> Outcome {
         received.extend(drain(&mut driver, 256).0);
     }
     if crate::engine::tracing() {
-        eprintln!("received {received:02x?}");
+        eprintln!(
+            "received {received:02x?}; device holds {} rx buffers, queue size {}; {:?}; {:?}",
+            device.available_rx_buffers(),
+            device.queue_size(0),
+            driver.counters(),
+            driver.stats()
+        );
     }
     check(received.contains(&good), || {
         format!(
