@@ -511,7 +511,9 @@ impl FakeState {
             return Err(FakeError::Unplugged);
         }
         let queue = self.queues.get(index).copied().ok_or(FakeError::NotLive)?;
-        if !self.driver_ok() || !queue.enabled {
+        // A size-0 queue (the driver enabled one the device has no room for) cannot carry
+        // anything; treating it as live would divide by zero.
+        if !self.driver_ok() || !queue.enabled || queue.size == 0 {
             return Err(FakeError::NotLive);
         }
         Ok(queue)

@@ -212,6 +212,12 @@ pub fn start_lab_pf(pf: PciAddress, mac: MacAddress) -> Result<(), KernelError> 
         num_vfs: 1,
         vf_macs: vec![Some(mac)],
         link_timeout_ns: 0,
+        // `igb.rx_checksum=0`: no receive checksum offload (works around QEMU 10.0.2's igb
+        // crash on crafted SCTP frames, tests/qemu-bugs/igb-sctp-checksum).
+        receive_checksum_offload: !matches!(
+            crate::cmdline_value("igb.rx_checksum"),
+            Some("0" | "off" | "no" | "false")
+        ),
         ..LabPfConfig::default()
     };
     let mut lab = LabPf::new(registers, KernelSriov { pf }, config).map_err(lab_error)?;
