@@ -729,7 +729,6 @@ impl RxQueue {
         self.bytes -= buffer.len();
         Some(buffer)
     }
-
 }
 
 /// Hold-down and flap damping of the VF.

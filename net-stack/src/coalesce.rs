@@ -174,7 +174,9 @@ impl Segment {
 
     /// Sequence space the segment takes (SYN and FIN count one each).
     fn sequence_len(&self) -> u32 {
-        self.payload_len() as u32 + u32::from(self.flags & SYN != 0) + u32::from(self.flags & FIN != 0)
+        self.payload_len() as u32
+            + u32::from(self.flags & SYN != 0)
+            + u32::from(self.flags & FIN != 0)
     }
 }
 
@@ -543,9 +545,7 @@ fn hold(frame: &[u8], segment: &Segment, out: &mut dyn Delivery) -> Held {
     Held {
         frame: buffer,
         segments: 1,
-        next_sequence: segment
-            .sequence
-            .wrapping_add(segment.payload_len() as u32),
+        next_sequence: segment.sequence.wrapping_add(segment.payload_len() as u32),
         timestamps: segment.timestamp.and_then(|at| timestamps(frame, at)),
         timestamp_at: segment.timestamp.map(|at| at - segment.tcp),
         tcp: segment.tcp,
@@ -571,7 +571,8 @@ fn append(held: &mut Held, frame: &[u8], segment: &Segment) -> Result<(), Refusa
     } else {
         // TOS (with ECN), DF, TTL.
         first.get(ip + 1) == frame.get(ip + 1)
-            && first.get(ip + 6).map(|byte| byte & 0x40) == frame.get(ip + 6).map(|byte| byte & 0x40)
+            && first.get(ip + 6).map(|byte| byte & 0x40)
+                == frame.get(ip + 6).map(|byte| byte & 0x40)
             && first.get(ip + 8) == frame.get(ip + 8)
     };
     if !ip_fields_equal || be32(first, held.tcp + 8) != Some(segment.acknowledgement) {
@@ -806,7 +807,11 @@ mod tests {
             ..nth(&base, 4)
         });
         let out = offer_all(&mut coalescer, &frames);
-        assert_eq!(described(&out), [(ISN, 5 * MSS, ACK)], "one frame across the wrap");
+        assert_eq!(
+            described(&out),
+            [(ISN, 5 * MSS, ACK)],
+            "one frame across the wrap"
+        );
         assert_eq!(
             u16::from_be_bytes([out[0][14 + 20 + 14], out[0][14 + 20 + 15]]),
             900
@@ -828,7 +833,12 @@ mod tests {
                 ..nth(&base, index)
             })
         };
-        let frames = [build(&nth(&base, 0)), push(1), build(&nth(&base, 2)), push(3)];
+        let frames = [
+            build(&nth(&base, 0)),
+            push(1),
+            build(&nth(&base, 2)),
+            push(3),
+        ];
         let mut out = Out::default();
         for frame in &frames[..2] {
             coalescer.offer(frame, &mut out);
@@ -857,11 +867,18 @@ mod tests {
                 flags: ACK | flag,
                 ..nth(&base, 2)
             });
-            let frames = [build(&nth(&base, 0)), build(&nth(&base, 1)), special.clone()];
+            let frames = [
+                build(&nth(&base, 0)),
+                build(&nth(&base, 1)),
+                special.clone(),
+            ];
             let out = offer_all(&mut coalescer, &frames);
             assert_eq!(out.len(), 2, "flag {flag:#x}");
             assert_eq!(describe(&out[0]), (seq(0), 2 * MSS, ACK), "flag {flag:#x}");
-            assert_eq!(out[1], special, "flag {flag:#x}: passed unchanged, after the flow");
+            assert_eq!(
+                out[1], special,
+                "flag {flag:#x}: passed unchanged, after the flow"
+            );
             assert_eq!(coalescer.stats.refused_flags, 1, "flag {flag:#x}");
         }
     }
@@ -896,10 +913,20 @@ mod tests {
             ..spec()
         };
         let frames: Vec<Vec<u8>> = (0..4)
-            .flat_map(|index| [build(&nth(&a, index)), build(&nth(&b, index)), build(&nth(&c, index))])
+            .flat_map(|index| {
+                [
+                    build(&nth(&a, index)),
+                    build(&nth(&b, index)),
+                    build(&nth(&c, index)),
+                ]
+            })
             .collect();
         let out = offer_all(&mut coalescer, &frames);
-        assert_eq!(out.len(), 3, "one frame per flow (ports and MACs tell flows apart)");
+        assert_eq!(
+            out.len(),
+            3,
+            "one frame per flow (ports and MACs tell flows apart)"
+        );
         for frame in &out {
             assert_eq!(describe(frame), (ISN, 4 * MSS, ACK));
         }
@@ -924,11 +951,20 @@ mod tests {
             "one segment per frame behind the hole: one duplicate ACK each"
         );
         // The next batch: still behind the hole.
-        let out = offer_all(&mut coalescer, &[6, 7].map(|index| build(&nth(&base, index))));
+        let out = offer_all(
+            &mut coalescer,
+            &[6, 7].map(|index| build(&nth(&base, index))),
+        );
         assert_eq!(described(&out), [(seq(6), MSS, ACK), (seq(7), MSS, ACK)]);
         // The retransmission fills it; from then on segments merge again.
-        let out = offer_all(&mut coalescer, &[2, 8, 9].map(|index| build(&nth(&base, index))));
-        assert_eq!(described(&out), [(seq(2), MSS, ACK), (seq(8), 2 * MSS, ACK)]);
+        let out = offer_all(
+            &mut coalescer,
+            &[2, 8, 9].map(|index| build(&nth(&base, index))),
+        );
+        assert_eq!(
+            described(&out),
+            [(seq(2), MSS, ACK), (seq(8), 2 * MSS, ACK)]
+        );
         assert_eq!(coalescer.stats.refused_out_of_order, 6);
     }
 
@@ -955,27 +991,54 @@ mod tests {
     #[test]
     fn header_differences_refuse_the_merge() {
         let cases: [(&str, fn(Spec) -> Spec, fn(&CoalesceStats) -> u64); 7] = [
-            ("tos/ecn", |s| Spec { tos: 3, ..s }, |c| c.refused_header_mismatch),
-            ("ttl", |s| Spec { ttl: 63, ..s }, |c| c.refused_header_mismatch),
-            ("ack", |s| Spec { acknowledgement: 8000, ..s }, |c| c.refused_header_mismatch),
+            (
+                "tos/ecn",
+                |s| Spec { tos: 3, ..s },
+                |c| c.refused_header_mismatch,
+            ),
+            (
+                "ttl",
+                |s| Spec { ttl: 63, ..s },
+                |c| c.refused_header_mismatch,
+            ),
+            (
+                "ack",
+                |s| Spec {
+                    acknowledgement: 8000,
+                    ..s
+                },
+                |c| c.refused_header_mismatch,
+            ),
             (
                 "options",
-                |s| Spec { options: vec![OPTION_NOP, OPTION_NOP, 4, 2], ..s },
+                |s| Spec {
+                    options: vec![OPTION_NOP, OPTION_NOP, 4, 2],
+                    ..s
+                },
                 |c| c.refused_tcp_options,
             ),
             (
                 "tsval backwards",
-                |s| Spec { options: timestamp_option(99, 50), ..s },
+                |s| Spec {
+                    options: timestamp_option(99, 50),
+                    ..s
+                },
                 |c| c.refused_tcp_options,
             ),
             (
                 "tsecr backwards",
-                |s| Spec { options: timestamp_option(100, 49), ..s },
+                |s| Spec {
+                    options: timestamp_option(100, 49),
+                    ..s
+                },
                 |c| c.refused_tcp_options,
             ),
             (
                 "no timestamps",
-                |s| Spec { options: vec![], ..s },
+                |s| Spec {
+                    options: vec![],
+                    ..s
+                },
                 |c| c.refused_tcp_options,
             ),
         ];
@@ -990,7 +1053,10 @@ mod tests {
             ];
             let out = offer_all(&mut coalescer, &frames);
             assert_eq!(
-                described(&out).iter().map(|d| (d.0, d.1)).collect::<Vec<_>>(),
+                described(&out)
+                    .iter()
+                    .map(|d| (d.0, d.1))
+                    .collect::<Vec<_>>(),
                 [(seq(0), 2 * MSS), (seq(2), 2 * MSS)],
                 "{name}: the changed segments start a frame of their own"
             );
@@ -1011,7 +1077,10 @@ mod tests {
             .collect();
         let out = offer_all(&mut coalescer, &frames);
         assert_eq!(describe(&out[0]), (ISN, 3 * MSS, ACK));
-        assert_eq!(out[0][14 + 20 + 20..14 + 20 + 32], timestamp_option(100, 50)[..]);
+        assert_eq!(
+            out[0][14 + 20 + 20..14 + 20 + 32],
+            timestamp_option(100, 50)[..]
+        );
     }
 
     #[test]
@@ -1043,7 +1112,11 @@ mod tests {
         let mut coalescer = Coalescer::new();
         let mut fragment = build(&nth(&base, 2));
         fragment[20] |= 0x20;
-        let frames = [build(&nth(&base, 0)), build(&nth(&base, 1)), fragment.clone()];
+        let frames = [
+            build(&nth(&base, 0)),
+            build(&nth(&base, 1)),
+            fragment.clone(),
+        ];
         let out = offer_all(&mut coalescer, &frames);
         assert_eq!(out.len(), 2);
         assert_eq!(out[1], fragment);
@@ -1138,8 +1211,12 @@ mod tests {
         let base = spec();
         let good = build(&nth(&base, 1));
         let lies: [(&str, fn(&mut Vec<u8>)); 9] = [
-            ("total length beyond the frame", |f| f[16..18].copy_from_slice(&3000u16.to_be_bytes())),
-            ("total length below the headers", |f| f[16..18].copy_from_slice(&30u16.to_be_bytes())),
+            ("total length beyond the frame", |f| {
+                f[16..18].copy_from_slice(&3000u16.to_be_bytes())
+            }),
+            ("total length below the headers", |f| {
+                f[16..18].copy_from_slice(&30u16.to_be_bytes())
+            }),
             ("IHL below 5", |f| f[14] = 0x44),
             ("IHL beyond the packet", |f| f[14] = 0x4f),
             ("IP version 6 in an IPv4 ethertype", |f| f[14] = 0x65),

@@ -1590,13 +1590,19 @@ fn merged_transfer_stays_exact_across_a_vf_detach_mid_transfer() {
     assert_echo_exact(&client);
     let merged_at_detach = merged_at_detach.expect("the VF was detached mid-transfer");
     let stats = sim.guest.stats().bond;
-    assert!(merged_at_detach > 10, "merged on the VF: {merged_at_detach}");
+    assert!(
+        merged_at_detach > 10,
+        "merged on the VF: {merged_at_detach}"
+    );
     assert!(
         stats.coalesce.merged_frames > merged_at_detach + 10,
         "and on the synthetic path after the detach: {:?}",
         stats.coalesce
     );
-    assert!(stats.duplicates_dropped > 100, "hub copies matched frame by frame");
+    assert!(
+        stats.duplicates_dropped > 100,
+        "hub copies matched frame by frame"
+    );
     assert_eq!(stats.vf_detaches, 1);
     assert_eq!(stats.coalesce.refused_malformed, 0);
 }

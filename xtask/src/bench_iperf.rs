@@ -124,6 +124,31 @@ pub fn guest_launch(
     cmdline_extra: &str,
     lab_socket: &Path,
 ) -> Result<GuestLaunch> {
+    guest_launch_with(
+        label,
+        accel,
+        elf,
+        network,
+        memory,
+        cmdline_extra,
+        lab_socket,
+        "",
+    )
+}
+
+/// [`guest_launch`] with `virtio_properties` (e.g. `,guest_tso4=off`) appended to the
+/// virtio-net device.
+#[allow(clippy::too_many_arguments)]
+fn guest_launch_with(
+    label: &str,
+    accel: Accel,
+    elf: &Path,
+    network: &GuestNetwork,
+    memory: &str,
+    cmdline_extra: &str,
+    lab_socket: &Path,
+    virtio_properties: &str,
+) -> Result<GuestLaunch> {
     let mut machine = Machine::new(accel);
     machine.add_network(network.paths, &NetBackend::Tap(network.taps.join(",")), &[])?;
     let mut cmdline = format!(
@@ -144,7 +169,11 @@ pub fn guest_launch(
         builder = builder.netdev(netdev);
     }
     for device in machine.devices {
-        builder = builder.device(device);
+        builder = if device.starts_with("virtio-net-pci") {
+            builder.device(format!("{device}{virtio_properties}"))
+        } else {
+            builder.device(device)
+        };
     }
     if machine.lab_pf {
         builder = builder
@@ -453,24 +482,40 @@ pub struct BenchPath {
     pub paths: NetPaths,
     /// Whether the traffic runs on the VF (and so compares with the Linux guest's igbvf).
     pub on_vf: bool,
+    /// Properties appended to the virtio-net device (`-device virtio-net-pci,...`).
+    pub virtio_properties: &'static str,
 }
 
-/// The bench's set-ups, in table order: (a) VF alone, (b) virtio-net alone, (c) the bond.
-pub const BENCH_PATHS: [BenchPath; 3] = [
+/// virtio-net without GUEST_TSO4/6 (and GUEST_UFO/ECN, which need them): the host hands over
+/// MTU-sized segments, as a VF, netvsc or a host without receive coalescing does.
+const NO_GUEST_TSO: &str = ",guest_tso4=off,guest_tso6=off,guest_ecn=off,guest_ufo=off";
+
+/// The bench's set-ups, in table order: (a) VF alone, (b) virtio-net alone, (c) virtio-net
+/// without GUEST_TSO, (d) the bond.
+pub const BENCH_PATHS: [BenchPath; 4] = [
     BenchPath {
         name: "VF alone",
         paths: NetPaths::Vf,
         on_vf: true,
+        virtio_properties: "",
     },
     BenchPath {
         name: "virtio-net alone",
         paths: NetPaths::Virtio,
         on_vf: false,
+        virtio_properties: "",
+    },
+    BenchPath {
+        name: "virtio no GUEST_TSO",
+        paths: NetPaths::Virtio,
+        on_vf: false,
+        virtio_properties: NO_GUEST_TSO,
     },
     BenchPath {
         name: "bond (VF active)",
         paths: NetPaths::Both,
         on_vf: true,
+        virtio_properties: "",
     },
 ];
 
@@ -515,6 +560,25 @@ pub struct RunSample {
     pub qemu_cpu_percent: f64,
     /// The bond's active path after the run (`stats`), when the guest has a lab channel.
     pub active: Option<String>,
+    /// The guest's receive cost over the test: its time receiving per frame the drivers
+    /// delivered (the app's `rx_ns_per_frame=`), when it reported one.
+    pub rx_ns_per_frame: Option<u64>,
+    /// Segments merged and the merged frames they made over the test (`rx_merged=S/F`).
+    pub merged: Option<(u64, u64)>,
+}
+
+/// Receive cost and merges from the app's `iperf: test done: ...` line.
+pub fn parse_receive_cost(line: &str) -> (Option<u64>, Option<(u64, u64)>) {
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|word| word.strip_prefix(name))
+    };
+    let cost = field("rx_ns_per_frame=").and_then(|value| value.parse().ok());
+    let merged = field("rx_merged=").and_then(|value| {
+        let (segments, frames) = value.split_once('/')?;
+        Some((segments.parse().ok()?, frames.parse().ok()?))
+    });
+    (cost, merged)
 }
 
 /// One table row: a path, a direction and a stream count, with every run's sample.
@@ -538,10 +602,19 @@ fn median_of(samples: &[RunSample], value: impl Fn(&RunSample) -> f64) -> f64 {
 /// The result table: medians over the runs, throughput also as a multiple of the Linux
 /// guest's on the same path and direction.
 pub fn format_table(rows: &[BenchRow], memory: &str) -> String {
-    let line = |cells: [&str; 8]| {
+    let line = |cells: [&str; 10]| {
         format!(
-            "{:<18} {:>4} {:>7} {:>8} {:>14} {:>9} {:>9} {:>10}\n",
-            cells[0], cells[1], cells[2], cells[3], cells[4], cells[5], cells[6], cells[7]
+            "{:<20} {:>4} {:>7} {:>8} {:>14} {:>9} {:>9} {:>10} {:>11} {:>10}\n",
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3],
+            cells[4],
+            cells[5],
+            cells[6],
+            cells[7],
+            cells[8],
+            cells[9]
         )
     };
     let mut text = line([
@@ -553,6 +626,8 @@ pub fn format_table(rows: &[BenchRow], memory: &str) -> String {
         "retrans",
         "QEMU CPU",
         "bond path",
+        "rx ns/frame",
+        "segs/merge",
     ]);
     for row in rows {
         let gbits = median_of(&row.samples, |sample| sample.gbits);
@@ -572,6 +647,24 @@ pub fn format_table(rows: &[BenchRow], memory: &str) -> String {
             .map(|sample| sample.active.as_deref().unwrap_or("-"))
             .collect();
         active.dedup();
+        let costs: Vec<f64> = row
+            .samples
+            .iter()
+            .filter_map(|sample| sample.rx_ns_per_frame.map(|ns| ns as f64))
+            .collect();
+        let cost = median(&costs).map_or("n/a".to_string(), |ns| format!("{ns:.0}"));
+        let (segments, frames) = row
+            .samples
+            .iter()
+            .filter_map(|sample| sample.merged)
+            .fold((0, 0), |(s, f), (segments, frames)| {
+                (s + segments, f + frames)
+            });
+        let per_merge = if frames > 0 {
+            format!("{:.1}", segments as f64 / frames as f64)
+        } else {
+            "-".to_string()
+        };
         text.push_str(&line([
             row.path.name,
             row.direction.name(),
@@ -584,6 +677,8 @@ pub fn format_table(rows: &[BenchRow], memory: &str) -> String {
                 median_of(&row.samples, |sample| sample.qemu_cpu_percent)
             ),
             &active.join("/"),
+            &cost,
+            &per_merge,
         ]));
     }
     text.push_str(&format!(
@@ -595,7 +690,9 @@ pub fn format_table(rows: &[BenchRow], memory: &str) -> String {
          {TARGET_RATIO}x). retrans = the host's TCP retransmits (reported only when the host \
          sends). QEMU CPU = QEMU's user+system time / wall time over the run, % of one host CPU. \
          bond path = the guest's `stats` active= after each run (VF alone takes the synthetic \
-         slot).\n"
+         slot). rx ns/frame = the guest's time receiving (NIC reads, bond, coalescing, smoltcp \
+         ingress) per frame its drivers delivered, guest clock, median. segs/merge = segments \
+         per merged frame (receive coalescing) over all runs.\n"
     ));
     text
 }
@@ -663,7 +760,7 @@ impl BenchGuest {
             std::process::id(),
             path.paths
         ));
-        let mut launch = guest_launch(
+        let mut launch = guest_launch_with(
             &format!("bench iperf {}", path.name),
             Accel::Tcg,
             elf,
@@ -671,6 +768,7 @@ impl BenchGuest {
             memory,
             "",
             &socket,
+            path.virtio_properties,
         )?;
         launch.builder = launch.builder.echo(false);
         let vm = launch.boot(BOOT_TIMEOUT)?;
@@ -688,6 +786,15 @@ impl BenchGuest {
         let args = bench_client_args(direction, streams);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let hz = user_hz();
+        let done_lines = || {
+            self.vm
+                .qemu
+                .serial_lines()
+                .into_iter()
+                .filter(|line| line.contains(TEST_DONE_LINE))
+                .collect::<Vec<_>>()
+        };
+        let done_before = done_lines().len();
         let ticks_before = qemu_cpu_ticks(&self.vm.qemu)?;
         let started = Instant::now();
         let outcome = run_client(
@@ -714,11 +821,24 @@ impl BenchGuest {
             Some(socket) => Some(lab_stats(socket)?.active),
             None => None,
         };
+        // The app logs its summary before the client exits; the console may lag a little.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut done = done_lines();
+        while done.len() <= done_before && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            done = done_lines();
+        }
+        let (rx_ns_per_frame, merged) = match done.get(done_before..).and_then(<[_]>::last) {
+            Some(line) => parse_receive_cost(line),
+            None => (None, None),
+        };
         Ok(RunSample {
             gbits: summary.received_bits_per_second / 1e9,
             retransmits: summary.retransmits,
             qemu_cpu_percent: ticks as f64 / hz / wall * 100.0,
             active,
+            rx_ns_per_frame,
+            merged,
         })
     }
 }
@@ -749,7 +869,7 @@ fn measure_all(elf: &Path, runs: usize, only: Option<NetPaths>) -> Result<()> {
                     let sample = guest.measure(direction, streams)?;
                     eprintln!(
                         "xtask: {} {} x{streams} run {run}/{runs}: {:.3} Gbit/s, retransmits {}, \
-                         QEMU CPU {:.0} %, bond path {}",
+                         QEMU CPU {:.0} %, bond path {}, rx {} ns/frame, merged {:?}",
                         path.name,
                         direction.name(),
                         sample.gbits,
@@ -757,7 +877,11 @@ fn measure_all(elf: &Path, runs: usize, only: Option<NetPaths>) -> Result<()> {
                             .retransmits
                             .map_or("n/a".to_string(), |count| count.to_string()),
                         sample.qemu_cpu_percent,
-                        sample.active.as_deref().unwrap_or("-")
+                        sample.active.as_deref().unwrap_or("-"),
+                        sample
+                            .rx_ns_per_frame
+                            .map_or("n/a".to_string(), |ns| ns.to_string()),
+                        sample.merged
                     );
                     samples.push(sample);
                 }
@@ -776,28 +900,45 @@ fn measure_all(elf: &Path, runs: usize, only: Option<NetPaths>) -> Result<()> {
         "--- raw-frame ceiling (1514-byte frames, no TCP/IP: the host floods the guest for `in`, \
          the guest sends pre-built frames for `out`) ---"
     );
-    for path in BENCH_PATHS
-        .iter()
-        .filter(|path| path.paths != NetPaths::Both && selected(path))
-    {
+    // One ceiling per NIC (the plain set-up of each); every set-up on that NIC is compared
+    // with it: the bond with the VF's, virtio-net without GUEST_TSO with virtio-net's.
+    let mut ceilings = Vec::new();
+    for path in BENCH_PATHS.iter().filter(|path| {
+        path.paths != NetPaths::Both && path.virtio_properties.is_empty() && selected(path)
+    }) {
         for direction in [Direction::In, Direction::Out] {
             let raw = raw_ceiling(elf, *path, memory, direction)?;
-            let stack = best_stack_rate(&rows, path.paths, direction);
-            println!(
-                "{:<16} {:>3} {raw:>7.3} Gbit/s raw; iperf {stack:.3} Gbit/s = {:.0} % of the ceiling",
-                path.name,
-                direction.name(),
-                if raw > 0.0 { stack / raw * 100.0 } else { 0.0 }
-            );
+            ceilings.push((path.on_vf, direction, raw));
+        }
+    }
+    for path in BENCH_PATHS.iter().filter(|path| selected(path)) {
+        for direction in [Direction::In, Direction::Out] {
+            let Some(&(_, _, raw)) = ceilings
+                .iter()
+                .find(|(on_vf, way, _)| *on_vf == path.on_vf && *way == direction)
+            else {
+                continue;
+            };
+            for streams in [1, PARALLEL_STREAMS] {
+                let stack = stack_rate(&rows, path, direction, streams);
+                println!(
+                    "{:<20} {:>3} x{streams} {raw:>7.3} Gbit/s raw ({} NIC); iperf {stack:.3} \
+                     Gbit/s = {:.0} % of the ceiling",
+                    path.name,
+                    direction.name(),
+                    if path.on_vf { "VF" } else { "virtio" },
+                    if raw > 0.0 { stack / raw * 100.0 } else { 0.0 }
+                );
+            }
         }
     }
     Ok(())
 }
 
-/// The best median iperf rate measured on `paths` in `direction` (1 or 4 streams).
-fn best_stack_rate(rows: &[BenchRow], paths: NetPaths, direction: Direction) -> f64 {
+/// The median iperf rate measured on `path` in `direction` with `streams` streams.
+fn stack_rate(rows: &[BenchRow], path: &BenchPath, direction: Direction, streams: u32) -> f64 {
     rows.iter()
-        .filter(|row| row.path.paths == paths && row.direction == direction)
+        .filter(|row| row.path == *path && row.direction == direction && row.streams == streams)
         .filter_map(|row| {
             median(
                 &row.samples
@@ -992,7 +1133,17 @@ mod tests {
             retransmits,
             qemu_cpu_percent: 150.0,
             active: Some(active.to_string()),
+            rx_ns_per_frame: Some(700),
+            merged: Some((90, 3)),
         }
+    }
+
+    #[test]
+    fn receive_cost_is_read_from_the_done_line() {
+        let line = "iperf: test done: tcp reverse=no streams=1 bytes_received=1 seconds=5.0 \
+                    Mbit/s=1.00 bidir=no bytes_sent=0 rx_frames=12 rx_ns_per_frame=812 rx_merged=400/20";
+        assert_eq!(parse_receive_cost(line), (Some(812), Some((400, 20))));
+        assert_eq!(parse_receive_cost("iperf: test done: tcp"), (None, None));
     }
 
     #[test]
@@ -1009,7 +1160,7 @@ mod tests {
                 ],
             },
             BenchRow {
-                path: BENCH_PATHS[2],
+                path: BENCH_PATHS[3],
                 direction: Direction::Out,
                 streams: 4,
                 samples: vec![sample(0.63, None, "Vf"), sample(0.63, None, "Vf")],
@@ -1031,7 +1182,8 @@ mod tests {
             .unwrap();
         assert!(bond.contains("1.00x of 0.63"), "{bond}");
         assert!(bond.contains("n/a"), "{bond}");
-        assert!(bond.trim_end().ends_with("Vf"), "{bond}");
+        assert!(bond.contains(" Vf "), "{bond}");
+        assert!(bond.trim_end().ends_with("700       30.0"), "{bond}");
         assert!(table.contains("-m 32M"));
     }
 
