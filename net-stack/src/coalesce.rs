@@ -820,7 +820,10 @@ mod tests {
         assert_eq!(coalescer.stats.segments_merged, 5);
         // Flushed: the next batch starts afresh and a lone segment goes out unchanged.
         let next = build(&nth(&base, 5));
-        assert_eq!(offer_all(&mut coalescer, &[next.clone()]), [next]);
+        assert_eq!(
+            offer_all(&mut coalescer, core::slice::from_ref(&next)),
+            [next]
+        );
     }
 
     #[test]
@@ -988,9 +991,14 @@ mod tests {
         );
     }
 
+    /// A name, a change to a segment, the counter that must count the refusal.
+    type HeaderCase = (&'static str, fn(Spec) -> Spec, fn(&CoalesceStats) -> u64);
+    /// A change that makes a frame's lengths or fields lie.
+    type Lie = fn(&mut Vec<u8>);
+
     #[test]
     fn header_differences_refuse_the_merge() {
-        let cases: [(&str, fn(Spec) -> Spec, fn(&CoalesceStats) -> u64); 7] = [
+        let cases: [HeaderCase; 7] = [
             (
                 "tos/ecn",
                 |s| Spec { tos: 3, ..s },
@@ -1210,7 +1218,7 @@ mod tests {
     fn frames_whose_lengths_or_fields_lie_are_never_merged_and_never_panic() {
         let base = spec();
         let good = build(&nth(&base, 1));
-        let lies: [(&str, fn(&mut Vec<u8>)); 9] = [
+        let lies: [(&str, Lie); 9] = [
             ("total length beyond the frame", |f| {
                 f[16..18].copy_from_slice(&3000u16.to_be_bytes())
             }),

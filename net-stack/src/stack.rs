@@ -232,6 +232,7 @@ struct StackCounters {
     dhcp_leases: u64,
     announcement_frames: u64,
     receive_ns: u64,
+    receive_device_ns: u64,
 }
 
 /// A snapshot of the stack's counters.
@@ -267,6 +268,9 @@ pub struct NetStats {
     /// duplicate window, coalescing) and smoltcp's processing of them. Divided by the frames
     /// the drivers delivered it is the receive cost per frame.
     pub receive_ns: u64,
+    /// The part of `receive_ns` spent before smoltcp: device reads, the bond's checks, the
+    /// duplicate window, coalescing, the copies into the receive queue.
+    pub receive_device_ns: u64,
 }
 
 /// The network stack. See the module documentation.
@@ -586,6 +590,10 @@ impl NetStack {
         let now = instant(now_ns);
         let mut did_work = self.bond.poll(now_ns);
         let receiving = self.bond.pending_rx() > 0;
+        if receiving {
+            let polled_ns = self.platform.now_ns();
+            self.counters.receive_device_ns += polled_ns.saturating_sub(now_ns);
+        }
         if self.bond.take_announce_request() {
             self.announce();
             did_work = true;
@@ -1166,6 +1174,7 @@ impl NetStack {
             dhcp_leases: self.counters.dhcp_leases,
             announcement_frames: self.counters.announcement_frames,
             receive_ns: self.counters.receive_ns,
+            receive_device_ns: self.counters.receive_device_ns,
         }
     }
 

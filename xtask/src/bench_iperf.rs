@@ -484,38 +484,52 @@ pub struct BenchPath {
     pub on_vf: bool,
     /// Properties appended to the virtio-net device (`-device virtio-net-pci,...`).
     pub virtio_properties: &'static str,
+    /// Appended to the guest's command line.
+    pub cmdline: &'static str,
 }
 
 /// virtio-net without GUEST_TSO4/6 (and GUEST_UFO/ECN, which need them): the host hands over
 /// MTU-sized segments, as a VF, netvsc or a host without receive coalescing does.
 const NO_GUEST_TSO: &str = ",guest_tso4=off,guest_tso6=off,guest_ecn=off,guest_ufo=off";
 
-/// The bench's set-ups, in table order: (a) VF alone, (b) virtio-net alone, (c) virtio-net
-/// without GUEST_TSO, (d) the bond.
-pub const BENCH_PATHS: [BenchPath; 4] = [
+/// The bench's set-ups, in table order: (a) VF alone, (b) the same with receive coalescing
+/// off (what it brings, in the same run), (c) virtio-net alone, (d) virtio-net without
+/// GUEST_TSO, (e) the bond.
+pub const BENCH_PATHS: [BenchPath; 5] = [
     BenchPath {
         name: "VF alone",
         paths: NetPaths::Vf,
         on_vf: true,
         virtio_properties: "",
+        cmdline: "",
+    },
+    BenchPath {
+        name: "VF, no coalescing",
+        paths: NetPaths::Vf,
+        on_vf: true,
+        virtio_properties: "",
+        cmdline: "net.coalesce=off",
     },
     BenchPath {
         name: "virtio-net alone",
         paths: NetPaths::Virtio,
         on_vf: false,
         virtio_properties: "",
+        cmdline: "",
     },
     BenchPath {
         name: "virtio no GUEST_TSO",
         paths: NetPaths::Virtio,
         on_vf: false,
         virtio_properties: NO_GUEST_TSO,
+        cmdline: "",
     },
     BenchPath {
         name: "bond (VF active)",
         paths: NetPaths::Both,
         on_vf: true,
         virtio_properties: "",
+        cmdline: "",
     },
 ];
 
@@ -560,25 +574,41 @@ pub struct RunSample {
     pub qemu_cpu_percent: f64,
     /// The bond's active path after the run (`stats`), when the guest has a lab channel.
     pub active: Option<String>,
-    /// The guest's receive cost over the test: its time receiving per frame the drivers
-    /// delivered (the app's `rx_ns_per_frame=`), when it reported one.
-    pub rx_ns_per_frame: Option<u64>,
-    /// Segments merged and the merged frames they made over the test (`rx_merged=S/F`).
-    pub merged: Option<(u64, u64)>,
+    /// What the guest reported about receiving over the test, when it did.
+    pub receive: Option<ReceiveReport>,
 }
 
-/// Receive cost and merges from the app's `iperf: test done: ...` line.
-pub fn parse_receive_cost(line: &str) -> (Option<u64>, Option<(u64, u64)>) {
+/// The receive figures of the app's `iperf: test done: ...` line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReceiveReport {
+    /// Frames the guest's drivers delivered (`rx_frames=`).
+    pub frames: u64,
+    /// Frames the guest sent (`tx_frames=`; while it receives, ACKs).
+    pub sent_frames: u64,
+    /// Guest time receiving per delivered frame: device reads, bond, coalescing and smoltcp's
+    /// ingress (`rx_ns_per_frame=`).
+    pub ns_per_frame: u64,
+    /// The part of it before smoltcp (`rx_device_ns_per_frame=`).
+    pub device_ns_per_frame: u64,
+    /// Segments merged and the merged frames they made (`rx_merged=S/F`).
+    pub merged: (u64, u64),
+}
+
+/// The receive figures of a done line; `None` when it has none.
+pub fn parse_receive_report(line: &str) -> Option<ReceiveReport> {
     let field = |name: &str| {
         line.split_whitespace()
             .find_map(|word| word.strip_prefix(name))
     };
-    let cost = field("rx_ns_per_frame=").and_then(|value| value.parse().ok());
-    let merged = field("rx_merged=").and_then(|value| {
-        let (segments, frames) = value.split_once('/')?;
-        Some((segments.parse().ok()?, frames.parse().ok()?))
-    });
-    (cost, merged)
+    let number = |name: &str| field(name)?.parse::<u64>().ok();
+    let (segments, frames) = field("rx_merged=")?.split_once('/')?;
+    Some(ReceiveReport {
+        frames: number("rx_frames=")?,
+        sent_frames: number("tx_frames=")?,
+        ns_per_frame: number("rx_ns_per_frame=")?,
+        device_ns_per_frame: number("rx_device_ns_per_frame=")?,
+        merged: (segments.parse().ok()?, frames.parse().ok()?),
+    })
 }
 
 /// One table row: a path, a direction and a stream count, with every run's sample.
@@ -602,9 +632,9 @@ fn median_of(samples: &[RunSample], value: impl Fn(&RunSample) -> f64) -> f64 {
 /// The result table: medians over the runs, throughput also as a multiple of the Linux
 /// guest's on the same path and direction.
 pub fn format_table(rows: &[BenchRow], memory: &str) -> String {
-    let line = |cells: [&str; 10]| {
+    let line = |cells: [&str; 12]| {
         format!(
-            "{:<20} {:>4} {:>7} {:>8} {:>14} {:>9} {:>9} {:>10} {:>11} {:>10}\n",
+            "{:<20} {:>4} {:>7} {:>8} {:>14} {:>8} {:>9} {:>10} {:>8} {:>8} {:>10} {:>8}\n",
             cells[0],
             cells[1],
             cells[2],
@@ -614,7 +644,9 @@ pub fn format_table(rows: &[BenchRow], memory: &str) -> String {
             cells[6],
             cells[7],
             cells[8],
-            cells[9]
+            cells[9],
+            cells[10],
+            cells[11]
         )
     };
     let mut text = line([
@@ -626,8 +658,10 @@ pub fn format_table(rows: &[BenchRow], memory: &str) -> String {
         "retrans",
         "QEMU CPU",
         "bond path",
-        "rx ns/frame",
+        "rx ns/fr",
+        "of it NIC",
         "segs/merge",
+        "rx/tx fr",
     ]);
     for row in rows {
         let gbits = median_of(&row.samples, |sample| sample.gbits);
@@ -647,24 +681,28 @@ pub fn format_table(rows: &[BenchRow], memory: &str) -> String {
             .map(|sample| sample.active.as_deref().unwrap_or("-"))
             .collect();
         active.dedup();
-        let costs: Vec<f64> = row
+        let reports: Vec<ReceiveReport> = row
             .samples
             .iter()
-            .filter_map(|sample| sample.rx_ns_per_frame.map(|ns| ns as f64))
+            .filter_map(|sample| sample.receive)
             .collect();
-        let cost = median(&costs).map_or("n/a".to_string(), |ns| format!("{ns:.0}"));
-        let (segments, frames) = row
-            .samples
-            .iter()
-            .filter_map(|sample| sample.merged)
-            .fold((0, 0), |(s, f), (segments, frames)| {
-                (s + segments, f + frames)
-            });
-        let per_merge = if frames > 0 {
-            format!("{:.1}", segments as f64 / frames as f64)
-        } else {
-            "-".to_string()
+        let median_ns = |value: fn(&ReceiveReport) -> u64| {
+            let values: Vec<f64> = reports.iter().map(|report| value(report) as f64).collect();
+            median(&values).map_or("n/a".to_string(), |ns| format!("{ns:.0}"))
         };
+        let sum = |value: fn(&ReceiveReport) -> u64| reports.iter().map(value).sum::<u64>();
+        let ratio = |numerator: u64, denominator: u64| {
+            if denominator > 0 {
+                format!("{:.1}", numerator as f64 / denominator as f64)
+            } else {
+                "-".to_string()
+            }
+        };
+        let per_merge = ratio(sum(|report| report.merged.0), sum(|report| report.merged.1));
+        let per_sent = ratio(
+            sum(|report| report.frames),
+            sum(|report| report.sent_frames),
+        );
         text.push_str(&line([
             row.path.name,
             row.direction.name(),
@@ -677,8 +715,10 @@ pub fn format_table(rows: &[BenchRow], memory: &str) -> String {
                 median_of(&row.samples, |sample| sample.qemu_cpu_percent)
             ),
             &active.join("/"),
-            &cost,
+            &median_ns(|report| report.ns_per_frame),
+            &median_ns(|report| report.device_ns_per_frame),
             &per_merge,
+            &per_sent,
         ]));
     }
     text.push_str(&format!(
@@ -690,9 +730,11 @@ pub fn format_table(rows: &[BenchRow], memory: &str) -> String {
          {TARGET_RATIO}x). retrans = the host's TCP retransmits (reported only when the host \
          sends). QEMU CPU = QEMU's user+system time / wall time over the run, % of one host CPU. \
          bond path = the guest's `stats` active= after each run (VF alone takes the synthetic \
-         slot). rx ns/frame = the guest's time receiving (NIC reads, bond, coalescing, smoltcp \
-         ingress) per frame its drivers delivered, guest clock, median. segs/merge = segments \
-         per merged frame (receive coalescing) over all runs.\n"
+         slot). rx ns/fr = the guest's time receiving (NIC reads, bond, coalescing, smoltcp \
+         ingress) per frame its drivers delivered, guest clock (host time: includes time the \
+         host did not run the vCPU), median; of it NIC = the part before smoltcp. segs/merge = \
+         segments per merged frame (receive coalescing); rx/tx fr = frames received per frame \
+         sent (for `in`: segments per ACK), both over all runs.\n"
     ));
     text
 }
@@ -766,7 +808,7 @@ impl BenchGuest {
             elf,
             &network,
             memory,
-            "",
+            path.cmdline,
             &socket,
             path.virtio_properties,
         )?;
@@ -828,17 +870,16 @@ impl BenchGuest {
             std::thread::sleep(Duration::from_millis(50));
             done = done_lines();
         }
-        let (rx_ns_per_frame, merged) = match done.get(done_before..).and_then(<[_]>::last) {
-            Some(line) => parse_receive_cost(line),
-            None => (None, None),
-        };
+        let receive = done
+            .get(done_before..)
+            .and_then(<[_]>::last)
+            .and_then(|line| parse_receive_report(line));
         Ok(RunSample {
             gbits: summary.received_bits_per_second / 1e9,
             retransmits: summary.retransmits,
             qemu_cpu_percent: ticks as f64 / hz / wall * 100.0,
             active,
-            rx_ns_per_frame,
-            merged,
+            receive,
         })
     }
 }
@@ -869,7 +910,7 @@ fn measure_all(elf: &Path, runs: usize, only: Option<NetPaths>) -> Result<()> {
                     let sample = guest.measure(direction, streams)?;
                     eprintln!(
                         "xtask: {} {} x{streams} run {run}/{runs}: {:.3} Gbit/s, retransmits {}, \
-                         QEMU CPU {:.0} %, bond path {}, rx {} ns/frame, merged {:?}",
+                         QEMU CPU {:.0} %, bond path {}, receive {:?}",
                         path.name,
                         direction.name(),
                         sample.gbits,
@@ -878,10 +919,7 @@ fn measure_all(elf: &Path, runs: usize, only: Option<NetPaths>) -> Result<()> {
                             .map_or("n/a".to_string(), |count| count.to_string()),
                         sample.qemu_cpu_percent,
                         sample.active.as_deref().unwrap_or("-"),
-                        sample
-                            .rx_ns_per_frame
-                            .map_or("n/a".to_string(), |ns| ns.to_string()),
-                        sample.merged
+                        sample.receive
                     );
                     samples.push(sample);
                 }
@@ -904,7 +942,10 @@ fn measure_all(elf: &Path, runs: usize, only: Option<NetPaths>) -> Result<()> {
     // with it: the bond with the VF's, virtio-net without GUEST_TSO with virtio-net's.
     let mut ceilings = Vec::new();
     for path in BENCH_PATHS.iter().filter(|path| {
-        path.paths != NetPaths::Both && path.virtio_properties.is_empty() && selected(path)
+        path.paths != NetPaths::Both
+            && path.virtio_properties.is_empty()
+            && path.cmdline.is_empty()
+            && selected(path)
     }) {
         for direction in [Direction::In, Direction::Out] {
             let raw = raw_ceiling(elf, *path, memory, direction)?;
@@ -1133,24 +1174,39 @@ mod tests {
             retransmits,
             qemu_cpu_percent: 150.0,
             active: Some(active.to_string()),
-            rx_ns_per_frame: Some(700),
-            merged: Some((90, 3)),
+            receive: Some(ReceiveReport {
+                frames: 100,
+                sent_frames: 10,
+                ns_per_frame: 700,
+                device_ns_per_frame: 300,
+                merged: (90, 3),
+            }),
         }
     }
 
     #[test]
     fn receive_cost_is_read_from_the_done_line() {
         let line = "iperf: test done: tcp reverse=no streams=1 bytes_received=1 seconds=5.0 \
-                    Mbit/s=1.00 bidir=no bytes_sent=0 rx_frames=12 rx_ns_per_frame=812 rx_merged=400/20";
-        assert_eq!(parse_receive_cost(line), (Some(812), Some((400, 20))));
-        assert_eq!(parse_receive_cost("iperf: test done: tcp"), (None, None));
+                    Mbit/s=1.00 bidir=no bytes_sent=0 rx_frames=12 tx_frames=3 \
+                    rx_ns_per_frame=812 rx_device_ns_per_frame=300 rx_merged=400/20";
+        assert_eq!(
+            parse_receive_report(line),
+            Some(ReceiveReport {
+                frames: 12,
+                sent_frames: 3,
+                ns_per_frame: 812,
+                device_ns_per_frame: 300,
+                merged: (400, 20),
+            })
+        );
+        assert_eq!(parse_receive_report("iperf: test done: tcp"), None);
     }
 
     #[test]
     fn table_shows_medians_ratios_and_missing_retransmits() {
         let rows = [
             BenchRow {
-                path: BENCH_PATHS[1],
+                path: BENCH_PATHS[2],
                 direction: Direction::In,
                 streams: 1,
                 samples: vec![
@@ -1160,7 +1216,7 @@ mod tests {
                 ],
             },
             BenchRow {
-                path: BENCH_PATHS[3],
+                path: BENCH_PATHS[4],
                 direction: Direction::Out,
                 streams: 4,
                 samples: vec![sample(0.63, None, "Vf"), sample(0.63, None, "Vf")],
@@ -1183,7 +1239,11 @@ mod tests {
         assert!(bond.contains("1.00x of 0.63"), "{bond}");
         assert!(bond.contains("n/a"), "{bond}");
         assert!(bond.contains(" Vf "), "{bond}");
-        assert!(bond.trim_end().ends_with("700       30.0"), "{bond}");
+        assert!(
+            bond.trim_end()
+                .ends_with("700      300       30.0     10.0"),
+            "{bond}"
+        );
         assert!(table.contains("-m 32M"));
     }
 

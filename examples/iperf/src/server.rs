@@ -163,8 +163,11 @@ struct Test {
 struct ReceiveCounters {
     /// Frames the drivers delivered.
     frames: u64,
-    /// Guest time spent receiving them (`NetStats::receive_ns`).
+    /// Guest time spent receiving them (`NetStats::receive_ns`), and the part before smoltcp.
     receive_ns: u64,
+    receive_device_ns: u64,
+    /// Frames the bond sent (while receiving: ACKs).
+    sent_frames: u64,
     /// Segments that went into merged frames, and those frames.
     segments_merged: u64,
     merged_frames: u64,
@@ -176,18 +179,27 @@ impl ReceiveCounters {
         ReceiveCounters {
             frames: stats.bond.total.device.rx_frames,
             receive_ns: stats.receive_ns,
+            receive_device_ns: stats.receive_device_ns,
+            sent_frames: stats.bond.total.bond.tx_frames,
             segments_merged: stats.bond.coalesce.segments_merged,
             merged_frames: stats.bond.coalesce.merged_frames,
         }
     }
 
-    /// `rx_frames=N rx_ns_per_frame=T rx_merged=S/F` over the time since `start`.
+    /// `rx_frames=N tx_frames=M rx_ns_per_frame=T rx_device_ns_per_frame=D rx_merged=S/F`
+    /// over the time since `start`.
     fn since(&self, start: &ReceiveCounters) -> String {
         let frames = self.frames.saturating_sub(start.frames);
         let receive_ns = self.receive_ns.saturating_sub(start.receive_ns);
+        let device_ns = self
+            .receive_device_ns
+            .saturating_sub(start.receive_device_ns);
         format!(
-            "rx_frames={frames} rx_ns_per_frame={} rx_merged={}/{}",
+            "rx_frames={frames} tx_frames={} rx_ns_per_frame={} rx_device_ns_per_frame={} \
+             rx_merged={}/{}",
+            self.sent_frames.saturating_sub(start.sent_frames),
             receive_ns.checked_div(frames).unwrap_or(0),
+            device_ns.checked_div(frames).unwrap_or(0),
             self.segments_merged.saturating_sub(start.segments_merged),
             self.merged_frames.saturating_sub(start.merged_frames)
         )
