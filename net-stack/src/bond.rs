@@ -716,6 +716,10 @@ impl Delivery for RxQueue {
     fn deliver(&mut self, frame: Vec<u8>) {
         self.push(frame);
     }
+
+    fn recycle(&mut self, buffer: Vec<u8>) {
+        self.free.recycle(buffer);
+    }
 }
 
 impl RxQueue {

@@ -76,6 +76,8 @@ pub(crate) trait Delivery {
     fn buffer(&mut self, len: usize) -> Vec<u8>;
     /// Hands a complete frame to the stack.
     fn deliver(&mut self, frame: Vec<u8>);
+    /// Takes back a buffer that is no longer needed.
+    fn recycle(&mut self, buffer: Vec<u8>);
 }
 
 /// Coalescing counters (monotonic).
@@ -438,7 +440,7 @@ impl Coalescer {
         }
 
         if let Some(held) = flow.held.as_mut() {
-            match append(held, frame, &segment) {
+            match append(held, frame, &segment, out) {
                 Ok(()) => {
                     if segment.flags & PSH != 0
                         && let Some(held) = flow.held.take()
@@ -539,7 +541,9 @@ fn track(flow: &mut Flow, segment: &Segment) -> bool {
 
 /// Starts a held frame from a segment (Ethernet padding dropped).
 fn hold(frame: &[u8], segment: &Segment, out: &mut dyn Delivery) -> Held {
-    let mut buffer = out.buffer(MAX_COALESCED_FRAME);
+    // Frame-sized: most held segments are never appended to (the last of a batch, a lone
+    // segment of a slow flow); the first append moves the frame to a 64 KiB buffer.
+    let mut buffer = out.buffer(segment.end);
     buffer.clear();
     buffer.extend_from_slice(&frame[..segment.end]);
     Held {
@@ -559,7 +563,12 @@ fn timestamps(frame: &[u8], at: usize) -> Option<(u32, u32)> {
 }
 
 /// Appends `segment` (of `frame`) to `held` when every rule allows it.
-fn append(held: &mut Held, frame: &[u8], segment: &Segment) -> Result<(), Refusal> {
+fn append(
+    held: &mut Held,
+    frame: &[u8],
+    segment: &Segment,
+    out: &mut dyn Delivery,
+) -> Result<(), Refusal> {
     let first = &held.frame;
     if segment.sequence != held.next_sequence {
         return Err(Refusal::OutOfOrder);
@@ -605,6 +614,12 @@ fn append(held: &mut Held, frame: &[u8], segment: &Segment) -> Result<(), Refusa
     let ip_length = held.frame.len() - ETHERNET_HEADER - if held.ipv6 { IPV6_HEADER } else { 0 };
     if ip_length + payload.len() > MAX_IP_LENGTH {
         return Err(Refusal::Size);
+    }
+    if held.frame.capacity() < held.frame.len() + payload.len() {
+        let mut large = out.buffer(MAX_COALESCED_FRAME);
+        large.clear();
+        large.extend_from_slice(&held.frame);
+        out.recycle(core::mem::replace(&mut held.frame, large));
     }
     held.frame.extend_from_slice(payload);
     held.segments += 1;
@@ -662,6 +677,8 @@ mod tests {
         fn buffer(&mut self, len: usize) -> Vec<u8> {
             Vec::with_capacity(len)
         }
+
+        fn recycle(&mut self, _buffer: Vec<u8>) {}
 
         fn deliver(&mut self, frame: Vec<u8>) {
             self.frames.push(frame);
