@@ -54,7 +54,7 @@ const MAX_POOLED_BUFFERS: usize = 256;
 const MAX_POOLED_BUFFER_CAPACITY: usize = 9216 + 22;
 /// 64 KiB buffers (coalesced frames) kept for reuse: one per flow a batch holds, a few more
 /// for frames smoltcp has not consumed yet.
-const MAX_POOLED_LARGE_BUFFERS: usize = 8;
+const MAX_POOLED_LARGE_BUFFERS: usize = 4;
 
 /// Tuning of the bond. All times in nanoseconds.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -687,10 +687,19 @@ impl BufferPool {
         if len <= MAX_POOLED_BUFFER_CAPACITY {
             self.small.pop().unwrap_or_default()
         } else {
-            self.large
-                .pop()
-                .unwrap_or_else(|| Vec::with_capacity(MAX_COALESCED_FRAME.max(len)))
+            self.large.pop().unwrap_or_else(|| Vec::with_capacity(len))
         }
+    }
+
+    /// An empty 64 KiB buffer for a merged frame; `None` when the heap cannot spare one (a
+    /// 32 MiB guest with many large socket buffers runs close to its limit).
+    fn take_large(&mut self) -> Option<Vec<u8>> {
+        if let Some(buffer) = self.large.pop() {
+            return Some(buffer);
+        }
+        let mut buffer = Vec::new();
+        buffer.try_reserve_exact(MAX_COALESCED_FRAME).ok()?;
+        Some(buffer)
     }
 
     /// Keeps a buffer for a later frame, unless its pool is full or it is of no standard size
@@ -711,6 +720,10 @@ impl BufferPool {
 impl Delivery for RxQueue {
     fn buffer(&mut self, len: usize) -> Vec<u8> {
         self.free.take(len)
+    }
+
+    fn large_buffer(&mut self) -> Option<Vec<u8>> {
+        self.free.take_large()
     }
 
     fn deliver(&mut self, frame: Vec<u8>) {

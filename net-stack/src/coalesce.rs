@@ -51,6 +51,9 @@ const MAX_IP_LENGTH: usize = 65_535;
 /// Largest frame the coalescer builds (Ethernet header + the largest IPv4 packet; an IPv6
 /// frame may be 40 bytes longer, the header not counting in its payload length).
 pub(crate) const MAX_COALESCED_FRAME: usize = ETHERNET_HEADER + IPV6_HEADER + MAX_IP_LENGTH;
+/// Largest frame that starts a merge: an MTU-sized (or jumbo) segment. Larger ones are a
+/// host's coalesced frames already; holding them would only pin 64 KiB buffers.
+const MAX_HELD_START: usize = 9216 + ETHERNET_HEADER;
 /// Flows remembered at once (held frames and sequence tracking).
 const MAX_FLOWS: usize = 16;
 
@@ -74,6 +77,9 @@ const OPTION_TIMESTAMP_LEN: usize = 10;
 pub(crate) trait Delivery {
     /// An empty buffer for a frame of `len` bytes (pooled when possible).
     fn buffer(&mut self, len: usize) -> Vec<u8>;
+    /// An empty buffer of [`MAX_COALESCED_FRAME`] bytes for a merged frame; `None` when memory
+    /// is short (the merge is refused, nothing is lost).
+    fn large_buffer(&mut self) -> Option<Vec<u8>>;
     /// Hands a complete frame to the stack.
     fn deliver(&mut self, frame: Vec<u8>);
     /// Takes back a buffer that is no longer needed.
@@ -103,6 +109,8 @@ pub struct CoalesceStats {
     pub refused_tcp_options: u64,
     /// Appending would pass the 64 KiB limit of an IP packet.
     pub refused_size: u64,
+    /// No memory for a 64 KiB frame.
+    pub refused_memory: u64,
     /// Frames whose lengths or header fields do not add up (passed on as they are).
     pub refused_malformed: u64,
     /// VLAN-tagged frames (passed on untouched).
@@ -121,6 +129,7 @@ pub(crate) enum Refusal {
     HeaderMismatch,
     TcpOptions,
     Size,
+    Memory,
 }
 
 impl CoalesceStats {
@@ -133,6 +142,7 @@ impl CoalesceStats {
             Refusal::HeaderMismatch => &mut self.refused_header_mismatch,
             Refusal::TcpOptions => &mut self.refused_tcp_options,
             Refusal::Size => &mut self.refused_size,
+            Refusal::Memory => &mut self.refused_memory,
         };
         *counter += 1;
     }
@@ -457,8 +467,9 @@ impl Coalescer {
                 }
             }
         }
-        if segment.flags & PSH != 0 {
-            // It would end the merge at once: nothing to hold it for.
+        if segment.flags & PSH != 0 || segment.end > MAX_HELD_START {
+            // It would end the merge at once, or it is already large (a host's coalesced
+            // frame): nothing to hold it for.
             return pass(frame, out);
         }
         flow.held = Some(hold(frame, &segment, out));
@@ -616,7 +627,7 @@ fn append(
         return Err(Refusal::Size);
     }
     if held.frame.capacity() < held.frame.len() + payload.len() {
-        let mut large = out.buffer(MAX_COALESCED_FRAME);
+        let mut large = out.large_buffer().ok_or(Refusal::Memory)?;
         large.clear();
         large.extend_from_slice(&held.frame);
         out.recycle(core::mem::replace(&mut held.frame, large));
@@ -668,14 +679,31 @@ mod tests {
     use alloc::vec;
 
     /// Collects what the coalescer delivers.
-    #[derive(Default)]
     struct Out {
         frames: Vec<Vec<u8>>,
+        /// 64 KiB buffers the "heap" still has.
+        memory_left: usize,
+    }
+
+    impl Default for Out {
+        fn default() -> Out {
+            Out {
+                frames: Vec::new(),
+                memory_left: usize::MAX,
+            }
+        }
     }
 
     impl Delivery for Out {
         fn buffer(&mut self, len: usize) -> Vec<u8> {
             Vec::with_capacity(len)
+        }
+
+        fn large_buffer(&mut self) -> Option<Vec<u8>> {
+            self.memory_left.checked_sub(1).map(|left| {
+                self.memory_left = left;
+                Vec::with_capacity(MAX_COALESCED_FRAME)
+            })
         }
 
         fn recycle(&mut self, _buffer: Vec<u8>) {}
@@ -1312,5 +1340,61 @@ mod tests {
             frames.len() * MSS
         );
         assert!(coalescer.stats.flow_evictions >= 1);
+    }
+
+    #[test]
+    fn without_memory_for_a_large_frame_segments_pass_unmerged() {
+        let mut coalescer = Coalescer::new();
+        let mut out = Out {
+            memory_left: 1,
+            ..Out::default()
+        };
+        let base = spec();
+        let other = Spec {
+            source_port: 9,
+            ..spec()
+        };
+        for index in 0..3 {
+            coalescer.offer(&build(&nth(&base, index)), &mut out);
+            coalescer.offer(&build(&nth(&other, index)), &mut out);
+        }
+        coalescer.flush(&mut out);
+        let mut lengths: Vec<usize> = described(&out.frames).iter().map(|d| d.1).collect();
+        lengths.sort();
+        assert_eq!(
+            lengths,
+            [MSS, MSS, MSS, 3 * MSS],
+            "one flow merged, the other could not"
+        );
+        assert_eq!(coalescer.stats.refused_memory, 2);
+    }
+
+    #[test]
+    fn a_hosts_coalesced_frame_is_not_held_but_still_appended_to() {
+        let mut coalescer = Coalescer::new();
+        let large = Spec {
+            payload_len: 30_000,
+            ..spec()
+        };
+        let mut out = Out::default();
+        let first = build(&large);
+        coalescer.offer(&first, &mut out);
+        assert_eq!(out.frames, [first], "passed at once, not held");
+        // A held MTU-sized segment takes a following large one (within 64 KiB).
+        let small = Spec {
+            sequence: ISN.wrapping_add(30_000),
+            ..spec()
+        };
+        let next = Spec {
+            sequence: ISN.wrapping_add(30_000 + MSS as u32),
+            ..large.clone()
+        };
+        coalescer.offer(&build(&small), &mut out);
+        coalescer.offer(&build(&next), &mut out);
+        coalescer.flush(&mut out);
+        assert_eq!(
+            describe(&out.frames[1]),
+            (ISN.wrapping_add(30_000), MSS + 30_000, ACK)
+        );
     }
 }

@@ -1226,7 +1226,7 @@ impl NetStack {
         );
         let coalesce = &bond.coalesce;
         log::info!(
-            "net: rx coalescing: {} segments merged into {} frames; not merged: flags {}, no payload {}, out of order {}, ip options {}, header {}, tcp options {}, size {}, malformed {}, vlan {}, evictions {}",
+            "net: rx coalescing: {} segments merged into {} frames; not merged: flags {}, no payload {}, out of order {}, ip options {}, header {}, tcp options {}, size {}, memory {}, malformed {}, vlan {}, evictions {}",
             coalesce.segments_merged,
             coalesce.merged_frames,
             coalesce.refused_flags,
@@ -1236,6 +1236,7 @@ impl NetStack {
             coalesce.refused_header_mismatch,
             coalesce.refused_tcp_options,
             coalesce.refused_size,
+            coalesce.refused_memory,
             coalesce.refused_malformed,
             coalesce.vlan_passed,
             coalesce.flow_evictions

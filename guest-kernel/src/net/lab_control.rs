@@ -82,7 +82,8 @@ pub fn stats_line(stack: &NetStack) -> String {
          rx_segments_merged={} rx_merged_frames={} rx_merge_refused_flags={} \
          rx_merge_refused_no_payload={} rx_merge_refused_out_of_order={} \
          rx_merge_refused_ip_options={} rx_merge_refused_header={} rx_merge_refused_tcp_options={} \
-         rx_merge_refused_size={} rx_merge_refused_malformed={} rx_receive_ns={}",
+         rx_merge_refused_size={} rx_merge_refused_memory={} rx_merge_refused_malformed={} \
+         rx_receive_ns={}",
         bond.active,
         bond.total.bond.rx_frames,
         bond.total.bond.tx_frames,
@@ -118,6 +119,7 @@ pub fn stats_line(stack: &NetStack) -> String {
         bond.coalesce.refused_header_mismatch,
         bond.coalesce.refused_tcp_options,
         bond.coalesce.refused_size,
+        bond.coalesce.refused_memory,
         bond.coalesce.refused_malformed,
         stats.receive_ns,
     )
