@@ -16,7 +16,9 @@
 //!   segments (and back-pressuring smoltcp) while the ring is full.
 //! * **Receive** is accepted from both paths (the host may steer some traffic to either path at
 //!   any time, see failover-lessons §8.2), through a duplicate window (`dedup`) so a frame
-//!   arriving on both never reaches the stack twice.
+//!   arriving on both never reaches the stack twice. Behind the window, consecutive TCP
+//!   segments of a flow received in one batch are merged into one frame (`coalesce`); the
+//!   batch is flushed at the end of every [`Bond::poll`].
 //! * When the VF goes away (link down, resetting, gone, detached, MAC change) the bond switches
 //!   to the synthetic path at once. When the VF comes back `Up`, it must stay up for the hold-down
 //!   time (doubled on every flap, up to a maximum) before traffic moves back. If the synthetic
