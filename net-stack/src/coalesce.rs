@@ -148,15 +148,48 @@ impl CoalesceStats {
     }
 }
 
-/// MACs, IP version, addresses and ports.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+/// MACs, IP version, addresses and ports, as machine words: compared for every frame, and a
+/// few integer compares are much cheaper under an emulated CPU (QEMU TCG) than the `memcmp`
+/// calls or vector compares byte arrays become.
+#[derive(Clone, Copy, Debug)]
 struct FlowKey {
-    macs: [u8; 12],
-    ipv6: bool,
-    /// Source then destination address (IPv4: the first 8 bytes).
-    addresses: [u8; 32],
     /// Source then destination port.
-    ports: [u8; 4],
+    ports: u32,
+    /// Source then destination address (IPv4: the first word, the rest zero), IPv6 marked by
+    /// the version in `destination_and_version`.
+    addresses: [u64; 4],
+    /// Destination MAC (48 bits) and the IP version.
+    destination_and_version: u64,
+    /// Source MAC (48 bits).
+    source: u64,
+}
+
+impl FlowKey {
+    fn same(&self, other: &FlowKey) -> bool {
+        // Branch-free on purpose: no early exits for the compiler to merge into `memcmp`.
+        ((self.ports ^ other.ports) as u64
+            | (self.addresses[0] ^ other.addresses[0])
+            | (self.addresses[1] ^ other.addresses[1])
+            | (self.addresses[2] ^ other.addresses[2])
+            | (self.addresses[3] ^ other.addresses[3])
+            | (self.destination_and_version ^ other.destination_and_version)
+            | (self.source ^ other.source))
+            == 0
+    }
+}
+
+/// The big-endian word of the 8 bytes at `offset` (the caller checked they exist).
+fn word(frame: &[u8], offset: usize) -> u64 {
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&frame[offset..offset + 8]);
+    u64::from_be_bytes(bytes)
+}
+
+/// The 48-bit MAC at `offset` (the caller checked it exists).
+fn mac(frame: &[u8], offset: usize) -> u64 {
+    let mut bytes = [0u8; 8];
+    bytes[2..].copy_from_slice(&frame[offset..offset + 6]);
+    u64::from_be_bytes(bytes)
 }
 
 /// A TCP segment's header fields, all checked against the frame's length.
@@ -250,13 +283,13 @@ fn parse(frame: &[u8]) -> Parsed {
         return Parsed::Other { vlan: false };
     };
     let ip = ETHERNET_HEADER;
+    // `be16` above proved the frame holds both MACs.
     let mut key = FlowKey {
-        macs: [0; 12],
-        ipv6: false,
-        addresses: [0; 32],
-        ports: [0; 4],
+        ports: 0,
+        addresses: [0; 4],
+        destination_and_version: mac(frame, 0),
+        source: mac(frame, 6),
     };
-    key.macs.copy_from_slice(&frame[..12]);
     let (tcp, end, ip_options) = match ethertype {
         ETHERTYPE_VLAN | ETHERTYPE_QINQ => return Parsed::Other { vlan: true },
         ETHERTYPE_IPV4 => {
@@ -282,7 +315,7 @@ fn parse(frame: &[u8]) -> Parsed {
             {
                 return Parsed::Malformed;
             }
-            key.addresses[..8].copy_from_slice(&frame[ip + 12..ip + 20]);
+            key.addresses[0] = word(frame, ip + 12);
             // More-fragments or a fragment offset: a piece of a segment, whose sequence space
             // cannot be followed.
             if fragment & 0x3fff != 0 {
@@ -306,8 +339,10 @@ fn parse(frame: &[u8]) -> Parsed {
             if version >> 4 != 6 || payload_len < TCP_HEADER || tcp + payload_len > frame.len() {
                 return Parsed::Malformed;
             }
-            key.ipv6 = true;
-            key.addresses.copy_from_slice(&frame[ip + 8..ip + 40]);
+            key.destination_and_version |= 6 << 56;
+            for (index, address) in key.addresses.iter_mut().enumerate() {
+                *address = word(frame, ip + 8 + 8 * index);
+            }
             (tcp, tcp + payload_len, false)
         }
         _ => return Parsed::Other { vlan: false },
@@ -321,7 +356,7 @@ fn parse(frame: &[u8]) -> Parsed {
     let Ok(timestamp) = find_timestamp(frame, tcp + TCP_HEADER, payload) else {
         return Parsed::Malformed;
     };
-    key.ports.copy_from_slice(&frame[tcp..tcp + 4]);
+    key.ports = u32::from_be_bytes([frame[tcp], frame[tcp + 1], frame[tcp + 2], frame[tcp + 3]]);
     let (Some(sequence), Some(acknowledgement)) = (be32(frame, tcp + 4), be32(frame, tcp + 8))
     else {
         return Parsed::Malformed;
@@ -331,7 +366,7 @@ fn parse(frame: &[u8]) -> Parsed {
     let reserved = frame[tcp + 12] & 0x0f != 0;
     Parsed::Tcp(Segment {
         key,
-        ipv6: key.ipv6,
+        ipv6: ethertype == ETHERTYPE_IPV6,
         tcp,
         payload,
         end,
@@ -487,7 +522,7 @@ impl Coalescer {
 
     /// The flow table entry for `key`, created if needed (evicting the least recently used).
     fn flow_index(&mut self, key: &FlowKey, out: &mut dyn Delivery) -> usize {
-        if let Some(index) = self.flows.iter().position(|flow| flow.key == *key) {
+        if let Some(index) = self.flows.iter().position(|flow| flow.key.same(key)) {
             return index;
         }
         let fresh = Flow {
@@ -585,15 +620,15 @@ fn append(
         return Err(Refusal::OutOfOrder);
     }
     let ip = ETHERNET_HEADER;
+    // Both frames were parsed, so their IP headers are there.
     let ip_fields_equal = if segment.ipv6 {
         // Version, traffic class, flow label; hop limit.
-        first.get(ip..ip + 4) == frame.get(ip..ip + 4) && first.get(ip + 7) == frame.get(ip + 7)
+        be32(first, ip) == be32(frame, ip) && first[ip + 7] == frame[ip + 7]
     } else {
         // TOS (with ECN), DF, TTL.
-        first.get(ip + 1) == frame.get(ip + 1)
-            && first.get(ip + 6).map(|byte| byte & 0x40)
-                == frame.get(ip + 6).map(|byte| byte & 0x40)
-            && first.get(ip + 8) == frame.get(ip + 8)
+        first[ip + 1] == frame[ip + 1]
+            && first[ip + 6] & 0x40 == frame[ip + 6] & 0x40
+            && first[ip + 8] == frame[ip + 8]
     };
     if !ip_fields_equal || be32(first, held.tcp + 8) != Some(segment.acknowledgement) {
         return Err(Refusal::HeaderMismatch);
@@ -606,13 +641,12 @@ fn append(
     let options_new = &frame[segment.tcp + TCP_HEADER..segment.payload];
     let new_timestamps = segment.timestamp.and_then(|at| timestamps(frame, at));
     let same_options = match (segment.timestamp, held.timestamps, new_timestamps) {
-        (None, None, None) => options_first == options_new,
+        (None, None, None) => same_bytes(options_first, options_new, None),
         (Some(at), Some((tsval, tsecr)), Some((new_tsval, new_tsecr))) => {
             // TSval's offset within the options; the option ends 8 bytes later (parse checked).
             let relative = at - segment.tcp - TCP_HEADER;
             held.timestamp_at == Some(at - segment.tcp)
-                && options_first.get(..relative) == options_new.get(..relative)
-                && options_first.get(relative + 8..) == options_new.get(relative + 8..)
+                && same_bytes(options_first, options_new, Some(relative..relative + 8))
                 && not_before(new_tsval, tsval)
                 && not_before(new_tsecr, tsecr)
         }
@@ -641,6 +675,18 @@ fn append(
     held.frame[held.tcp + 14..held.tcp + 16].copy_from_slice(&frame[window..window + 2]);
     held.frame[held.tcp + 13] |= segment.flags & PSH;
     Ok(())
+}
+
+/// True when `a` and `b` (of equal length) hold the same bytes outside `except`. A plain loop:
+/// TCP options are a few bytes, too short for a `memcmp` call to pay off.
+fn same_bytes(a: &[u8], b: &[u8], except: Option<core::ops::Range<usize>>) -> bool {
+    let mut differ = 0u8;
+    for (index, (x, y)) in a.iter().zip(b).enumerate() {
+        if !except.as_ref().is_some_and(|range| range.contains(&index)) {
+            differ |= x ^ y;
+        }
+    }
+    a.len() == b.len() && differ == 0
 }
 
 /// Fixes the lengths of a held frame and delivers it.
