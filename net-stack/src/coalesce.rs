@@ -416,6 +416,8 @@ struct Flow {
 pub(crate) struct Coalescer {
     flows: Vec<Flow>,
     clock: u64,
+    /// The flow of the previous TCP segment.
+    last_flow: usize,
     pub(crate) stats: CoalesceStats,
 }
 
@@ -424,6 +426,7 @@ impl Coalescer {
         Coalescer {
             flows: Vec::with_capacity(MAX_FLOWS),
             clock: 0,
+            last_flow: 0,
             stats: CoalesceStats::default(),
         }
     }
@@ -522,6 +525,20 @@ impl Coalescer {
 
     /// The flow table entry for `key`, created if needed (evicting the least recently used).
     fn flow_index(&mut self, key: &FlowKey, out: &mut dyn Delivery) -> usize {
+        // A bulk transfer's segments come in runs: look where the previous one went first.
+        if self
+            .flows
+            .get(self.last_flow)
+            .is_some_and(|flow| flow.key.same(key))
+        {
+            return self.last_flow;
+        }
+        let index = self.find_or_insert(key, out);
+        self.last_flow = index;
+        index
+    }
+
+    fn find_or_insert(&mut self, key: &FlowKey, out: &mut dyn Delivery) -> usize {
         if let Some(index) = self.flows.iter().position(|flow| flow.key.same(key)) {
             return index;
         }
