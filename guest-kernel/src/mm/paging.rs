@@ -17,6 +17,11 @@ const WRITABLE: u64 = 1 << 1;
 const WRITE_THROUGH: u64 = 1 << 3;
 const CACHE_DISABLE: u64 = 1 << 4;
 const HUGE_PAGE: u64 = 1 << 7;
+const NO_EXECUTE: u64 = 1 << 63;
+/// IA32_EFER and its no-execute-enable bit (without it, bit 63 of an entry is reserved and no
+/// page is execute-protected).
+const IA32_EFER: u32 = 0xc000_0080;
+const EFER_NO_EXECUTE_ENABLE: u64 = 1 << 11;
 const ADDRESS_MASK: u64 = 0x000f_ffff_ffff_f000;
 const LARGE_PAGE: u64 = 2 << 20;
 
@@ -182,4 +187,28 @@ pub fn map(start: u64, len: u64, cacheability: Cacheability) -> Result<(), Kerne
     let _guard = LOCK.lock();
     let mut frames = super::heap::FRAMES.lock();
     map_locked(root, start, end, cacheability, &mut frames)
+}
+
+/// True when `address` is mapped and the CPU may execute code there (no level of the walk has
+/// the no-execute bit while EFER.NXE is on). The Hyper-V hypercall page must be executable.
+pub fn is_executable(address: u64) -> bool {
+    // SAFETY: IA32_EFER exists on every x86_64 CPU; reading it has no side effects.
+    let nx_enabled = unsafe { cpu::rdmsr(IA32_EFER) } & EFER_NO_EXECUTE_ENABLE != 0;
+    let _guard = LOCK.lock();
+    let mut table_address = cpu::read_cr3() & ADDRESS_MASK;
+    for level in 0..4 {
+        let shift = 39 - 9 * level;
+        let index = ((address >> shift) & 511) as usize;
+        // SAFETY: `table_address` is a page-table frame of the live hierarchy (CR3 or a
+        // present non-leaf entry), identity-mapped; index < 512; tables change only under LOCK.
+        let entry = unsafe { table(table_address).add(index).read_volatile() };
+        if entry & PRESENT == 0 || (nx_enabled && entry & NO_EXECUTE != 0) {
+            return false;
+        }
+        if level == 3 || (level > 0 && entry & HUGE_PAGE != 0) {
+            return true;
+        }
+        table_address = entry & ADDRESS_MASK;
+    }
+    false
 }

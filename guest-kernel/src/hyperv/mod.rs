@@ -8,6 +8,10 @@
 //! The decoding and the arithmetic are plain functions over fakeable inputs (CPUID results,
 //! page snapshots) so they are unit-tested on the host; only the MSR accesses are unsafe.
 
+pub mod abi;
+#[cfg(not(test))]
+pub mod synic;
+
 use core::arch::x86_64::CpuidResult;
 
 use bitflags::bitflags;
