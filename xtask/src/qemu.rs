@@ -135,6 +135,12 @@ impl QemuBuilder {
         self
     }
 
+    /// The board (default q35).
+    pub fn board(mut self, board: crate::machine::Board) -> Self {
+        self.machine.board = board;
+        self
+    }
+
     /// Guest memory (QEMU `-m` syntax).
     pub fn memory(mut self, memory: impl Into<String>) -> Self {
         self.machine.memory = memory.into();

@@ -47,11 +47,12 @@ fn write(offset: usize, value: u32) {
     }
 }
 
-/// Enables the local APIC with the given spurious vector and masks its local interrupt lines.
-/// Also remaps and masks the legacy 8259 PICs so they can never deliver on exception vectors.
-pub fn init(spurious_vector: u8, pic_base: u8) {
-    // SAFETY: the ports are the 8259 PIC's, which every PC-compatible machine (and QEMU q35)
-    // has; the ICW sequence remaps the vectors and the final writes mask every line.
+/// Remaps the legacy 8259 PICs to `pic_base` and masks every line, so they can never deliver
+/// on exception vectors. Only for machines that have them (ACPI MADT PCAT_COMPAT): Hyper-V Gen2
+/// VMs and microvm with `pic=off` have none, and their ports lead nowhere.
+pub fn mask_legacy_pics(pic_base: u8) {
+    // SAFETY: the ports are the 8259 PICs', which the firmware says exist; the ICW sequence
+    // remaps the vectors and the final writes mask every line.
     unsafe {
         use super::port::outb;
         outb(0x20, 0x11);
@@ -65,6 +66,11 @@ pub fn init(spurious_vector: u8, pic_base: u8) {
         outb(0x21, 0xff);
         outb(0xa1, 0xff);
     }
+}
+
+/// Enables the local APIC with the given spurious vector and masks its local interrupt lines
+/// (LINT0 carries the PICs' ExtINT, so nothing from them reaches the CPU from here on).
+pub fn init(spurious_vector: u8) {
     // SAFETY: IA32_APIC_BASE exists on every x86_64 CPU.
     let base_msr = unsafe { cpu::rdmsr(IA32_APIC_BASE) };
     // SAFETY: setting the global enable bit keeps the base address unchanged.
