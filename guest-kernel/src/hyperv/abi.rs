@@ -393,28 +393,40 @@ pub fn take_message(
     read
 }
 
-/// Test-and-clears every set flag of one SINT's event-flag array (2048 bits), calling
-/// `on_flag(bit)` for each, lowest first. Each word is swapped atomically with 0, so a flag the
-/// hypervisor sets meanwhile is either reported now or left for the next call, never lost.
-/// Returns how many flags were set.
-pub fn take_event_flags(
+/// Test-and-clears one SINT's event-flag array (2048 bits) word by word, calling
+/// `on_word(word_index, bits)` for each word that had flags set. Each word is swapped
+/// atomically with 0, so a flag the hypervisor sets meanwhile is either reported now or left
+/// for the next call, never lost. Returns how many flags were set.
+pub fn take_event_words(
     flags: &[AtomicU64; EVENT_FLAG_WORDS],
-    mut on_flag: impl FnMut(u32),
+    mut on_word: impl FnMut(usize, u64),
 ) -> u32 {
     let mut count = 0;
     for (index, word) in flags.iter().enumerate() {
         if word.load(Ordering::Relaxed) == 0 {
             continue;
         }
-        let mut bits = word.swap(0, Ordering::AcqRel);
-        while bits != 0 {
-            let bit = bits.trailing_zeros();
-            bits &= bits - 1;
-            on_flag(index as u32 * 64 + bit);
-            count += 1;
+        let bits = word.swap(0, Ordering::AcqRel);
+        if bits != 0 {
+            count += bits.count_ones();
+            on_word(index, bits);
         }
     }
     count
+}
+
+/// [`take_event_words`], one call of `on_flag(bit)` per set flag, lowest first (the bit
+/// number is the channel's `child_relid` for VMBus).
+pub fn take_event_flags(
+    flags: &[AtomicU64; EVENT_FLAG_WORDS],
+    mut on_flag: impl FnMut(u32),
+) -> u32 {
+    take_event_words(flags, |index, mut bits| {
+        while bits != 0 {
+            on_flag(index as u32 * 64 + bits.trailing_zeros());
+            bits &= bits - 1;
+        }
+    })
 }
 
 #[cfg(test)]
@@ -595,5 +607,13 @@ mod tests {
         assert_eq!(take_event_flags(&flags, |bit| seen.push(bit)), 0);
         assert!(seen.is_empty());
         assert!(flags.iter().all(|word| word.load(Ordering::Relaxed) == 0));
+
+        flags[2].store(u64::MAX, Ordering::Relaxed);
+        let mut words = Vec::new();
+        assert_eq!(
+            take_event_words(&flags, |index, bits| words.push((index, bits))),
+            64
+        );
+        assert_eq!(words, [(2, u64::MAX)]);
     }
 }

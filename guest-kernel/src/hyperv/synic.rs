@@ -57,13 +57,37 @@ fn sint_interrupt(_vector: u8) {
     SINT_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
 }
 
+/// A frame shared with the hypervisor.
+struct SharedPage(DmaRegion);
+
+// SAFETY: the frame is plain RAM owned by the `Synic` for its whole life. The hypercall page
+// is only executed, the message and event pages are only accessed as atomics (the hypervisor
+// writes them concurrently), and the post-input page only under its `Mutex`; the kernel runs
+// the event loop on one CPU, and nothing here depends on which thread touches the frame.
+unsafe impl Send for SharedPage {}
+// SAFETY: as above: every shared access is atomic or serialised by a lock.
+unsafe impl Sync for SharedPage {}
+
+/// The SynIC the kernel enabled, for the VMBus client and the event loop.
+static SYNIC: spin::Once<Synic> = spin::Once::new();
+
+/// Enables the SynIC on first use (see [`Synic::enable`]) and keeps it for the kernel's life.
+pub fn enable_once(hyper_v: &HyperV) -> Result<&'static Synic, KernelError> {
+    SYNIC.try_call_once(|| Synic::enable(hyper_v))
+}
+
+/// The SynIC, if [`enable_once`] succeeded.
+pub fn get() -> Option<&'static Synic> {
+    SYNIC.get()
+}
+
 /// The enabled SynIC of the boot CPU with its hypercall page.
 pub struct Synic {
-    hypercall_page: DmaRegion,
+    hypercall_page: SharedPage,
     /// The HvPostMessage input page (one post at a time).
-    post_input: Mutex<DmaRegion>,
-    message_page: DmaRegion,
-    event_page: DmaRegion,
+    post_input: Mutex<SharedPage>,
+    message_page: SharedPage,
+    event_page: SharedPage,
     vector: u8,
     auto_eoi: bool,
     vp_index: u32,
@@ -198,10 +222,10 @@ impl Synic {
             if auto_eoi { "AutoEOI" } else { "explicit EOI" },
         );
         Ok(Synic {
-            hypercall_page,
-            post_input: Mutex::new(post_input),
-            message_page,
-            event_page,
+            hypercall_page: SharedPage(hypercall_page),
+            post_input: Mutex::new(SharedPage(post_input)),
+            message_page: SharedPage(message_page),
+            event_page: SharedPage(event_page),
             vector,
             auto_eoi,
             vp_index,
@@ -212,7 +236,7 @@ impl Synic {
 
     /// Calls the hypervisor through the hypercall page; returns RAX.
     fn hypercall(&self, control: u64, input: u64, output: u64) -> u64 {
-        let stub = self.hypercall_page.as_ptr() as u64;
+        let stub = self.hypercall_page.0.as_ptr() as u64;
         let rax: u64;
         // SAFETY: `stub` is the hypercall page the hypervisor filled (enabled and verified in
         // `enable`, kept until drop) and executable in our tables. The stub follows the TLFS
@@ -232,9 +256,9 @@ impl Synic {
         rax
     }
 
-    /// Posts one message to the host's `connection_id` (HvPostMessage, slow call), repeating
-    /// a transiently refused post with bounded back-off (at most ~1.5 s in all).
-    pub fn post_message(
+    /// Posts one message to the host's `connection_id` (HvPostMessage, slow call) once; a
+    /// transient refusal ([`HvStatus::is_transient`]) is the caller's to repeat.
+    pub fn try_post_message(
         &self,
         connection_id: u32,
         message_type: u32,
@@ -244,23 +268,44 @@ impl Synic {
             .ok_or(HvStatus::INVALID_PARAMETER)?;
         let mut page = self.post_input.lock();
         let bytes = input.as_bytes();
-        page.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
+        page.0.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
         let control = abi::control_word(CallCode::PostMessage, false);
+        let status = HvStatus::from_rax(self.hypercall(control, page.0.phys().0, 0));
+        if status.is_success() {
+            self.counters.posts.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        } else if status.is_transient() {
+            self.counters.post_retries.fetch_add(1, Ordering::Relaxed);
+            Err(status)
+        } else {
+            self.counters.post_failures.fetch_add(1, Ordering::Relaxed);
+            Err(status)
+        }
+    }
+
+    /// [`Synic::try_post_message`], repeating a transiently refused post with bounded
+    /// back-off (at most ~1.5 s in all, as Linux `vmbus_post_msg`).
+    pub fn post_message(
+        &self,
+        connection_id: u32,
+        message_type: u32,
+        payload: &[u8],
+    ) -> Result<(), HvStatus> {
         let mut attempt = 0;
         loop {
-            let status = HvStatus::from_rax(self.hypercall(control, page.phys().0, 0));
-            if status.is_success() {
-                self.counters.posts.fetch_add(1, Ordering::Relaxed);
-                return Ok(());
-            }
+            let status = match self.try_post_message(connection_id, message_type, payload) {
+                Ok(()) => return Ok(()),
+                Err(status) => status,
+            };
             match abi::post_retry_pause_us(status, attempt) {
                 Some(pause) => {
-                    self.counters.post_retries.fetch_add(1, Ordering::Relaxed);
                     time::delay_us(pause);
                     attempt += 1;
                 }
                 None => {
-                    self.counters.post_failures.fetch_add(1, Ordering::Relaxed);
+                    if status.is_transient() {
+                        self.counters.post_failures.fetch_add(1, Ordering::Relaxed);
+                    }
                     return Err(status);
                 }
             }
@@ -289,7 +334,7 @@ impl Synic {
         // slot 2 (bytes 512..768) lies inside it and is 8-byte aligned. The hypervisor writes it
         // concurrently, which is why it is viewed as atomics and never as plain memory.
         unsafe {
-            &*(self.message_page.as_ptr().add(offset)
+            &*(self.message_page.0.as_ptr().add(offset)
                 as *const [AtomicU64; abi::MESSAGE_SLOT_WORDS])
         }
     }
@@ -299,7 +344,7 @@ impl Synic {
         // SAFETY: as for the message slot: SINT 2's 256-byte flag array in our event page,
         // 8-byte aligned, written concurrently by the hypervisor.
         unsafe {
-            &*(self.event_page.as_ptr().add(offset) as *const [AtomicU64; abi::EVENT_FLAG_WORDS])
+            &*(self.event_page.0.as_ptr().add(offset) as *const [AtomicU64; abi::EVENT_FLAG_WORDS])
         }
     }
 
@@ -338,6 +383,16 @@ impl Synic {
     /// Test-and-clears SINT 2's event flags, calling `on_flag(child_relid)` per set flag.
     pub fn take_events(&self, on_flag: impl FnMut(u32)) -> u32 {
         let count = abi::take_event_flags(self.event_flags(), on_flag);
+        self.counters
+            .events
+            .fetch_add(u64::from(count), Ordering::Relaxed);
+        count
+    }
+
+    /// Test-and-clears SINT 2's event flags word by word: `on_word(index, bits)` per word
+    /// with flags set (bit n of word i = relid 64·i + n).
+    pub fn take_event_words(&self, on_word: impl FnMut(usize, u64)) -> u32 {
+        let count = abi::take_event_words(self.event_flags(), on_word);
         self.counters
             .events
             .fetch_add(u64::from(count), Ordering::Relaxed);
