@@ -7,8 +7,13 @@
 //!
 //! The decoding and the arithmetic are plain functions over fakeable inputs (CPUID results,
 //! page snapshots) so they are unit-tested on the host; only the MSR accesses are unsafe.
+//!
+//! Submodules: [`abi`] (hypercall and SynIC encodings, pure), [`synic`] (the enlightenments
+//! VMBus needs: hypercall page, post/signal, SynIC pages, SINT 2; the only other `unsafe`) and
+//! [`bringup`] (which synthetic NIC to start and what the console says, pure).
 
 pub mod abi;
+pub mod bringup;
 #[cfg(not(test))]
 pub mod synic;
 
