@@ -10,10 +10,13 @@
 //!
 //! Submodules: [`abi`] (hypercall and SynIC encodings, pure), [`synic`] (the enlightenments
 //! VMBus needs: hypercall page, post/signal, SynIC pages, SINT 2; the only other `unsafe`) and
-//! [`bringup`] (which synthetic NIC to start and what the console says, pure).
+//! [`bringup`] (which synthetic NIC to start and what the console says, pure) and [`port`] (the
+//! `vmbus::HypervisorPort` the VMBus client runs on).
 
 pub mod abi;
 pub mod bringup;
+#[cfg(not(test))]
+pub mod port;
 #[cfg(not(test))]
 pub mod synic;
 
