@@ -237,6 +237,11 @@ impl Channel {
         self.outgoing.set_pending_send_size(&mut self.memory, len)
     }
 
+    /// Physical address of the ring memory (what the ring GPADL describes).
+    pub fn memory_phys(&self) -> u64 {
+        self.memory.phys().0
+    }
+
     /// Gives the ring memory back (after the host released the GPADL).
     pub fn into_memory(self) -> DmaRegion {
         self.memory

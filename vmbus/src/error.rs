@@ -151,6 +151,12 @@ pub enum Error {
         /// creation_status.
         status: u32,
     },
+    /// The channel is already open.
+    #[error("relid {relid} is already open")]
+    AlreadyOpen {
+        /// The channel.
+        relid: u32,
+    },
     /// The host refused to open a channel.
     #[error("the host refused to open relid {relid}: status {status:#x}")]
     OpenRefused {

@@ -12,6 +12,7 @@
 extern crate alloc;
 
 pub mod channel;
+pub mod client;
 pub mod error;
 pub mod guid;
 pub mod hypervisor;
@@ -22,6 +23,9 @@ pub mod ring;
 pub mod testing;
 
 pub use channel::{Channel, ChannelCounters, ChannelIds};
+pub use client::{
+    ClientConfig, ClientCounters, ClientEvent, GpadlBuffer, Offer, OpenParams, VmbusClient,
+};
 pub use error::{Error, PacketError, RingCorruption};
 pub use guid::Guid;
 pub use hypervisor::{ChannelEvents, EventSignal, HvStatus, HypervisorPort};
