@@ -10,11 +10,13 @@
 //!
 //! Submodules: [`abi`] (hypercall and SynIC encodings, pure), [`synic`] (the enlightenments
 //! VMBus needs: hypercall page, post/signal, SynIC pages, SINT 2; the only other `unsafe`) and
-//! [`bringup`] (which synthetic NIC to start and what the console says, pure) and [`port`] (the
-//! `vmbus::HypervisorPort` the VMBus client runs on).
+//! [`bringup`] (which synthetic NIC to start and what the console says, pure), [`port`] (the
+//! `vmbus::HypervisorPort` the VMBus client runs on) and [`netvsc_channel`] (netvsc's channel
+//! over the VMBus client, generic over the port).
 
 pub mod abi;
 pub mod bringup;
+pub mod netvsc_channel;
 #[cfg(not(test))]
 pub mod port;
 #[cfg(not(test))]
