@@ -1,5 +1,4 @@
-//! ACPI tables: finding the RSDP, walking the XSDT/RSDT, MCFG (PCIe ECAM), FADT (power off) and
-//! MADT (whether legacy 8259 PICs exist).
+//! ACPI tables: finding the RSDP, walking the XSDT/RSDT, MCFG (PCIe ECAM) and FADT (power off).
 //!
 //! Table parsing works on byte slices and is unit-tested on the host; only `init` and
 //! `power_off` touch physical memory and ports.
@@ -112,14 +111,6 @@ pub fn parse_fadt(table: &[u8]) -> Option<(u16, u16, u64)> {
     ))
 }
 
-/// The MADT's PCAT_COMPAT flag (ACPI 6.5 §5.2.12, flags at offset 40, bit 0): the machine has
-/// dual 8259 PICs. Hyper-V Gen2 VMs clear it; `None` for a table too short to say.
-pub fn madt_has_legacy_pics(table: &[u8]) -> Option<bool> {
-    const PCAT_COMPAT: u32 = 1;
-    let flags = u32::from_le_bytes(table.get(40..44)?.try_into().ok()?);
-    Some(flags & PCAT_COMPAT != 0)
-}
-
 /// Finds the `\_S5_` package in AML and returns its first two values (SLP_TYPa, SLP_TYPb).
 ///
 /// This is the well-known shortcut of matching the byte pattern `NameOp "_S5_" PackageOp`
@@ -170,8 +161,6 @@ mod platform {
 
     static MCFG: Once<Vec<McfgEntry>> = Once::new();
     static POWER: Once<PowerControl> = Once::new();
-    /// `None` when no MADT said (then the PICs are assumed present, as on any PC).
-    static LEGACY_PICS: Once<Option<bool>> = Once::new();
 
     /// Maps and borrows `len` bytes of firmware memory.
     fn physical(address: u64, len: usize) -> Option<&'static [u8]> {
@@ -220,12 +209,10 @@ mod platform {
             log::warn!("no valid ACPI RSDP: no MCFG, no ACPI power-off");
             MCFG.call_once(Vec::new);
             POWER.call_once(PowerControl::default);
-            LEGACY_PICS.call_once(|| None);
             return;
         };
         let mut mcfg = Vec::new();
         let mut power = PowerControl::default();
-        let mut legacy_pics = None;
         for address in table(root)
             .map(|t| super::parse_root_table(t, is_xsdt))
             .unwrap_or_default()
@@ -235,7 +222,6 @@ mod platform {
             };
             match &bytes[..4] {
                 b"MCFG" => mcfg = super::parse_mcfg(bytes),
-                b"APIC" => legacy_pics = super::madt_has_legacy_pics(bytes),
                 b"FACP" => {
                     if let Some((pm1a, pm1b, dsdt)) = super::parse_fadt(bytes) {
                         power.pm1a_control = pm1a;
@@ -256,12 +242,6 @@ mod platform {
         );
         MCFG.call_once(|| mcfg);
         POWER.call_once(|| power);
-        LEGACY_PICS.call_once(|| legacy_pics);
-    }
-
-    /// Whether the machine has 8259 PICs: the MADT's PCAT_COMPAT flag, else assumed yes.
-    pub fn has_legacy_pics() -> bool {
-        LEGACY_PICS.get().copied().flatten().unwrap_or(true)
     }
 
     pub fn mcfg_entries() -> Vec<McfgEntry> {
@@ -290,21 +270,11 @@ mod platform {
 }
 
 #[cfg(not(test))]
-pub use platform::{has_legacy_pics, init, mcfg_entries, power_off};
+pub use platform::{init, mcfg_entries, power_off};
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn madt_flags_say_whether_legacy_pics_exist() {
-        let mut madt = vec![0u8; 44];
-        madt[..4].copy_from_slice(b"APIC");
-        assert_eq!(madt_has_legacy_pics(&madt), Some(false), "Gen2 Hyper-V");
-        madt[40] = 1;
-        assert_eq!(madt_has_legacy_pics(&madt), Some(true), "PC/q35");
-        assert_eq!(madt_has_legacy_pics(&madt[..43]), None);
-    }
 
     /// Sets the checksum byte at `checksum_offset` so that `bytes[..covered]` sums to zero.
     fn with_checksum(mut bytes: Vec<u8>, checksum_offset: usize, covered: usize) -> Vec<u8> {

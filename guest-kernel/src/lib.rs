@@ -202,7 +202,8 @@ mod kernel {
                 exit::exit(BAD_BOOT_EXIT_CODE);
             }
         };
-        arch::apic::init(interrupts::SPURIOUS_VECTOR);
+        let legacy_pics =
+            arch::apic::init(interrupts::SPURIOUS_VECTOR, interrupts::PIC_BASE_VECTOR);
         let clock = time::init();
         console::init_logging(boot::cmdline_value(boot.cmdline(), "log"));
         log::info!(
@@ -237,12 +238,10 @@ mod kernel {
                 }
             );
         }
-        acpi::init(boot.rsdp);
-        if acpi::has_legacy_pics() {
-            arch::apic::mask_legacy_pics(interrupts::PIC_BASE_VECTOR);
-        } else {
-            log::info!("no legacy PICs (ACPI MADT): nothing to mask");
+        if !legacy_pics {
+            log::info!("no legacy 8259 PICs: nothing to mask");
         }
+        acpi::init(boot.rsdp);
         arch::cpu::enable_interrupts();
         // SAFETY: every app defines `tandem_app_main` through `app!`, with this signature.
         let code = unsafe { tandem_app_main() };

@@ -31,7 +31,7 @@ fn hello_boots_without_pci_pit_or_pic_and_says_so() {
         "the banner does not say the PIT is missing: {banner}"
     );
     for expected in [
-        "no legacy PICs (ACPI MADT): nothing to mask",
+        "no legacy 8259 PICs: nothing to mask",
         "pci: no MCFG and no host bridge behind port 0xCF8: no PCI bus",
         "pci: 0 functions found",
     ] {

@@ -47,12 +47,26 @@ fn write(offset: usize, value: u32) {
     }
 }
 
+/// Value written to the master PIC's mask register to probe for it: everything masked except
+/// the cascade line (Linux `probe_8259A` uses the same); a missing PIC reads back all-ones.
+const PIC_PROBE_MASK: u8 = 0xfb;
+
+/// True when an 8259 PIC answers at ports 0x20/0x21 (Hyper-V Gen2 and microvm with `pic=off`
+/// have none): its mask register keeps what was written.
+fn legacy_pic_present() -> bool {
+    // SAFETY: writing the master PIC's mask register only masks lines (all but the cascade);
+    // on a machine without a PIC the port leads nowhere and reads back all-ones.
+    unsafe {
+        super::port::outb(0x21, PIC_PROBE_MASK);
+        super::port::inb(0x21) == PIC_PROBE_MASK
+    }
+}
+
 /// Remaps the legacy 8259 PICs to `pic_base` and masks every line, so they can never deliver
-/// on exception vectors. Only for machines that have them (ACPI MADT PCAT_COMPAT): Hyper-V Gen2
-/// VMs and microvm with `pic=off` have none, and their ports lead nowhere.
-pub fn mask_legacy_pics(pic_base: u8) {
-    // SAFETY: the ports are the 8259 PICs', which the firmware says exist; the ICW sequence
-    // remaps the vectors and the final writes mask every line.
+/// on exception vectors.
+fn mask_legacy_pics(pic_base: u8) {
+    // SAFETY: the ports are the 8259 PICs' (probed present); the ICW sequence remaps the
+    // vectors and the final writes mask every line.
     unsafe {
         use super::port::outb;
         outb(0x20, 0x11);
@@ -68,9 +82,15 @@ pub fn mask_legacy_pics(pic_base: u8) {
     }
 }
 
-/// Enables the local APIC with the given spurious vector and masks its local interrupt lines
-/// (LINT0 carries the PICs' ExtINT, so nothing from them reaches the CPU from here on).
-pub fn init(spurious_vector: u8) {
+/// Enables the local APIC with the given spurious vector and masks its local interrupt lines.
+/// First remaps and masks the legacy 8259 PICs, when there are any, so they can never deliver
+/// on exception vectors (masked before LINT0, as QEMU otherwise keeps a PIC interrupt pending
+/// that no vector answers). Returns whether PICs were found.
+pub fn init(spurious_vector: u8, pic_base: u8) -> bool {
+    let pics = legacy_pic_present();
+    if pics {
+        mask_legacy_pics(pic_base);
+    }
     // SAFETY: IA32_APIC_BASE exists on every x86_64 CPU.
     let base_msr = unsafe { cpu::rdmsr(IA32_APIC_BASE) };
     // SAFETY: setting the global enable bit keeps the base address unchanged.
@@ -82,7 +102,7 @@ pub fn init(spurious_vector: u8) {
         }
         Err(error) => {
             log::error!("cannot map the local APIC at {base:#x}: {error}");
-            return;
+            return pics;
         }
     }
     write(REG_SPURIOUS, 0x100 | u32::from(spurious_vector));
@@ -91,6 +111,7 @@ pub fn init(spurious_vector: u8) {
     write(REG_LVT_ERROR, LVT_MASKED);
     write(REG_TIMER_DIVIDE, DIVIDE_BY_16);
     write(REG_LVT_TIMER, LVT_MASKED);
+    pics
 }
 
 /// This CPU's APIC ID (0 before `init`).

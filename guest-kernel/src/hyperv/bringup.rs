@@ -153,6 +153,12 @@ mod tests {
             guid_text(&NETVSC_INTERFACE),
             "f8615163-df3e-46c5-913f-f2d2f965ed0e"
         );
+        use zerocopy::IntoBytes;
+        assert_eq!(
+            &NETVSC_INTERFACE[..],
+            vmbus::guid::interface::NETWORK.as_bytes(),
+            "the VMBus client's offers compare equal"
+        );
     }
 
     #[test]

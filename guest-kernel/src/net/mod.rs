@@ -217,7 +217,7 @@ pub fn bring_up() -> Result<NetStack, KernelError> {
             return match vf_path::bring_up_vf_path(mac)? {
                 Some(vf) => {
                     log::warn!(
-                        "net: no synthetic NIC: the VF alone carries the interface, without failover"
+                        "net: no virtio-net device: the VF alone carries the interface, without failover"
                     );
                     NetStack::new(config, vf, Box::new(KernelPlatform)).map_err(|error| {
                         KernelError::Network {
