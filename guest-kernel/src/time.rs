@@ -30,6 +30,8 @@ pub enum ClockSource {
 }
 
 const PIT_HZ: u64 = 1_193_182;
+/// TSC ticks after which PIT calibration gives up (2^31: 0.4 s at 5 GHz, 2 s at 1 GHz).
+const CALIBRATION_TSC_LIMIT: u64 = 1 << 31;
 const CALIBRATION_MS: u64 = 10;
 
 /// KVM's paravirtual clock MSR (MSR_KVM_SYSTEM_TIME_NEW): physical address of a
@@ -203,6 +205,12 @@ fn calibrate_with_pit() -> Option<(u64, u64)> {
     let mut elapsed_ticks = 0u64;
     for _ in 0..5_000_000u32 {
         let sample = read_pit_sample();
+        // Each sample is a few port exits; where exits are slow (nested virtualisation) the
+        // step count alone would wait for hours on a PIT that does not count, so the TSC
+        // bounds the wait too (about a second at any plausible TSC rate).
+        if sample.tsc.wrapping_sub(first.tsc) > CALIBRATION_TSC_LIMIT {
+            break;
+        }
         // Down-counter: ticks passed since the previous sample (one wrap at most, since a
         // wrap takes 55 ms and samples are microseconds apart unless preempted).
         elapsed_ticks += u64::from(last.count.wrapping_sub(sample.count));

@@ -155,12 +155,17 @@ tandem_linux_entry64:
     cld
     movq %rsi, %r12             /* boot_params, kept across the loops below */
 
-    /* Clear .bss: the boot stack and page tables live there and must start zeroed. */
+    /* Clear .bss: the boot stack and page tables live there and must start zeroed. A plain
+       loop: `rep stosb` here, on the loader's segments, never completed under OpenVMM nested
+       in QEMU/TCG. */
     leaq __bss_start(%rip), %rdi
     leaq __bss_end(%rip), %rcx
-    subq %rdi, %rcx
     xorl %eax, %eax
-    rep stosb
+8:
+    movq %rax, (%rdi)
+    addq $8, %rdi
+    cmpq %rcx, %rdi
+    jb 8b
 
     leaq tandem_boot_stack_top(%rip), %rsp
     lidt tandem_boot_null_idt_pointer(%rip)
