@@ -73,6 +73,8 @@ impl core::fmt::Display for Calibration {
 }
 
 const PIT_HZ: u64 = 1_193_182;
+/// TSC ticks after which PIT calibration gives up (2^31: 0.4 s at 5 GHz, 2 s at 1 GHz).
+const CALIBRATION_TSC_LIMIT: u64 = 1 << 31;
 const CALIBRATION_MS: u64 = 10;
 /// Samples in a row with the same PIT count after which there is no PIT: a real one changes
 /// every 0.84 us and one sample takes microseconds, so 1000 unchanged ones mean nothing counts.
@@ -255,6 +257,12 @@ fn calibrate_with_pit() -> Option<(u64, u64)> {
     let mut unchanged = 0u32;
     for _ in 0..5_000_000u32 {
         let sample = read_pit_sample();
+        // Each sample is a few port exits; where exits are slow (nested virtualisation) the
+        // step count alone would wait for hours on a PIT that does not count, so the TSC
+        // bounds the wait too (about a second at any plausible TSC rate).
+        if sample.tsc.wrapping_sub(first.tsc) > CALIBRATION_TSC_LIMIT {
+            break;
+        }
         if sample.count == last.count {
             unchanged += 1;
             if elapsed_ticks == 0 && unchanged >= PIT_ABSENT_AFTER_UNCHANGED_SAMPLES {

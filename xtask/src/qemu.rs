@@ -165,6 +165,11 @@ impl QemuBuilder {
         self
     }
 
+    /// The QEMU program and the arguments this builder would start it with (no QMP socket).
+    pub fn command_line(&self) -> (String, Vec<String>) {
+        (QEMU_BINARY.to_string(), self.machine.args())
+    }
+
     /// Starts QEMU with a QMP socket in a fresh private directory.
     pub fn spawn(mut self) -> Result<Qemu> {
         static INSTANCE: AtomicU32 = AtomicU32::new(0);
