@@ -88,15 +88,31 @@ pub fn parse_mcfg(table: &[u8]) -> Vec<McfgEntry> {
         .collect()
 }
 
+/// The I/O port of an ACPI 2.0+ Generic Address Structure at `offset` (space id 1 = system
+/// I/O), if it names one.
+fn generic_address_port(table: &[u8], offset: usize) -> Option<u32> {
+    let gas = table.get(offset..offset + 12)?;
+    let address = u64::from_le_bytes(gas[4..12].try_into().ok()?);
+    (gas[0] == 1 && address != 0).then_some(u32::try_from(address).ok()?)
+}
+
 /// PM1a/PM1b control ports and the DSDT address from a FADT.
+///
+/// The legacy 32-bit port fields (offsets 64/68) win; when they are 0, the ACPI 2.0
+/// X_PM1a/X_PM1b_CNT_BLK generic addresses (offsets 172/184) are used, which is all OpenVMM
+/// fills in.
 pub fn parse_fadt(table: &[u8]) -> Option<(u16, u16, u64)> {
     let u32_at = |offset: usize| -> Option<u32> {
         Some(u32::from_le_bytes(
             table.get(offset..offset + 4)?.try_into().ok()?,
         ))
     };
-    let pm1a = u32_at(64)?;
-    let pm1b = u32_at(68).unwrap_or(0);
+    let mut pm1a = u32_at(64)?;
+    let mut pm1b = u32_at(68).unwrap_or(0);
+    if pm1a == 0 {
+        pm1a = generic_address_port(table, 172).unwrap_or(0);
+        pm1b = generic_address_port(table, 184).unwrap_or(0);
+    }
     let mut dsdt = u64::from(u32_at(40)?);
     if table.len() >= 148 {
         let x_dsdt = u64::from_le_bytes(table[140..148].try_into().ok()?);
@@ -349,5 +365,24 @@ mod tests {
         );
         assert_eq!(find_s5_sleep_types(&aml), Some((5, 0)));
         assert_eq!(find_s5_sleep_types(b"nothing here"), None);
+    }
+
+    #[test]
+    fn fadt_pm1_control_comes_from_the_legacy_field_or_the_generic_address() {
+        // An ACPI 6 FADT as OpenVMM builds it: legacy PM1a_CNT_BLK 0, X_PM1a_CNT_BLK in I/O
+        // space, X_DSDT set.
+        let mut fadt = vec![0u8; 276];
+        fadt[0..4].copy_from_slice(b"FACP");
+        fadt[140..148].copy_from_slice(&0x1_2000u64.to_le_bytes());
+        fadt[172..176].copy_from_slice(&[1, 16, 0, 2]);
+        fadt[176..184].copy_from_slice(&0x404u64.to_le_bytes());
+        assert_eq!(parse_fadt(&fadt), Some((0x404, 0, 0x1_2000)));
+        // A memory-space generic address is no port.
+        fadt[172] = 0;
+        assert_eq!(parse_fadt(&fadt), Some((0, 0, 0x1_2000)));
+        // The legacy field wins when present (QEMU fills both).
+        fadt[172] = 1;
+        fadt[64..68].copy_from_slice(&0x604u32.to_le_bytes());
+        assert_eq!(parse_fadt(&fadt), Some((0x604, 0, 0x1_2000)));
     }
 }

@@ -46,6 +46,13 @@ pub enum KernelError {
         /// The driver's error.
         reason: String,
     },
+    /// A Hyper-V enlightenment (hypercall page, SynIC, hypercall) could not be set up or used.
+    HyperV {
+        /// The step, e.g. "hypercall page".
+        step: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
     /// The network stack refused its configuration.
     Network {
         /// The stack's error.
@@ -99,6 +106,7 @@ impl fmt::Display for KernelError {
             KernelError::Pci(kind) => write!(f, "PCI: {kind}"),
             KernelError::NoNetworkDevice { reason } => write!(f, "no network device: {reason}"),
             KernelError::Driver { device, reason } => write!(f, "{device}: {reason}"),
+            KernelError::HyperV { step, reason } => write!(f, "Hyper-V {step}: {reason}"),
             KernelError::Network { reason } => write!(f, "network stack: {reason}"),
         }
     }

@@ -6,7 +6,7 @@
 //! [`tandem_interrupt_dispatch`].
 
 use core::arch::global_asm;
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use crate::arch::{apic, cpu, descriptors};
 use crate::error::KernelError;
@@ -184,6 +184,9 @@ pub type Handler = fn(vector: u8);
 static HANDLERS: [AtomicUsize; 256] = [const { AtomicUsize::new(0) }; 256];
 /// Interrupts received per vector.
 static COUNTS: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
+/// Vectors whose source ends the interrupt itself (a Hyper-V SINT in AutoEOI mode): a LAPIC
+/// EOI there would end some other in-service interrupt instead.
+static AUTO_EOI: [AtomicBool; 256] = [const { AtomicBool::new(false) }; 256];
 /// Bumped by every interrupt: lets the idle loop notice "something happened".
 static EVENTS: AtomicU64 = AtomicU64::new(0);
 
@@ -220,10 +223,19 @@ pub fn allocate_vector(handler: Handler) -> Result<u8, KernelError> {
     Err(KernelError::NoFreeVector)
 }
 
-/// Releases a vector obtained from [`allocate_vector`].
+/// Reserves a vector for the Hyper-V SynIC interrupt (SINT). With `auto_eoi` the hypervisor
+/// ends each interrupt as it delivers it (TLFS §11.8.4), so the dispatcher sends no LAPIC EOI.
+pub fn allocate_synic_vector(handler: Handler, auto_eoi: bool) -> Result<u8, KernelError> {
+    let vector = allocate_vector(handler)?;
+    AUTO_EOI[usize::from(vector)].store(auto_eoi, Ordering::Release);
+    Ok(vector)
+}
+
+/// Releases a vector obtained from [`allocate_vector`] or [`allocate_synic_vector`].
 pub fn free_vector(vector: u8) {
     if (FIRST_DEVICE_VECTOR..=LAST_DEVICE_VECTOR).contains(&vector) {
         HANDLERS[usize::from(vector)].store(0, Ordering::Release);
+        AUTO_EOI[usize::from(vector)].store(false, Ordering::Release);
     }
 }
 
@@ -260,7 +272,9 @@ extern "C" fn tandem_interrupt_dispatch(frame: &mut InterruptFrame) {
                 handler(vector);
             }
             EVENTS.fetch_add(1, Ordering::Release);
-            apic::end_of_interrupt();
+            if !AUTO_EOI[usize::from(vector)].load(Ordering::Acquire) {
+                apic::end_of_interrupt();
+            }
         }
     }
 }

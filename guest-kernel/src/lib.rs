@@ -202,11 +202,12 @@ mod kernel {
                 exit::exit(BAD_BOOT_EXIT_CODE);
             }
         };
-        arch::apic::init(interrupts::SPURIOUS_VECTOR, interrupts::PIC_BASE_VECTOR);
+        let legacy_pics =
+            arch::apic::init(interrupts::SPURIOUS_VECTOR, interrupts::PIC_BASE_VECTOR);
         let clock = time::init();
         console::init_logging(boot::cmdline_value(boot.cmdline(), "log"));
         log::info!(
-            "Tandem guest kernel {} booted via {}: {} KiB heap, {} KiB DMA pool, TSC {} MHz ({:?})",
+            "Tandem guest kernel {} booted via {}: {} KiB heap, {} KiB DMA pool, TSC {} MHz ({})",
             env!("CARGO_PKG_VERSION"),
             boot.protocol,
             heap_bytes / 1024,
@@ -217,25 +218,28 @@ mod kernel {
         if boot.dropped_regions > 0 {
             log::warn!("boot: {} memory map entries ignored", boot.dropped_regions);
         }
+        if clock.source == time::ClockSource::Assumed {
+            log::warn!(
+                "clock: no PIT and no CPUID or hypervisor frequency: assuming a {} MHz TSC",
+                time::tsc_frequency() / 1_000_000
+            );
+        }
         if let Some(hyper_v) = crate::hyperv::detect() {
             log::info!(
-                "Hyper-V detected (build {}, version {}.{})",
+                "Hyper-V detected (build {}, version {}.{}, privileges {:#x}, VMBus {})",
                 hyper_v.build,
                 hyper_v.major,
-                hyper_v.minor
+                hyper_v.minor,
+                hyper_v.privileges.bits(),
+                if hyper_v.has_vmbus() {
+                    "allowed"
+                } else {
+                    "not allowed"
+                }
             );
-            if let Some(hz) = hyper_v.tsc_frequency_hz() {
-                time::set_frequency(hz);
-                log::info!(
-                    "clock: TSC {} MHz from the Hyper-V frequency MSR",
-                    hz / 1_000_000
-                );
-            }
-            if hyper_v.has_vmbus() {
-                log::warn!(
-                    "Hyper-V VMBus present: its synthetic NIC (netvsc) is not supported yet"
-                );
-            }
+        }
+        if !legacy_pics {
+            log::info!("no legacy 8259 PICs: nothing to mask");
         }
         acpi::init(boot.rsdp);
         arch::cpu::enable_interrupts();

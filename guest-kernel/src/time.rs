@@ -27,10 +27,63 @@ pub enum ClockSource {
     Cpuid16,
     /// Measured against the 8254 PIT.
     Pit,
+    /// Hyper-V's TSC and APIC frequency MSRs (no PIT needed: Gen2 VMs have none).
+    HyperVFrequencyMsrs,
+    /// The scale of Hyper-V's reference TSC page.
+    HyperVReferencePage,
+    /// Nothing to measure against (no PIT, no CPUID or hypervisor frequency): a guess.
+    Assumed,
+}
+
+/// How the clock was calibrated, for the boot banner (logged once logging is up).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Calibration {
+    /// Where the TSC frequency came from.
+    pub source: ClockSource,
+    /// Whether an 8254 PIT answered (Gen2 Hyper-V, microvm with `pit=off`: none).
+    pub pit: PitPresence,
+    /// Where the LAPIC timer rate came from.
+    pub apic_timer: ClockSource,
+}
+
+/// Whether the 8254 PIT was there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PitPresence {
+    /// It counted.
+    Counting,
+    /// It never counted (no PIT: ports read as all-ones).
+    Absent,
+    /// Not probed (the hypervisor gave both rates).
+    NotProbed,
+}
+
+impl core::fmt::Display for Calibration {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{:?}", self.source)?;
+        match self.pit {
+            PitPresence::Counting => {}
+            PitPresence::Absent => write!(f, ", no PIT")?,
+            PitPresence::NotProbed => write!(f, ", PIT not probed")?,
+        }
+        if self.apic_timer != self.source {
+            write!(f, ", APIC timer from {:?}", self.apic_timer)?;
+        }
+        Ok(())
+    }
 }
 
 const PIT_HZ: u64 = 1_193_182;
+/// TSC ticks after which PIT calibration gives up (2^31: 0.4 s at 5 GHz, 2 s at 1 GHz).
+const CALIBRATION_TSC_LIMIT: u64 = 1 << 31;
 const CALIBRATION_MS: u64 = 10;
+/// Samples in a row with the same PIT count after which there is no PIT: a real one changes
+/// every 0.84 us and one sample takes microseconds, so 1000 unchanged ones mean nothing counts.
+const PIT_ABSENT_AFTER_UNCHANGED_SAMPLES: u32 = 1000;
+/// LAPIC timer rate assumed when nothing can measure it (1 GHz bus / 16); deadlines are
+/// re-checked against the TSC anyway.
+const ASSUMED_APIC_TICKS_PER_MS: u64 = 62_500;
+/// TSC frequency assumed when nothing gives or measures it.
+const ASSUMED_TSC_HZ: u64 = 2_000_000_000;
 
 /// KVM's paravirtual clock MSR (MSR_KVM_SYSTEM_TIME_NEW): physical address of a
 /// `pvclock_vcpu_time_info` | enable bit.
@@ -201,8 +254,23 @@ fn calibrate_with_pit() -> Option<(u64, u64)> {
     let first = read_pit_sample();
     let mut last = first;
     let mut elapsed_ticks = 0u64;
+    let mut unchanged = 0u32;
     for _ in 0..5_000_000u32 {
         let sample = read_pit_sample();
+        // Each sample is a few port exits; where exits are slow (nested virtualisation) the
+        // step count alone would wait for hours on a PIT that does not count, so the TSC
+        // bounds the wait too (about a second at any plausible TSC rate).
+        if sample.tsc.wrapping_sub(first.tsc) > CALIBRATION_TSC_LIMIT {
+            break;
+        }
+        if sample.count == last.count {
+            unchanged += 1;
+            if elapsed_ticks == 0 && unchanged >= PIT_ABSENT_AFTER_UNCHANGED_SAMPLES {
+                break;
+            }
+        } else {
+            unchanged = 0;
+        }
         // Down-counter: ticks passed since the previous sample (one wrap at most, since a
         // wrap takes 55 ms and samples are microseconds apart unless preempted).
         elapsed_ticks += u64::from(last.count.wrapping_sub(sample.count));
@@ -235,24 +303,76 @@ pub fn mark_boot() {
     TSC_START.store(cpu::rdtsc(), Ordering::Relaxed);
 }
 
-/// Calibrates the clock. Called once at boot after the APIC is up.
-pub fn init() -> ClockSource {
+/// Measures the LAPIC timer (divide by 16) against a TSC of known frequency for about 10 ms.
+fn calibrate_apic_with_tsc(tsc_hz: u64) -> u64 {
+    apic::start_free_running(u32::MAX);
+    let wanted = tsc_hz * CALIBRATION_MS / 1000;
+    let start_tsc = cpu::rdtsc();
+    let start_count = apic::current_count();
+    let mut elapsed = 0;
+    // Bounded twice: by the TSC (always advancing) and by a spin count.
+    for _ in 0..100_000_000u32 {
+        elapsed = cpu::rdtsc().wrapping_sub(start_tsc);
+        if elapsed >= wanted {
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    let end_count = apic::current_count();
+    apic::disarm();
+    let ticks = u128::from(start_count.saturating_sub(end_count));
+    let per_ms = ticks * u128::from(tsc_hz) / u128::from(elapsed.max(1)) / 1000;
+    u64::try_from(per_ms).unwrap_or(ASSUMED_APIC_TICKS_PER_MS)
+}
+
+/// The TSC frequency from Hyper-V's reference TSC page scale (enabled, read, disabled again).
+fn tsc_hz_from_hyperv_page(hyper_v: &crate::hyperv::HyperV) -> Option<u64> {
+    hyper_v.enable_reference_tsc().ok()?.tsc_frequency_hz()
+}
+
+/// Calibrates the clock. Called once at boot after the APIC is up. On Hyper-V the frequency
+/// MSRs give both rates and the PIT is not touched (Gen2 VMs have none); elsewhere the PIT
+/// measures the LAPIC timer, and a missing PIT is noticed within a thousand reads.
+pub fn init() -> Calibration {
+    let hyper_v = crate::hyperv::detect();
+    if let Some(hyper_v) = &hyper_v
+        && let (Some(tsc_hz), Some(apic_hz)) =
+            (hyper_v.tsc_frequency_hz(), hyper_v.apic_frequency_hz())
+    {
+        set_tsc_hz(tsc_hz);
+        APIC_TICKS_PER_MS.store((apic_hz / 16 / 1000).max(1), Ordering::Relaxed);
+        return Calibration {
+            source: ClockSource::HyperVFrequencyMsrs,
+            pit: PitPresence::NotProbed,
+            apic_timer: ClockSource::HyperVFrequencyMsrs,
+        };
+    }
     let measured = calibrate_with_pit();
-    let (hz, source) = match (tsc_hz_from_cpuid(), measured) {
+    let from_cpuid = tsc_hz_from_cpuid().or_else(|| {
+        let hz = tsc_hz_from_hyperv_page(hyper_v.as_ref()?)?;
+        Some((hz, ClockSource::HyperVReferencePage))
+    });
+    let (hz, source) = match (from_cpuid, measured) {
         (Some((hz, source)), _) => (hz, source),
         (None, Some((hz, _))) => (hz, ClockSource::Pit),
-        (None, None) => {
-            log::warn!("no PIT and no CPUID frequency: assuming a 2 GHz TSC");
-            (2_000_000_000, ClockSource::Pit)
-        }
+        (None, None) => (ASSUMED_TSC_HZ, ClockSource::Assumed),
     };
     set_tsc_hz(hz.max(1_000_000));
-    let apic_per_ms = match measured {
-        Some((_, apic_per_ms)) => apic_per_ms,
-        None => 62_500, // 1 GHz bus / 16: a guess; deadlines are re-checked against the TSC anyway
+    let (apic_per_ms, apic_timer) = match (measured, source) {
+        (Some((_, apic_per_ms)), _) => (apic_per_ms, ClockSource::Pit),
+        (None, ClockSource::Assumed) => (ASSUMED_APIC_TICKS_PER_MS, ClockSource::Assumed),
+        (None, source) => (calibrate_apic_with_tsc(tsc_frequency()), source),
     };
     APIC_TICKS_PER_MS.store(apic_per_ms.max(1), Ordering::Relaxed);
-    source
+    Calibration {
+        source,
+        pit: if measured.is_some() {
+            PitPresence::Counting
+        } else {
+            PitPresence::Absent
+        },
+        apic_timer,
+    }
 }
 
 /// Overrides the TSC frequency (e.g. from the Hyper-V frequency MSR).

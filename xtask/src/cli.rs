@@ -18,6 +18,8 @@ commands:
       --memory 64M            guest memory
       --net user|tap=<if>     network backend (user: 127.0.0.1:7007 -> echo port 7, 5201 -> iperf)
       --paths both|virtio|vf  NIC paths: both bonded (default), virtio-net, or the igb VF alone
+      --vmm qemu|openvmm      OpenVMM: Hyper-V enlightenments with netvsc (default) or MANA
+                              (--paths vf); nested in a QEMU/TCG L1 without real KVM
   vf unplug|plug|disable|enable|link-down|link-up [--qmp <socket>]
                                          VF event on the running instance (default: the newest)
   image <app> [--format raw|qcow2|vhdx|vhd|iso] [--cmdline \"...\"] [--debug]
@@ -65,6 +67,8 @@ pub struct RunOptions {
     pub paths: NetPaths,
     /// Extra QEMU arguments (after `--`).
     pub qemu_args: Vec<String>,
+    /// The VMM.
+    pub vmm: crate::openvmm_run::Vmm,
 }
 
 /// A parsed `cargo xtask` invocation.
@@ -302,6 +306,7 @@ pub fn parse(args: &[String]) -> Result<Command> {
                 net: NetBackend::User,
                 paths: NetPaths::Both,
                 qemu_args: Vec::new(),
+                vmm: crate::openvmm_run::Vmm::Qemu,
             };
             while let Some(word) = words.words.next() {
                 let (name, inline) = split_option(&word);
@@ -316,6 +321,7 @@ pub fn parse(args: &[String]) -> Result<Command> {
                     "--memory" => options.memory = words.value(&name, inline)?,
                     "--net" => options.net = words.value(&name, inline)?.parse()?,
                     "--paths" => options.paths = words.value(&name, inline)?.parse()?,
+                    "--vmm" => options.vmm = words.value(&name, inline)?.parse()?,
                     _ => return Err(unexpected(&word)),
                 }
             }
@@ -492,6 +498,24 @@ mod tests {
         assert_eq!(options.net, NetBackend::Tap("tap0".to_string()));
         assert_eq!(options.profile, Profile::Debug);
         assert_eq!(options.qemu_args, ["-s", "--cmdline"]);
+    }
+
+    #[test]
+    fn run_takes_the_vmm() {
+        let Command::Run(options) = parse_words("run echo --vmm openvmm --paths vf").unwrap()
+        else {
+            panic!("not a run command");
+        };
+        assert_eq!(options.vmm, crate::openvmm_run::Vmm::OpenVmm);
+        assert_eq!(options.paths, NetPaths::Vf);
+        let Command::Run(options) = parse_words("run echo").unwrap() else {
+            panic!("not a run command");
+        };
+        assert_eq!(options.vmm, crate::openvmm_run::Vmm::Qemu);
+        assert!(matches!(
+            parse_words("run echo --vmm hyperv"),
+            Err(Error::Usage(_))
+        ));
     }
 
     #[test]

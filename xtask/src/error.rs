@@ -53,6 +53,9 @@ pub enum Error {
         /// The last serial lines and QEMU's stderr, for diagnosis.
         context: String,
     },
+    /// The host cannot run what was asked (no SVM in the nested L1, a KVM module refused,
+    /// the OpenVMM build failed): not a failure of the guest, which never ran.
+    Environment(String),
     /// QEMU answered a QMP command with an error.
     Qmp {
         /// The command that failed.
@@ -101,6 +104,9 @@ impl fmt::Display for Error {
                 exit,
                 context,
             } => write!(f, "{exit} while waiting for {waiting_for}\n{context}"),
+            Error::Environment(reason) => {
+                write!(f, "environment failure (not the guest's): {reason}")
+            }
             Error::Qmp {
                 command,
                 class,

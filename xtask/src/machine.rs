@@ -160,11 +160,25 @@ pub fn igb_pf_device(netdev: &str) -> String {
     format!("igb,id=pf0,bus={PF_ROOT_PORT},netdev={netdev},mac={PF_MAC}")
 }
 
+/// The board QEMU emulates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Board {
+    /// q35 with the fixed hot-plug root ports (every image's default).
+    #[default]
+    Q35,
+    /// QEMU's `microvm` without PIT, PIC or RTC: no PCI bus, no legacy timer or interrupt
+    /// controller, like a Hyper-V Gen2 VM (which QEMU cannot emulate under TCG). Only the serial
+    /// port and isa-debug-exit remain; NIC options do not apply.
+    LegacyFree,
+}
+
 /// A QEMU invocation for one guest.
 #[derive(Clone, Debug)]
 pub struct Machine {
     /// Accelerator.
     pub accel: Accel,
+    /// Board.
+    pub board: Board,
     /// Guest RAM, QEMU `-m` syntax.
     pub memory: String,
     /// The kernel ELF (PVH); `None` boots the firmware alone (harness self-tests).
@@ -192,6 +206,7 @@ impl Machine {
     pub fn new(accel: Accel) -> Self {
         Machine {
             accel,
+            board: Board::Q35,
             memory: DEFAULT_MEMORY.to_string(),
             kernel: None,
             cmdline: String::new(),
@@ -262,9 +277,25 @@ impl Machine {
 
     /// The full argument list (without the program name).
     pub fn args(&self) -> Vec<String> {
+        let (board, board_args): (&str, &[&str]) = match self.board {
+            Board::Q35 => (
+                "q35",
+                &[
+                    "-global",
+                    "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
+                    "-global",
+                    "q35-pcihost.pci-hole64-size=0",
+                    "-device",
+                    "pcie-root-port,id=rp1,bus=pcie.0,addr=0x4,chassis=1,slot=1",
+                    "-device",
+                    "pcie-root-port,id=rp2,bus=pcie.0,addr=0x5,chassis=2,slot=2",
+                ],
+            ),
+            Board::LegacyFree => ("microvm,pit=off,pic=off,rtc=off", &[]),
+        };
         let mut args: Vec<String> = [
             "-M",
-            "q35",
+            board,
             "-nodefaults",
             "-no-reboot",
             "-display",
@@ -281,16 +312,9 @@ impl Machine {
             &self.memory,
             "-device",
             "isa-debug-exit,iobase=0xf4,iosize=0x04",
-            "-global",
-            "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
-            "-global",
-            "q35-pcihost.pci-hole64-size=0",
-            "-device",
-            "pcie-root-port,id=rp1,bus=pcie.0,addr=0x4,chassis=1,slot=1",
-            "-device",
-            "pcie-root-port,id=rp2,bus=pcie.0,addr=0x5,chassis=2,slot=2",
         ]
         .iter()
+        .chain(board_args)
         .map(|arg| arg.to_string())
         .collect();
         if let Some(socket) = &self.qmp_socket {
@@ -367,6 +391,22 @@ mod tests {
             .filter(|pair| pair[0] == flag)
             .map(|pair| pair[1].as_str())
             .collect()
+    }
+
+    #[test]
+    fn the_legacy_free_board_is_microvm_without_pit_pic_rtc_or_root_ports() {
+        let mut machine = Machine::new(Accel::Tcg);
+        machine.board = Board::LegacyFree;
+        machine.kernel = Some(PathBuf::from("/images/hello"));
+        let args = machine.args();
+        assert_eq!(
+            value_after(&args, "-M"),
+            ["microvm,pit=off,pic=off,rtc=off"]
+        );
+        assert!(value_after(&args, "-global").is_empty());
+        let devices = value_after(&args, "-device");
+        assert_eq!(devices, ["isa-debug-exit,iobase=0xf4,iosize=0x04"]);
+        assert_eq!(value_after(&args, "-serial"), ["stdio"]);
     }
 
     #[test]

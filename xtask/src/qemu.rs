@@ -135,6 +135,12 @@ impl QemuBuilder {
         self
     }
 
+    /// The board (default q35).
+    pub fn board(mut self, board: crate::machine::Board) -> Self {
+        self.machine.board = board;
+        self
+    }
+
     /// Guest memory (QEMU `-m` syntax).
     pub fn memory(mut self, memory: impl Into<String>) -> Self {
         self.machine.memory = memory.into();
@@ -157,6 +163,11 @@ impl QemuBuilder {
     pub fn arg(mut self, arg: impl Into<String>) -> Self {
         self.machine.extra_args.push(arg.into());
         self
+    }
+
+    /// The QEMU program and the arguments this builder would start it with (no QMP socket).
+    pub fn command_line(&self) -> (String, Vec<String>) {
+        (QEMU_BINARY.to_string(), self.machine.args())
     }
 
     /// Starts QEMU with a QMP socket in a fresh private directory.

@@ -44,11 +44,26 @@ fn write(offset: usize, value: u32) {
     }
 }
 
-/// Enables the local APIC with the given spurious vector and masks its local interrupt lines.
-/// Also remaps and masks the legacy 8259 PICs so they can never deliver on exception vectors.
-pub fn init(spurious_vector: u8, pic_base: u8) {
-    // SAFETY: the ports are the 8259 PIC's, which every PC-compatible machine (and QEMU q35)
-    // has; the ICW sequence remaps the vectors and the final writes mask every line.
+/// Value written to the master PIC's mask register to probe for it: everything masked except
+/// the cascade line (Linux `probe_8259A` uses the same); a missing PIC reads back all-ones.
+const PIC_PROBE_MASK: u8 = 0xfb;
+
+/// True when an 8259 PIC answers at ports 0x20/0x21 (Hyper-V Gen2 and microvm with `pic=off`
+/// have none): its mask register keeps what was written.
+fn legacy_pic_present() -> bool {
+    // SAFETY: writing the master PIC's mask register only masks lines (all but the cascade);
+    // on a machine without a PIC the port leads nowhere and reads back all-ones.
+    unsafe {
+        super::port::outb(0x21, PIC_PROBE_MASK);
+        super::port::inb(0x21) == PIC_PROBE_MASK
+    }
+}
+
+/// Remaps the legacy 8259 PICs to `pic_base` and masks every line, so they can never deliver
+/// on exception vectors.
+fn mask_legacy_pics(pic_base: u8) {
+    // SAFETY: the ports are the 8259 PICs' (probed present); the ICW sequence remaps the
+    // vectors and the final writes mask every line.
     unsafe {
         use super::port::outb;
         outb(0x20, 0x11);
@@ -62,6 +77,17 @@ pub fn init(spurious_vector: u8, pic_base: u8) {
         outb(0x21, 0xff);
         outb(0xa1, 0xff);
     }
+}
+
+/// Enables the local APIC with the given spurious vector and masks its local interrupt lines.
+/// First remaps and masks the legacy 8259 PICs, when there are any, so they can never deliver
+/// on exception vectors (masked before LINT0, as QEMU otherwise keeps a PIC interrupt pending
+/// that no vector answers). Returns whether PICs were found.
+pub fn init(spurious_vector: u8, pic_base: u8) -> bool {
+    let pics = legacy_pic_present();
+    if pics {
+        mask_legacy_pics(pic_base);
+    }
     let (frame, flags) = ApicBase::read();
     // SAFETY: setting the global enable bit keeps the base address unchanged.
     unsafe { ApicBase::write(frame, flags | ApicBaseFlags::LAPIC_ENABLE) };
@@ -72,7 +98,7 @@ pub fn init(spurious_vector: u8, pic_base: u8) {
         }
         Err(error) => {
             log::error!("cannot map the local APIC at {base:#x}: {error}");
-            return;
+            return pics;
         }
     }
     write(REG_SPURIOUS, 0x100 | u32::from(spurious_vector));
@@ -81,6 +107,7 @@ pub fn init(spurious_vector: u8, pic_base: u8) {
     write(REG_LVT_ERROR, LVT_MASKED);
     write(REG_TIMER_DIVIDE, DIVIDE_BY_16);
     write(REG_LVT_TIMER, LVT_MASKED);
+    pics
 }
 
 /// This CPU's APIC ID (0 before `init`).

@@ -1,12 +1,22 @@
-//! The 32→64-bit trampoline shared by the PVH and Multiboot2 entries.
+//! The boot entries: a 32→64-bit trampoline for PVH and Multiboot2, a 64-bit Linux boot entry.
 //!
-//! Both boot protocols enter in 32-bit protected mode with paging off: PVH (QEMU `-kernel`,
+//! PVH and Multiboot2 enter in 32-bit protected mode with paging off: PVH (QEMU `-kernel`,
 //! Firecracker, cloud-hypervisor) with `ebx` = physical address of `hvm_start_info`; Multiboot2
 //! (GRUB) with `eax` = 0x36d76289 and `ebx` = the boot information. One routine serves both: it
 //! identity-maps the first 4 GiB with 2 MiB pages (just enough to reach the Rust code and the
 //! boot information; `mm::paging` builds the real tables from the memory map), enables PAE,
 //! long mode, SSE (prebuilt `core` uses it) and paging, and calls
-//! `tandem_kernel_entry(eax, ebx)`.
+//! `tandem_kernel_entry(eax, ebx)`. Each names this entry itself (the PVH ELF note, the
+//! Multiboot2 entry-address tag), so the ELF `e_entry` is free for the third protocol.
+//!
+//! The Linux x86-64 boot protocol (OpenVMM; Firecracker and cloud-hypervisor with an ELF
+//! kernel) jumps to the ELF `e_entry` already in long mode, `rsi` = the `boot_params` page,
+//! interrupts off. What else it leaves is the loader's and lives in low RAM we may not keep
+//! (OpenVMM: GDT at 0x1000, page tables at 0x4000, no stack, no IDT), so the 64-bit entry
+//! clears `.bss` (the protocol does not promise it zeroed), takes the boot stack, loads an
+//! empty IDT (a fault before `interrupts::init` resets the VM instead of jumping through a
+//! garbage table), our GDT and our own identity map of the first 4 GiB, enables SSE and calls
+//! `tandem_kernel_entry(LINUX_BOOT_MAGIC, rsi)`.
 
 use core::arch::global_asm;
 
@@ -31,6 +41,12 @@ tandem_multiboot2_header:
     .long 6
     .long 14
     .long 15
+    /* entry address tag: GRUB must use the 32-bit entry, not the ELF e_entry (64-bit) */
+    .balign 8
+    .short 3
+    .short 0
+    .long 12
+    .long tandem_entry32
     /* end tag */
     .balign 8
     .short 0
@@ -132,7 +148,93 @@ tandem_entry64:
     hlt
     jmp 3b
 
+    /* The Linux x86-64 boot protocol entry (ELF e_entry): long mode, rsi = boot_params. */
+    .global tandem_linux_entry64
+tandem_linux_entry64:
+    cli
+    cld
+    movq %rsi, %r12             /* boot_params, kept across the loops below */
+
+    /* Clear .bss: the boot stack and page tables live there and must start zeroed. A plain
+       loop: `rep stosb` here, on the loader's segments, never completed under OpenVMM nested
+       in QEMU/TCG. */
+    leaq __bss_start(%rip), %rdi
+    leaq __bss_end(%rip), %rcx
+    xorl %eax, %eax
+8:
+    movq %rax, (%rdi)
+    addq $8, %rdi
+    cmpq %rcx, %rdi
+    jb 8b
+
+    leaq tandem_boot_stack_top(%rip), %rsp
+    lidt tandem_boot_null_idt_pointer(%rip)
+    lgdt tandem_boot_gdt_pointer64(%rip)
+    movw $0x10, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    xorw %ax, %ax
+    movw %ax, %fs
+    movw %ax, %gs
+    leaq 4f(%rip), %rax
+    pushq $0x08
+    pushq %rax
+    lretq                       /* reload CS from our GDT */
+4:
+    /* Same identity map as the 32-bit path: PML4[0] -> PDPT -> four PDs of 2 MiB pages. */
+    leaq tandem_boot_pdpt(%rip), %rax
+    orq $0x3, %rax
+    movq %rax, tandem_boot_pml4(%rip)
+    leaq tandem_boot_pdpt(%rip), %rdx
+    leaq tandem_boot_pd(%rip), %rsi
+    xorl %ecx, %ecx
+5:
+    movq %rcx, %rax
+    shlq $12, %rax
+    addq %rsi, %rax
+    orq $0x3, %rax
+    movq %rax, (%rdx,%rcx,8)
+    incl %ecx
+    cmpl $4, %ecx
+    jne 5b
+    xorl %ecx, %ecx
+6:
+    movq %rcx, %rax
+    shlq $21, %rax
+    orq $0x83, %rax             /* present | writable | 2 MiB page */
+    movq %rax, (%rsi,%rcx,8)
+    incl %ecx
+    cmpl $2048, %ecx
+    jne 6b
+    leaq tandem_boot_pml4(%rip), %rax
+    movq %rax, %cr3
+
+    /* CR4: PAE (5), OSFXSR (9), OSXMMEXCPT (10). */
+    movq %cr4, %rax
+    orq $((1 << 5) | (1 << 9) | (1 << 10)), %rax
+    movq %rax, %cr4
+    /* CR0: WP (16), NE (5), MP (1); clear EM (2) and TS (3) so SSE works. */
+    movq %cr0, %rax
+    andq $~((1 << 2) | (1 << 3)), %rax
+    orq $((1 << 16) | (1 << 5) | (1 << 1)), %rax
+    movq %rax, %cr0
+    fninit
+
+    movl ${linux_magic}, %edi
+    movq %r12, %rsi
+    xorl %ebp, %ebp
+    call tandem_kernel_entry
+7:
+    cli
+    hlt
+    jmp 7b
+
     .section .rodata
+    .balign 16
+tandem_boot_null_idt_pointer:
+    .short 0
+    .quad 0
     .balign 16
 tandem_boot_gdt:
     .quad 0
@@ -143,6 +245,11 @@ tandem_boot_gdt_end:
 tandem_boot_gdt_pointer:
     .short tandem_boot_gdt_end - tandem_boot_gdt - 1
     .long tandem_boot_gdt
+    /* lgdt in 64-bit mode reads an 8-byte base */
+    .balign 8
+tandem_boot_gdt_pointer64:
+    .short tandem_boot_gdt_end - tandem_boot_gdt - 1
+    .quad tandem_boot_gdt
 
     .section .bss
     .balign 4096
@@ -163,5 +270,6 @@ tandem_boot_stack_top:
     .code64
     "#,
     stack_size = const BOOT_STACK_SIZE,
+    linux_magic = const super::LINUX_BOOT_MAGIC,
     options(att_syntax)
 );

@@ -1,4 +1,8 @@
-//! Boot information from either boot protocol: memory map, command line and ACPI RSDP.
+//! Boot information from any of our boot protocols: memory map, command line and ACPI RSDP.
+//!
+//! Three protocols reach the kernel: PVH and Multiboot2 through the 32-bit trampoline, and the
+//! Linux x86-64 boot protocol (OpenVMM, and any VMM that boots an ELF `vmlinux`) through the
+//! 64-bit entry at the ELF `e_entry`; see [`entry`].
 //!
 //! The parsers read physical memory through a caller-supplied function, so they run unchanged
 //! on the host against byte arrays in unit tests. Everything is copied into fixed-size,
@@ -13,6 +17,34 @@ use core::fmt;
 pub const MULTIBOOT2_MAGIC: u32 = 0x36d7_6289;
 /// First field of a PVH `hvm_start_info`.
 pub const PVH_START_INFO_MAGIC: u32 = 0x336e_c578;
+/// What the 64-bit Linux boot protocol entry passes as `magic` (the setup header's "HdrS"), with
+/// the `boot_params` address as `info`.
+pub const LINUX_BOOT_MAGIC: u32 = 0x5372_6448;
+
+/// Field offsets in the Linux x86 `boot_params` ("zero page"), from the kernel's
+/// Documentation/arch/x86/zero-page.rst and boot.rst.
+mod zero_page {
+    /// `acpi_rsdp_addr` (u64, boot protocol 2.14+; 0 = not provided).
+    pub const ACPI_RSDP_ADDR: u64 = 0x070;
+    /// `ext_cmd_line_ptr` (u32): bits 32..63 of the command line address.
+    pub const EXT_CMD_LINE_PTR: u64 = 0x0c8;
+    /// `e820_entries` (u8).
+    pub const E820_ENTRIES: u64 = 0x1e8;
+    /// `hdr.header` (u32), "HdrS" when a setup header is present.
+    pub const HEADER_MAGIC: u64 = 0x202;
+    /// `hdr.cmd_line_ptr` (u32): bits 0..31 of the NUL-terminated command line address.
+    pub const CMD_LINE_PTR: u64 = 0x228;
+    /// `hdr.cmdline_size` (u32): the longest command line the kernel accepts; loaders fill it
+    /// with the length of the line they wrote (OpenVMM, Firecracker).
+    pub const CMDLINE_SIZE: u64 = 0x238;
+    /// `e820_table`: up to [`E820_MAX_ENTRIES`] packed 20-byte entries (addr u64, size u64,
+    /// type u32).
+    pub const E820_TABLE: u64 = 0x2d0;
+    /// Capacity of `e820_table`.
+    pub const E820_MAX_ENTRIES: u8 = 128;
+    /// Size of one `e820_table` entry.
+    pub const E820_ENTRY_SIZE: u64 = 20;
+}
 
 /// Longest command line we keep.
 pub const MAX_CMDLINE: usize = 1024;
@@ -26,6 +58,8 @@ pub enum BootProtocol {
     Pvh,
     /// Multiboot2 (GRUB).
     Multiboot2,
+    /// The Linux x86-64 boot protocol, 64-bit entry (OpenVMM, Firecracker with an ELF kernel).
+    LinuxBoot,
 }
 
 impl fmt::Display for BootProtocol {
@@ -33,6 +67,7 @@ impl fmt::Display for BootProtocol {
         match self {
             BootProtocol::Pvh => write!(f, "PVH"),
             BootProtocol::Multiboot2 => write!(f, "Multiboot2"),
+            BootProtocol::LinuxBoot => write!(f, "the Linux x86-64 boot protocol"),
         }
     }
 }
@@ -87,7 +122,7 @@ impl MemoryRegion {
 pub enum RsdpLocation {
     /// Not provided by the loader: scan the BIOS areas.
     Unknown,
-    /// At this physical address (PVH).
+    /// At this physical address (PVH, Linux `acpi_rsdp_addr`).
     Physical(u64),
     /// A copy in the boot information (Multiboot2 tags 14/15), up to 36 bytes.
     Copy([u8; 36]),
@@ -169,10 +204,13 @@ impl BootInfo {
     }
 
     /// Parses the boot information for whichever protocol left `magic` in `eax` and `info` in
-    /// `ebx`.
+    /// `ebx` (or, from the 64-bit entry, [`LINUX_BOOT_MAGIC`] and the `boot_params` address).
     pub fn parse(magic: u32, info: u64, read: PhysicalReader) -> Result<BootInfo, BootInfoError> {
         if magic == MULTIBOOT2_MAGIC {
             return Self::parse_multiboot2(info, read);
+        }
+        if magic == LINUX_BOOT_MAGIC {
+            return Self::parse_linux_boot_params(info, read);
         }
         if read_u32(read, info, "start_info")? == PVH_START_INFO_MAGIC {
             return Self::parse_pvh(info, read);
@@ -260,6 +298,54 @@ impl BootInfo {
                 _ => {}
             }
             tag += (size + 7) & !7;
+        }
+        boot.finish()
+    }
+
+    /// Parses a Linux x86 `boot_params` page: the e820 map, the command line through
+    /// `cmd_line_ptr` (+ `ext_cmd_line_ptr`), the RSDP from `acpi_rsdp_addr` when set (else the
+    /// caller scans the BIOS area, which is where OpenVMM puts it).
+    pub fn parse_linux_boot_params(
+        params: u64,
+        read: PhysicalReader,
+    ) -> Result<BootInfo, BootInfoError> {
+        let mut boot = BootInfo::empty(BootProtocol::LinuxBoot);
+        let mut byte = [0u8; 1];
+        if !read(params + zero_page::E820_ENTRIES, &mut byte) {
+            return Err(BootInfoError::Unreadable("boot_params e820_entries"));
+        }
+        let entries = byte[0];
+        if entries > zero_page::E820_MAX_ENTRIES {
+            return Err(BootInfoError::Malformed("boot_params e820_entries"));
+        }
+        for index in 0..u64::from(entries) {
+            let entry = params + zero_page::E820_TABLE + index * zero_page::E820_ENTRY_SIZE;
+            let start = read_u64(read, entry, "e820 entry")?;
+            let len = read_u64(read, entry + 8, "e820 entry")?;
+            let kind = read_u32(read, entry + 16, "e820 entry")?;
+            boot.push_region(start, len, RegionKind::from_e820(kind));
+        }
+        let rsdp = read_u64(read, params + zero_page::ACPI_RSDP_ADDR, "acpi_rsdp_addr")?;
+        if rsdp != 0 {
+            boot.rsdp = RsdpLocation::Physical(rsdp);
+        }
+        let has_setup_header =
+            read_u32(read, params + zero_page::HEADER_MAGIC, "setup header")? == LINUX_BOOT_MAGIC;
+        let low = read_u32(read, params + zero_page::CMD_LINE_PTR, "cmd_line_ptr")?;
+        let high = read_u32(
+            read,
+            params + zero_page::EXT_CMD_LINE_PTR,
+            "ext_cmd_line_ptr",
+        )?;
+        let cmdline_addr = u64::from(high) << 32 | u64::from(low);
+        if cmdline_addr != 0 {
+            // `cmdline_size` bounds the line only when a setup header says the field is real.
+            let size = read_u32(read, params + zero_page::CMDLINE_SIZE, "cmdline_size")?;
+            if has_setup_header && size != 0 {
+                boot.read_bounded_string(cmdline_addr, u64::from(size), read);
+            } else {
+                boot.read_c_string(cmdline_addr, read);
+            }
         }
         boot.finish()
     }
@@ -506,6 +592,108 @@ mod tests {
         assert!(matches!(
             BootInfo::parse(MULTIBOOT2_MAGIC, 0x8000, &reader),
             Err(BootInfoError::Malformed(_))
+        ));
+    }
+
+    /// A `boot_params` page as OpenVMM builds it for an ELF kernel: a minimal setup header, the
+    /// command line at 0x3000 (length in `cmdline_size`, no NUL counted), no `acpi_rsdp_addr`.
+    fn linux_zero_page(cmdline: &[u8], entries: &[(u64, u64, u32)]) -> Vec<u8> {
+        let mut page = vec![0u8; 4096];
+        page[0x1e8] = entries.len() as u8;
+        page[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        page[0x202..0x206].copy_from_slice(&LINUX_BOOT_MAGIC.to_le_bytes());
+        page[0x210] = 0xff; // type_of_loader
+        page[0x228..0x22c].copy_from_slice(&0x3000u32.to_le_bytes());
+        page[0x238..0x23c].copy_from_slice(&(cmdline.len() as u32).to_le_bytes());
+        for (index, (start, len, kind)) in entries.iter().enumerate() {
+            let entry = 0x2d0 + index * 20;
+            page[entry..entry + 8].copy_from_slice(&start.to_le_bytes());
+            page[entry + 8..entry + 16].copy_from_slice(&len.to_le_bytes());
+            page[entry + 16..entry + 20].copy_from_slice(&kind.to_le_bytes());
+        }
+        page
+    }
+
+    /// The e820 map OpenVMM handed a 512 MiB guest (observed layout).
+    const OPENVMM_E820: &[(u64, u64, u32)] = &[
+        (0, 0x1a000, 1),
+        (0x1a000, 0x3000, 3),
+        (0x1d000, 0xc3000, 1),
+        (0xe0000, 0x20000, 2),
+        (0x10_0000, 0x1ff0_0000, 1),
+    ];
+
+    #[test]
+    fn linux_boot_params_give_e820_map_and_command_line() {
+        let cmdline = b"panic=-1 debug pci=off log=debug echo.port=7";
+        let memory = Memory::new();
+        memory.put(0x2000, &linux_zero_page(cmdline, OPENVMM_E820));
+        // Bytes right after `cmdline_size` that a reader looking only for the NUL would take.
+        let mut line = cmdline.to_vec();
+        line.extend_from_slice(b" garbage\0");
+        memory.put(0x3000, &line);
+        let reader = |addr: u64, buffer: &mut [u8]| memory.read(addr, buffer);
+        let boot = BootInfo::parse(LINUX_BOOT_MAGIC, 0x2000, &reader).unwrap();
+        assert_eq!(boot.protocol, BootProtocol::LinuxBoot);
+        assert_eq!(
+            boot.cmdline(),
+            "panic=-1 debug pci=off log=debug echo.port=7"
+        );
+        assert_eq!(cmdline_value(boot.cmdline(), "echo.port"), Some("7"));
+        assert_eq!(boot.regions().len(), 5);
+        assert_eq!(boot.regions()[1].kind, RegionKind::AcpiReclaimable);
+        assert_eq!(boot.regions()[3].kind, RegionKind::Reserved);
+        assert_eq!(boot.regions()[4].end(), 0x2000_0000);
+        assert_eq!(
+            boot.rsdp,
+            RsdpLocation::Unknown,
+            "OpenVMM: found by the BIOS-area scan"
+        );
+    }
+
+    #[test]
+    fn linux_boot_params_rsdp_address_and_high_command_line_are_used() {
+        let memory = Memory::new();
+        let mut page = linux_zero_page(b"", OPENVMM_E820);
+        page[0x70..0x78].copy_from_slice(&0xf_5a40u64.to_le_bytes());
+        // A command line above 4 GiB, NUL-terminated, without a setup header to size it.
+        page[0x202..0x206].fill(0);
+        page[0x228..0x22c].copy_from_slice(&0x10u32.to_le_bytes());
+        page[0xc8..0xcc].copy_from_slice(&1u32.to_le_bytes());
+        memory.put(0x2000, &page);
+        memory.put(0x1_0000_0010, b"log=info\0");
+        let reader = |addr: u64, buffer: &mut [u8]| memory.read(addr, buffer);
+        let boot = BootInfo::parse(LINUX_BOOT_MAGIC, 0x2000, &reader).unwrap();
+        assert_eq!(boot.rsdp, RsdpLocation::Physical(0xf_5a40));
+        assert_eq!(boot.cmdline(), "log=info");
+    }
+
+    #[test]
+    fn linux_boot_params_with_bad_counts_or_no_ram_are_rejected() {
+        let memory = Memory::new();
+        let mut page = linux_zero_page(b"", OPENVMM_E820);
+        page[0x1e8] = 200;
+        memory.put(0x2000, &page);
+        let reader = |addr: u64, buffer: &mut [u8]| memory.read(addr, buffer);
+        assert_eq!(
+            BootInfo::parse(LINUX_BOOT_MAGIC, 0x2000, &reader).err(),
+            Some(BootInfoError::Malformed("boot_params e820_entries"))
+        );
+
+        let memory = Memory::new();
+        memory.put(0x2000, &linux_zero_page(b"", &[(0xe0000, 0x20000, 2)]));
+        let reader = |addr: u64, buffer: &mut [u8]| memory.read(addr, buffer);
+        assert_eq!(
+            BootInfo::parse(LINUX_BOOT_MAGIC, 0x2000, &reader).err(),
+            Some(BootInfoError::NoMemory)
+        );
+
+        // The page itself unreadable (a bogus RSI).
+        let memory = Memory::new();
+        let reader = |addr: u64, buffer: &mut [u8]| memory.read(addr, buffer);
+        assert!(matches!(
+            BootInfo::parse(LINUX_BOOT_MAGIC, 0x2000, &reader),
+            Err(BootInfoError::Unreadable(_))
         ));
     }
 }

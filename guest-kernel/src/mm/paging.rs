@@ -7,6 +7,8 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use spin::Mutex;
+use x86_64::registers::control::Cr3;
+use x86_64::registers::model_specific::{Efer, EferFlags};
 use x86_64::structures::paging::mapper::{MapToError, Mapper};
 use x86_64::structures::paging::{
     FrameAllocator as TableFrameSource, OffsetPageTable, Page, PageSize, PageTable, PageTableFlags,
@@ -188,4 +190,36 @@ pub fn map(start: u64, len: u64, cacheability: Cacheability) -> Result<(), Kerne
     // SAFETY: ROOT is our PML4 (set by `init`); LOCK is held until `tables` is gone.
     let mut tables = unsafe { tables(root) };
     map_locked(&mut tables, start, end, cacheability, &mut frames)
+}
+
+/// True when `address` is mapped and the CPU may execute code there (no level of the walk has
+/// the no-execute bit while EFER.NXE is on). The Hyper-V hypercall page must be executable.
+pub fn is_executable(address: u64) -> bool {
+    let nx_enabled = Efer::read().contains(EferFlags::NO_EXECUTE_ENABLE);
+    let address = VirtAddr::new_truncate(address);
+    let indexes = [
+        address.p4_index(),
+        address.p3_index(),
+        address.p2_index(),
+        address.p1_index(),
+    ];
+    let _guard = LOCK.lock();
+    let mut table_address = Cr3::read().0.start_address().as_u64();
+    for (level, index) in indexes.into_iter().enumerate() {
+        // SAFETY: `table_address` is a page-table frame of the live hierarchy (CR3 or a present
+        // non-leaf entry), identity-mapped; tables change only under LOCK, which we hold.
+        let table = unsafe { &*(table_address as *const PageTable) };
+        let entry = &table[index];
+        let flags = entry.flags();
+        if !flags.contains(PageTableFlags::PRESENT)
+            || (nx_enabled && flags.contains(PageTableFlags::NO_EXECUTE))
+        {
+            return false;
+        }
+        if level == 3 || (level > 0 && flags.contains(PageTableFlags::HUGE_PAGE)) {
+            return true;
+        }
+        table_address = entry.addr().as_u64();
+    }
+    false
 }

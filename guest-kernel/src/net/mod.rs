@@ -1,6 +1,8 @@
-//! Network bring-up: finds the NICs on PCI, starts their drivers with MSI-X, hands them to the
-//! network stack, and runs the stack's event loop together with PCIe hot-plug service.
+//! Network bring-up: finds the NICs on PCI (or netvsc on Hyper-V's VMBus), starts their
+//! drivers, hands them to the network stack, and runs the stack's event loop together with
+//! PCIe hot-plug service.
 
+pub mod hyperv;
 pub mod lab_control;
 pub mod vf_path;
 
@@ -19,6 +21,7 @@ use netvsc_fallback::{
 use spin::Mutex;
 
 use crate::error::KernelError;
+use crate::hyperv::bringup::{SyntheticPlan, synthetic_plan};
 use crate::mm::heap::KernelDma;
 use crate::mm::mmio::MmioRegion;
 use crate::pci::{
@@ -196,33 +199,42 @@ pub fn bring_up() -> Result<NetStack, KernelError> {
         .iter()
         .find(|device| is_virtio_net(device))
         .map(|device| device.address);
-    let Some(address) = virtio else {
-        // No synthetic NIC: a VF alone carries the interface (no failover possible).
-        *PCI.lock() = Some(pci);
-        let mac = crate::cmdline_value("igb.vf_mac")
-            .and_then(parse_mac)
-            .unwrap_or(DEFAULT_VF_ONLY_MAC);
-        return match vf_path::bring_up_vf_path(mac)? {
-            Some(vf) => {
-                log::warn!(
-                    "net: no virtio-net device: the VF alone carries the interface, without failover"
-                );
-                NetStack::with_options(config, vf, Box::new(KernelPlatform), stack_options())
-                    .map_err(|error| KernelError::Network {
-                        reason: error.to_string(),
-                    })
-            }
-            None => Err(KernelError::NoNetworkDevice {
-                reason: if crate::hyperv::detect().is_some() {
-                    "this is Hyper-V, whose synthetic NIC (netvsc) is not supported yet; \
-                     no virtio-net device or VF either"
-                } else {
-                    "no virtio-net device (1af4:1041) and no usable VF on PCI"
-                },
-            }),
-        };
+    let hyper_v = crate::hyperv::detect();
+    let plan = synthetic_plan(virtio.is_some(), hyper_v.as_ref());
+    let synthetic = match (plan, virtio, hyper_v) {
+        (SyntheticPlan::VirtioNet, Some(address), _) => {
+            let device = start_virtio_net(&mut pci, address)?;
+            log::info!("net: synthetic path up: {}", device.name());
+            device
+        }
+        (SyntheticPlan::Netvsc, _, Some(hyper_v)) => hyperv::start_netvsc(&hyper_v)?,
+        _ => {
+            // No synthetic NIC: a VF alone carries the interface (no failover possible).
+            *PCI.lock() = Some(pci);
+            let mac = crate::cmdline_value("igb.vf_mac")
+                .and_then(parse_mac)
+                .unwrap_or(DEFAULT_VF_ONLY_MAC);
+            return match vf_path::bring_up_vf_path(mac)? {
+                Some(vf) => {
+                    log::warn!(
+                        "net: no virtio-net device: the VF alone carries the interface, without failover"
+                    );
+                    NetStack::with_options(config, vf, Box::new(KernelPlatform), stack_options())
+                        .map_err(|error| KernelError::Network {
+                            reason: error.to_string(),
+                        })
+                }
+                None => Err(KernelError::NoNetworkDevice {
+                    reason: if plan == SyntheticPlan::VmbusNotAllowed {
+                        "this is Hyper-V, but the partition may not use VMBus (SynIC, post \
+                         message or signal event privilege missing); no VF either"
+                    } else {
+                        "no virtio-net device (1af4:1041), no Hyper-V VMBus and no usable VF"
+                    },
+                }),
+            };
+        }
     };
-    let synthetic = start_virtio_net(&mut pci, address)?;
     let mut stack =
         NetStack::with_options(config, synthetic, Box::new(KernelPlatform), stack_options())
             .map_err(|error| KernelError::Network {

@@ -118,7 +118,13 @@ fn choose_access() -> (PlatformConfig, RootResources) {
             Err(error) => log::warn!("pci: cannot map ECAM at {base:#x} ({source}): {error}"),
         }
     }
-    log::warn!("pci: using port I/O config access (256 bytes per function, no SR-IOV)");
+    if host_id == u32::MAX {
+        // Hyper-V Gen2 VMs and microvm have no PCI bus at all (Hyper-V's devices are on VMBus):
+        // enumeration will find nothing, which is not a fault.
+        log::info!("pci: no MCFG and no host bridge behind port 0xCF8: no PCI bus");
+    } else {
+        log::warn!("pci: using port I/O config access (256 bytes per function, no SR-IOV)");
+    }
     (PlatformConfig::PortIo(ports), root)
 }
 

@@ -7,6 +7,20 @@
 //!
 //! The decoding and the arithmetic are plain functions over fakeable inputs (CPUID results,
 //! page snapshots) so they are unit-tested on the host; only the MSR accesses are unsafe.
+//!
+//! Submodules: [`abi`] (hypercall and SynIC encodings, pure), [`synic`] (the enlightenments
+//! VMBus needs: hypercall page, post/signal, SynIC pages, SINT 2; the only other `unsafe`) and
+//! [`bringup`] (which synthetic NIC to start and what the console says, pure), [`port`] (the
+//! `vmbus::HypervisorPort` the VMBus client runs on) and [`netvsc_channel`] (netvsc's channel
+//! over the VMBus client, generic over the port).
+
+pub mod abi;
+pub mod bringup;
+pub mod netvsc_channel;
+#[cfg(not(test))]
+pub mod port;
+#[cfg(not(test))]
+pub mod synic;
 
 use core::arch::x86_64::CpuidResult;
 

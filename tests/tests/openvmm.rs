@@ -1,0 +1,64 @@
+//! The images under OpenVMM (Hyper-V enlightenments, VMBus) on nested KVM in a QEMU/TCG L1.
+//!
+//! These boot the real `openvmm` binary built from `../shared/openvmm`; the first test to run
+//! builds it (cached under target/openvmm, ~7 min cold on 2 cores) and fetches the L1 Debian
+//! kernel and busybox (cached under target/openvmm-l1). An environment failure (no SVM in
+//! L1, a KVM module refused, the OpenVMM build failed) fails the test with a message saying
+//! so: nothing here passes without the guest having run.
+
+use std::time::Duration;
+
+use tandem_tests::image;
+use xtask::machine::NetPaths;
+use xtask::openvmm::Outcome;
+use xtask::openvmm_run::{GuestSpec, NestedGuest};
+
+/// L1 boots in ~10 s under TCG, loads KVM and starts OpenVMM; the guest then boots in ~1 s.
+/// Generous for CI's 2 shared cores running two guests at once.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// From the guest's last line to L1's power-off.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn spawn(label: &str, spec: &GuestSpec) -> NestedGuest {
+    NestedGuest::spawn(label, spec).unwrap_or_else(|error| panic!("{error}"))
+}
+
+#[test]
+fn hello_boots_under_openvmm_by_the_linux_boot_protocol_and_exits_0() {
+    let cmdline = "log=debug tandem.test=openvmm";
+    let spec = GuestSpec {
+        app: image("hello"),
+        cmdline: cmdline.to_string(),
+        memory: "64M".to_string(),
+        paths: NetPaths::Virtio,
+        forwards: Vec::new(),
+    };
+    let mut guest = spawn("openvmm hello", &spec);
+    let booted = guest
+        .wait_for_line("booted via", BOOT_TIMEOUT)
+        .unwrap_or_else(|error| panic!("{error}"));
+    assert!(
+        booted.contains("booted via the Linux x86-64 boot protocol"),
+        "OpenVMM enters at e_entry with boot_params: {booted}"
+    );
+    guest
+        .wait_for_line("Hyper-V detected", BOOT_TIMEOUT)
+        .unwrap_or_else(|error| panic!("{error}"));
+    // OpenVMM prepends its own words; ours must arrive whole through `cmd_line_ptr`.
+    let line = guest
+        .wait_for_line("cmdline:", BOOT_TIMEOUT)
+        .unwrap_or_else(|error| panic!("{error}"));
+    assert!(line.trim_end().ends_with(cmdline), "{line}");
+    guest
+        .wait_for_line("hello: done", BOOT_TIMEOUT)
+        .unwrap_or_else(|error| panic!("{error}"));
+    let outcome = guest
+        .wait_outcome(EXIT_TIMEOUT)
+        .unwrap_or_else(|error| panic!("{error}"));
+    assert_eq!(
+        outcome,
+        Outcome::Guest(0),
+        "{outcome}\n{}",
+        guest.l1.diagnostics()
+    );
+}

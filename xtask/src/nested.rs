@@ -1,0 +1,711 @@
+//! Nested KVM for hosts without it: a Debian Linux L1 under QEMU/TCG that runs OpenVMM.
+//!
+//! QEMU's TCG with `-cpu max` emulates AMD SVM, so a Linux L1 can load `kvm_amd` and give
+//! OpenVMM a working `/dev/kvm`. The L1 is a Debian kernel (`apt-get download` of the package
+//! `linux-image-amd64` points at) and an initramfs this module writes itself: busybox, the
+//! kernel's kvm/virtio-net modules in dependency order, the `openvmm` binary with the shared
+//! libraries `ldd` names, an `/etc/resolv.conf` (consomme reads it), the app image and an
+//! `/init` that checks for SVM, loads KVM, configures the NIC and runs OpenVMM on the console
+//! (a terminal on its stdin, which OpenVMM demands).
+//!
+//! Ports travel host 127.0.0.1:P → (QEMU user net) L1 10.0.2.15:P → (consomme) the guest's
+//! port. `/init` reports on the console with [`L1_MARKER`] lines: an environment failure
+//! (no SVM, a module refused, no /dev/kvm) or OpenVMM's exit status; [`outcome`] reads them.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::accel::Accel;
+use crate::error::{Error, Result};
+use crate::machine::{HostForward, shell_quote, user_netdev};
+use crate::openvmm::{self, Outcome};
+use crate::qemu::QemuBuilder;
+
+/// Prefix of every line the L1's `/init` prints about itself.
+pub const L1_MARKER: &str = "TANDEM-L1:";
+/// What follows [`L1_MARKER`] on an environment failure.
+pub const ENVIRONMENT_FAILURE: &str = "environment:";
+/// What follows [`L1_MARKER`] when OpenVMM has ended (then its status).
+pub const OPENVMM_EXITED: &str = "openvmm exited with status";
+/// The Debian package whose dependency names the current kernel package.
+pub const KERNEL_META_PACKAGE: &str = "linux-image-amd64";
+/// The Debian package with a static busybox.
+pub const BUSYBOX_PACKAGE: &str = "busybox-static";
+/// Modules for KVM on AMD SVM (what QEMU's `-cpu max` emulates); their dependencies are found.
+pub const KVM_MODULES: &[&str] = &["kvm_amd"];
+/// Modules for L1's NIC (virtio-net on QEMU's user network).
+pub const NET_MODULES: &[&str] = &["virtio_pci", "virtio_net"];
+/// L1's memory: OpenVMM, its guest and the ~50 MB initramfs, with room.
+pub const L1_MEMORY: &str = "1G";
+/// L1's command line.
+pub const L1_CMDLINE: &str = "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init";
+/// Where the app image lies in L1.
+pub const L1_APP_PATH: &str = "/tandem/app.elf";
+/// Where `openvmm` lies in L1.
+pub const L1_OPENVMM_PATH: &str = "/tandem/openvmm";
+/// L1's address on QEMU's user network (fixed by slirp), its gateway and DNS server.
+pub const L1_ADDRESS: &str = "10.0.2.15/24";
+/// The slirp gateway.
+pub const L1_GATEWAY: &str = "10.0.2.2";
+/// The slirp DNS server, written into L1's resolv.conf.
+pub const L1_DNS: &str = "10.0.2.3";
+
+/// From `apt-cache depends linux-image-amd64`, the versioned kernel package it depends on.
+pub fn kernel_package_from_depends(text: &str) -> Option<String> {
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("Depends:"))
+        .map(str::trim)
+        .find(|name| name.starts_with("linux-image-") && name.ends_with("-amd64"))
+        .map(str::to_string)
+}
+
+/// The module names (`-` spelled `_`) a `.ko` file's `.modinfo` says it depends on.
+pub fn module_depends(ko: &[u8]) -> Vec<String> {
+    const KEY: &[u8] = b"\0depends=";
+    let Some(start) = ko.windows(KEY.len()).position(|window| window == KEY) else {
+        return Vec::new();
+    };
+    let value = &ko[start + KEY.len()..];
+    let end = value
+        .iter()
+        .position(|&byte| byte == 0)
+        .unwrap_or(value.len());
+    String::from_utf8_lossy(&value[..end])
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(|name| name.replace('-', "_"))
+        .collect()
+}
+
+/// The order to load `wanted` and everything they depend on (dependencies first, each once).
+pub fn module_load_order(
+    wanted: &[&str],
+    depends: &dyn Fn(&str) -> Option<Vec<String>>,
+) -> Result<Vec<String>> {
+    fn visit(
+        name: &str,
+        depends: &dyn Fn(&str) -> Option<Vec<String>>,
+        visiting: &mut HashSet<String>,
+        order: &mut Vec<String>,
+    ) -> Result<()> {
+        if order.iter().any(|done| done == name) {
+            return Ok(());
+        }
+        if !visiting.insert(name.to_string()) {
+            return Err(Error::Environment(format!(
+                "kernel module dependency cycle through {name}"
+            )));
+        }
+        let deps = depends(name)
+            .ok_or_else(|| Error::Environment(format!("the L1 kernel has no module {name}")))?;
+        for dep in deps {
+            visit(&dep, depends, visiting, order)?;
+        }
+        order.push(name.to_string());
+        Ok(())
+    }
+    let mut order = Vec::new();
+    let mut visiting = HashSet::new();
+    for name in wanted {
+        visit(&name.replace('-', "_"), depends, &mut visiting, &mut order)?;
+    }
+    Ok(order)
+}
+
+/// From `ldd` output, every library file it resolved (and the program interpreter).
+pub fn libraries_from_ldd(text: &str) -> Vec<PathBuf> {
+    text.lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            let path = match line.split_once("=>") {
+                Some((_, resolved)) => resolved.trim(),
+                None => line,
+            };
+            let path = path.split_whitespace().next()?;
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect()
+}
+
+/// A `newc` cpio archive (what the Linux kernel unpacks as an initramfs), built in memory.
+#[derive(Default)]
+pub struct Cpio {
+    bytes: Vec<u8>,
+    next_inode: u32,
+}
+
+/// `mode` file-type bits.
+const MODE_DIRECTORY: u32 = 0o040000;
+const MODE_REGULAR: u32 = 0o100000;
+const MODE_SYMLINK: u32 = 0o120000;
+const MODE_CHARACTER_DEVICE: u32 = 0o020000;
+
+impl Cpio {
+    /// An empty archive.
+    pub fn new() -> Self {
+        Cpio::default()
+    }
+
+    fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
+        let name = name.trim_start_matches('/');
+        self.next_inode += 1;
+        let fields = [
+            self.next_inode,
+            mode,
+            0, // uid
+            0, // gid
+            if mode & MODE_DIRECTORY != 0 { 2 } else { 1 },
+            0, // mtime: fixed, so the archive is reproducible
+            data.len() as u32,
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() as u32 + 1,
+            0, // check
+        ];
+        self.bytes.extend_from_slice(b"070701");
+        for field in fields {
+            self.bytes
+                .extend_from_slice(format!("{field:08x}").as_bytes());
+        }
+        self.bytes.extend_from_slice(name.as_bytes());
+        self.bytes.push(0);
+        self.pad();
+        self.bytes.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while !self.bytes.len().is_multiple_of(4) {
+            self.bytes.push(0);
+        }
+    }
+
+    /// Adds a directory.
+    pub fn directory(&mut self, name: &str) {
+        self.entry(name, MODE_DIRECTORY | 0o755, (0, 0), &[]);
+    }
+
+    /// Adds a regular file with permission bits `permissions`.
+    pub fn file(&mut self, name: &str, permissions: u32, data: &[u8]) {
+        self.entry(name, MODE_REGULAR | permissions, (0, 0), data);
+    }
+
+    /// Adds a symbolic link `name` → `target`.
+    pub fn symlink(&mut self, name: &str, target: &str) {
+        self.entry(name, MODE_SYMLINK | 0o777, (0, 0), target.as_bytes());
+    }
+
+    /// Adds a character device node.
+    pub fn character_device(&mut self, name: &str, major: u32, minor: u32) {
+        self.entry(name, MODE_CHARACTER_DEVICE | 0o600, (major, minor), &[]);
+    }
+
+    /// Closes the archive and returns its bytes.
+    pub fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, (0, 0), &[]);
+        self.bytes
+    }
+}
+
+/// What L1's `/init` does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InitConfig {
+    /// KVM modules in load order.
+    pub kvm_modules: Vec<String>,
+    /// NIC modules in load order.
+    pub net_modules: Vec<String>,
+    /// `openvmm` arguments.
+    pub openvmm_args: Vec<String>,
+    /// `OPENVMM_LOG` filter.
+    pub log_filter: String,
+}
+
+/// The `/init` shell script.
+pub fn init_script(config: &InitConfig) -> String {
+    let modules = |names: &[String]| names.join(" ");
+    let args: Vec<String> = config
+        .openvmm_args
+        .iter()
+        .map(|arg| shell_quote(arg))
+        .collect();
+    format!(
+        r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+say() {{ echo "{L1_MARKER} $*"; }}
+environment() {{ say "{ENVIRONMENT_FAILURE} $*"; poweroff -f; exit 1; }}
+grep -qw svm /proc/cpuinfo || environment "no svm flag in L1's /proc/cpuinfo: QEMU does not emulate AMD SVM here"
+for module in {kvm}; do
+    insmod /tandem/modules/$module.ko || environment "the L1 kernel refused module $module"
+done
+[ -c /dev/kvm ] || environment "no /dev/kvm in L1 after loading KVM"
+for module in {net}; do
+    insmod /tandem/modules/$module.ko || environment "the L1 kernel refused module $module"
+done
+ip link set lo up
+ip link set eth0 up || environment "L1 has no eth0"
+ip addr add {L1_ADDRESS} dev eth0
+ip route add default via {L1_GATEWAY}
+say "KVM ready (kvm_amd), starting OpenVMM"
+OPENVMM_LOG='{log}' {L1_OPENVMM_PATH} {args} </dev/console
+say "{OPENVMM_EXITED} $?"
+poweroff -f
+"#,
+        kvm = modules(&config.kvm_modules),
+        net = modules(&config.net_modules),
+        log = config.log_filter.replace('\'', ""),
+        args = args.join(" "),
+    )
+}
+
+/// How the nested run ended, from L1's console lines.
+pub fn outcome(lines: &[String]) -> Outcome {
+    let marker_text = |line: &String| {
+        line.split_once(L1_MARKER)
+            .map(|(_, rest)| rest.trim().to_string())
+    };
+    let mut status = None;
+    for text in lines.iter().filter_map(marker_text) {
+        if let Some(reason) = text.strip_prefix(ENVIRONMENT_FAILURE) {
+            return Outcome::Environment(format!("nested L1: {}", reason.trim()));
+        }
+        if let Some(code) = text.strip_prefix(OPENVMM_EXITED) {
+            status = code.trim().parse::<i32>().ok();
+        }
+    }
+    if status.is_none() {
+        return Outcome::Environment(
+            "the nested L1 stopped before OpenVMM finished (see its console above)".to_string(),
+        );
+    }
+    openvmm::outcome(lines, status)
+}
+
+/// The L1 kernel and the files its initramfs is made of, unpacked from Debian packages.
+#[derive(Clone, Debug)]
+pub struct L1Assets {
+    /// The L1 kernel (bzImage).
+    pub kernel: PathBuf,
+    /// `lib/modules/<version>/kernel` of the unpacked package.
+    pub modules_dir: PathBuf,
+    /// A static busybox.
+    pub busybox: PathBuf,
+}
+
+fn run_checked(command: &mut Command, what: &str) -> Result<Vec<u8>> {
+    let output = command
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|error| Error::Environment(format!("{what}: {error}")))?;
+    if !output.status.success() {
+        return Err(Error::Environment(format!(
+            "{what} failed ({})",
+            output.status
+        )));
+    }
+    Ok(output.stdout)
+}
+
+/// Downloads and unpacks `package` under `cache` once; returns the unpacked root.
+fn unpacked_package(cache: &Path, package: &str) -> Result<PathBuf> {
+    let root = cache.join(package);
+    let done = root.join(".unpacked");
+    if done.is_file() {
+        return Ok(root);
+    }
+    let download = cache.join("download");
+    let _ = std::fs::remove_dir_all(&download);
+    std::fs::create_dir_all(&download)
+        .map_err(|error| Error::io(format!("creating {}", download.display()), error))?;
+    eprintln!("xtask: nested L1: apt-get download {package}");
+    run_checked(
+        Command::new("apt-get")
+            .args(["download", package])
+            .current_dir(&download),
+        &format!("apt-get download {package}"),
+    )?;
+    let deb = std::fs::read_dir(&download)
+        .map_err(|error| Error::io(format!("listing {}", download.display()), error))?
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .find(|path| path.extension().is_some_and(|ext| ext == "deb"))
+        .ok_or_else(|| Error::Environment(format!("apt-get download {package} left no .deb")))?;
+    let _ = std::fs::remove_dir_all(&root);
+    run_checked(
+        Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root),
+        &format!("dpkg-deb -x {}", deb.display()),
+    )?;
+    let _ = std::fs::remove_dir_all(&download);
+    std::fs::write(&done, package)
+        .map_err(|error| Error::io(format!("writing {}", done.display()), error))?;
+    Ok(root)
+}
+
+/// Fetches (once, cached under `cache`) the Debian kernel and busybox for L1.
+pub fn fetch_assets(cache: &Path) -> Result<L1Assets> {
+    std::fs::create_dir_all(cache)
+        .map_err(|error| Error::io(format!("creating {}", cache.display()), error))?;
+    let depends = run_checked(
+        Command::new("apt-cache").args(["depends", KERNEL_META_PACKAGE]),
+        &format!("apt-cache depends {KERNEL_META_PACKAGE}"),
+    )?;
+    let package =
+        kernel_package_from_depends(&String::from_utf8_lossy(&depends)).ok_or_else(|| {
+            Error::Environment(format!(
+                "apt-cache names no kernel package for {KERNEL_META_PACKAGE}"
+            ))
+        })?;
+    let kernel_root = unpacked_package(cache, &package)?;
+    let version = package
+        .strip_prefix("linux-image-")
+        .unwrap_or(&package)
+        .to_string();
+    let kernel = kernel_root.join(format!("boot/vmlinuz-{version}"));
+    let modules_dir = kernel_root.join(format!("lib/modules/{version}/kernel"));
+    let busybox = unpacked_package(cache, BUSYBOX_PACKAGE)?.join("bin/busybox");
+    for path in [&kernel, &modules_dir, &busybox] {
+        if !path.exists() {
+            return Err(Error::Environment(format!(
+                "the unpacked Debian packages lack {}",
+                path.display()
+            )));
+        }
+    }
+    Ok(L1Assets {
+        kernel,
+        modules_dir,
+        busybox,
+    })
+}
+
+/// Every `.ko` under `dir`, by module name (`-` spelled `_`).
+fn module_index(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
+    let mut index = BTreeMap::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|error| Error::io(format!("listing {}", dir.display()), error))?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if let Some(name) = path
+                .file_name()
+                .and_then(|name| name.to_str())
+                .and_then(|name| name.strip_suffix(".ko"))
+            {
+                index.insert(name.replace('-', "_"), path);
+            }
+        }
+    }
+    Ok(index)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|error| Error::io(format!("reading {}", path.display()), error))
+}
+
+/// Writes L1's initramfs to `out`: busybox, modules, OpenVMM and its libraries, the app, /init.
+pub fn build_initramfs(
+    assets: &L1Assets,
+    openvmm_binary: &Path,
+    app: &Path,
+    openvmm_args: &[String],
+    out: &Path,
+) -> Result<()> {
+    let index = module_index(&assets.modules_dir)?;
+    let depends = |name: &str| -> Option<Vec<String>> {
+        let path = index.get(name)?;
+        std::fs::read(path).ok().map(|bytes| module_depends(&bytes))
+    };
+    let kvm_modules = module_load_order(KVM_MODULES, &depends)?;
+    let net_modules = module_load_order(NET_MODULES, &depends)?;
+    let ldd = run_checked(
+        Command::new("ldd").arg(openvmm_binary),
+        &format!("ldd {}", openvmm_binary.display()),
+    )?;
+    let libraries = libraries_from_ldd(&String::from_utf8_lossy(&ldd));
+
+    let mut cpio = Cpio::new();
+    for dir in [
+        "bin",
+        "dev",
+        "proc",
+        "sys",
+        "etc",
+        "tmp",
+        "run",
+        "tandem",
+        "tandem/modules",
+    ] {
+        cpio.directory(dir);
+    }
+    // The kernel opens /dev/console for init before devtmpfs is mounted.
+    cpio.character_device("dev/console", 5, 1);
+    cpio.file("bin/busybox", 0o755, &read(&assets.busybox)?);
+    cpio.symlink("bin/sh", "busybox");
+    cpio.file(
+        "etc/resolv.conf",
+        0o644,
+        format!("nameserver {L1_DNS}\n").as_bytes(),
+    );
+    let mut made_dirs = HashSet::new();
+    for library in &libraries {
+        // Store each library at the path the dynamic loader will look for, as a real file.
+        for ancestor in library.ancestors().skip(1).collect::<Vec<_>>().iter().rev() {
+            let name = ancestor
+                .to_string_lossy()
+                .trim_start_matches('/')
+                .to_string();
+            if !name.is_empty() && made_dirs.insert(name.clone()) {
+                cpio.directory(&name);
+            }
+        }
+        cpio.file(&library.to_string_lossy(), 0o755, &read(library)?);
+    }
+    for name in kvm_modules.iter().chain(&net_modules) {
+        let path = &index[name];
+        cpio.file(&format!("tandem/modules/{name}.ko"), 0o644, &read(path)?);
+    }
+    cpio.file(L1_OPENVMM_PATH, 0o755, &read(openvmm_binary)?);
+    cpio.file(L1_APP_PATH, 0o644, &read(app)?);
+    let log_filter =
+        std::env::var("OPENVMM_LOG").unwrap_or_else(|_| openvmm::DEFAULT_LOG_FILTER.to_string());
+    let script = init_script(&InitConfig {
+        kvm_modules,
+        net_modules,
+        openvmm_args: openvmm_args.to_vec(),
+        log_filter,
+    });
+    cpio.file("init", 0o755, script.as_bytes());
+    std::fs::write(out, cpio.finish())
+        .map_err(|error| Error::io(format!("writing {}", out.display()), error))
+}
+
+/// L1's port forwards: each host port reaches the same port on L1, where consomme listens.
+pub fn l1_forwards(forwards: &[HostForward]) -> Vec<HostForward> {
+    forwards
+        .iter()
+        .map(|forward| HostForward {
+            guest_port: forward.host_port,
+            ..*forward
+        })
+        .collect()
+}
+
+/// The QEMU guest that is L1: TCG (SVM is emulated), `-cpu max` (the machine's default), two
+/// vCPUs (OpenVMM's VP and device threads), virtio-net on user networking with the forwards.
+pub fn l1_qemu(
+    label: &str,
+    assets: &L1Assets,
+    initramfs: &Path,
+    forwards: &[HostForward],
+) -> QemuBuilder {
+    QemuBuilder::new(label, Accel::Tcg)
+        .kernel(&assets.kernel)
+        .cmdline(L1_CMDLINE)
+        .memory(L1_MEMORY)
+        .netdev(user_netdev("l1net", &l1_forwards(forwards)))
+        .device("virtio-net-pci,netdev=l1net")
+        .arg("-initrd")
+        .arg(initramfs.display().to_string())
+        .arg("-smp")
+        .arg("2")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::machine::Protocol;
+
+    #[test]
+    fn the_versioned_kernel_package_is_found() {
+        let text = "linux-image-amd64\n  Depends: linux-image-6.1.0-57-amd64\n";
+        assert_eq!(
+            kernel_package_from_depends(text).as_deref(),
+            Some("linux-image-6.1.0-57-amd64")
+        );
+        assert_eq!(kernel_package_from_depends("linux-image-amd64\n"), None);
+    }
+
+    #[test]
+    fn modinfo_depends_are_read_and_normalised() {
+        let ko = b"\x7fELF...\0license=GPL\0depends=kvm,ccp\0name=kvm_amd\0";
+        assert_eq!(module_depends(ko), ["kvm", "ccp"]);
+        assert!(module_depends(b"\0depends=\0name=ccp\0").is_empty());
+        assert_eq!(module_depends(b"\0depends=virtio-ring\0"), ["virtio_ring"]);
+        assert!(module_depends(b"no modinfo at all").is_empty());
+    }
+
+    fn debian_depends(name: &str) -> Option<Vec<String>> {
+        let deps: &[&str] = match name {
+            "kvm_amd" => &["kvm", "ccp"],
+            "kvm" => &["irqbypass"],
+            "ccp" | "irqbypass" | "virtio" | "failover" => &[],
+            "virtio_ring" => &["virtio"],
+            "virtio_net" => &["virtio_ring", "virtio", "net_failover"],
+            "net_failover" => &["failover"],
+            "loop_a" => &["loop_b"],
+            "loop_b" => &["loop_a"],
+            _ => return None,
+        };
+        Some(deps.iter().map(|dep| dep.to_string()).collect())
+    }
+
+    #[test]
+    fn modules_load_dependencies_first_and_once() {
+        let order = module_load_order(&["kvm-amd"], &debian_depends).unwrap();
+        assert_eq!(order, ["irqbypass", "kvm", "ccp", "kvm_amd"]);
+        let order = module_load_order(&["virtio_net", "virtio_ring"], &debian_depends).unwrap();
+        assert_eq!(
+            order,
+            [
+                "virtio",
+                "virtio_ring",
+                "failover",
+                "net_failover",
+                "virtio_net"
+            ]
+        );
+    }
+
+    #[test]
+    fn missing_modules_and_cycles_are_environment_failures() {
+        assert!(matches!(
+            module_load_order(&["kvm_intel"], &debian_depends),
+            Err(Error::Environment(_))
+        ));
+        assert!(matches!(
+            module_load_order(&["loop_a"], &debian_depends),
+            Err(Error::Environment(_))
+        ));
+    }
+
+    #[test]
+    fn ldd_output_gives_library_paths_and_the_interpreter() {
+        let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\
+            \tlibssl.so.3 => /lib/x86_64-linux-gnu/libssl.so.3 (0x00007f)\n\
+            \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n\
+            \t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
+        assert_eq!(
+            libraries_from_ldd(text),
+            [
+                PathBuf::from("/lib/x86_64-linux-gnu/libssl.so.3"),
+                PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"),
+                PathBuf::from("/lib64/ld-linux-x86-64.so.2"),
+            ]
+        );
+    }
+
+    /// Reads a newc archive back: (name, mode, rdev major, data) per entry.
+    fn parse_cpio(bytes: &[u8]) -> Vec<(String, u32, u32, Vec<u8>)> {
+        let mut entries = Vec::new();
+        let mut at = 0;
+        let field = |at: usize, index: usize| {
+            let start = at + 6 + index * 8;
+            u32::from_str_radix(std::str::from_utf8(&bytes[start..start + 8]).unwrap(), 16).unwrap()
+        };
+        loop {
+            assert_eq!(&bytes[at..at + 6], b"070701");
+            let mode = field(at, 1);
+            let size = field(at, 6) as usize;
+            let major = field(at, 9);
+            let name_size = field(at, 11) as usize;
+            let name_start = at + 110;
+            let name =
+                String::from_utf8(bytes[name_start..name_start + name_size - 1].to_vec()).unwrap();
+            let data_start = (name_start + name_size).next_multiple_of(4);
+            let data = bytes[data_start..data_start + size].to_vec();
+            at = (data_start + size).next_multiple_of(4);
+            if name == "TRAILER!!!" {
+                assert_eq!(at, bytes.len());
+                return entries;
+            }
+            entries.push((name, mode, major, data));
+        }
+    }
+
+    #[test]
+    fn cpio_archive_round_trips_with_newc_alignment() {
+        let mut cpio = Cpio::new();
+        cpio.directory("bin");
+        cpio.file("/bin/busybox", 0o755, b"ELF!!");
+        cpio.symlink("bin/sh", "busybox");
+        cpio.character_device("dev/console", 5, 1);
+        cpio.file("init", 0o755, b"");
+        let entries = parse_cpio(&cpio.finish());
+        let names: Vec<&str> = entries.iter().map(|entry| entry.0.as_str()).collect();
+        assert_eq!(
+            names,
+            ["bin", "bin/busybox", "bin/sh", "dev/console", "init"]
+        );
+        assert_eq!(entries[0].1, 0o040755);
+        assert_eq!(entries[1].1, 0o100755);
+        assert_eq!(entries[1].3, b"ELF!!");
+        assert_eq!(entries[2].1 & 0o170000, 0o120000);
+        assert_eq!(entries[2].3, b"busybox");
+        assert_eq!((entries[3].1 & 0o170000, entries[3].2), (0o020000, 5));
+    }
+
+    #[test]
+    fn init_checks_svm_loads_kvm_then_runs_openvmm_on_the_console() {
+        let script = init_script(&InitConfig {
+            kvm_modules: vec![
+                "irqbypass".into(),
+                "kvm".into(),
+                "ccp".into(),
+                "kvm_amd".into(),
+            ],
+            net_modules: vec!["virtio_net".into()],
+            openvmm_args: vec!["--hv".into(), "-c".into(), "log=debug echo.port=7".into()],
+            log_filter: "info".into(),
+        });
+        let svm = script.find("grep -qw svm").unwrap();
+        let kvm = script.find("irqbypass kvm ccp kvm_amd").unwrap();
+        let run = script.find("/tandem/openvmm --hv -c 'log=debug echo.port=7' </dev/console");
+        assert!(svm < kvm && kvm < run.unwrap(), "{script}");
+        assert!(script.contains("TANDEM-L1: $*"));
+        assert!(script.contains("openvmm exited with status $?"));
+    }
+
+    fn lines(text: &str) -> Vec<String> {
+        text.lines().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn outcomes_tell_environment_from_guest() {
+        let no_svm = lines("TANDEM-L1: environment: no svm flag in L1's /proc/cpuinfo");
+        assert!(matches!(outcome(&no_svm), Outcome::Environment(reason) if reason.contains("svm")));
+        let panicked_l1 = lines("Kernel panic - not syncing");
+        assert!(matches!(outcome(&panicked_l1), Outcome::Environment(_)));
+        let passed = lines(
+            "TANDEM-L1: KVM ready\nhello: done\ntandem: exit code 0\r\nTANDEM-L1: openvmm exited with status 0",
+        );
+        assert_eq!(outcome(&passed), Outcome::Guest(0));
+        let triple_fault = lines("TANDEM-L1: openvmm exited with status 3");
+        assert_eq!(
+            outcome(&triple_fault),
+            Outcome::NoGuestCode { status: Some(3) }
+        );
+    }
+
+    #[test]
+    fn l1_forwards_land_on_the_same_port_in_l1() {
+        let forwards = [HostForward {
+            protocol: Protocol::Udp,
+            host_port: 7007,
+            guest_port: 7,
+        }];
+        assert_eq!(l1_forwards(&forwards)[0].guest_port, 7007);
+        assert_eq!(
+            user_netdev("l1net", &l1_forwards(&forwards)),
+            "user,id=l1net,hostfwd=udp:127.0.0.1:7007-:7007"
+        );
+    }
+}

@@ -1,0 +1,315 @@
+//! Booting an app under OpenVMM: directly on a host with real KVM, else nested in a QEMU L1.
+//!
+//! `cargo xtask run <app> --vmm openvmm` and the OpenVMM integration tests both come here.
+//! Real KVM (vmx/svm, not kvm_pvm: the same test as QEMU's accelerator choice) runs `openvmm`
+//! on this host; anywhere else OpenVMM runs inside the nested L1 of [`crate::nested`].
+
+use std::fmt;
+use std::io::{BufRead, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::accel::{self, Accel};
+use crate::error::{Error, Result};
+use crate::machine::{HostForward, NetPaths};
+use crate::nested;
+use crate::openvmm::{self, Outcome, VmConfig};
+use crate::qemu::Qemu;
+
+/// The VMM an app boots under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vmm {
+    /// QEMU (q35, virtio-net and igb).
+    Qemu,
+    /// OpenVMM (Hyper-V enlightenments, VMBus netvsc, MANA).
+    OpenVmm,
+}
+
+impl fmt::Display for Vmm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Vmm::Qemu => "qemu",
+            Vmm::OpenVmm => "openvmm",
+        })
+    }
+}
+
+impl FromStr for Vmm {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        match text {
+            "qemu" => Ok(Vmm::Qemu),
+            "openvmm" => Ok(Vmm::OpenVmm),
+            other => Err(Error::Usage(format!(
+                "unknown --vmm `{other}` (expected qemu or openvmm)"
+            ))),
+        }
+    }
+}
+
+/// Where OpenVMM runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// On this host, which has real KVM.
+    Direct,
+    /// In a Linux L1 under QEMU/TCG with emulated SVM.
+    Nested,
+}
+
+/// Direct on real KVM, nested otherwise (with the reason, for the user).
+pub fn placement() -> (Placement, String) {
+    let choice = accel::decide(None);
+    match choice.accel {
+        Accel::Kvm => (Placement::Direct, choice.reason),
+        Accel::Tcg => (
+            Placement::Nested,
+            format!("{}: OpenVMM runs nested in a QEMU/TCG L1", choice.reason),
+        ),
+    }
+}
+
+/// The guest a caller wants under OpenVMM.
+#[derive(Clone, Debug)]
+pub struct GuestSpec {
+    /// The app image.
+    pub app: PathBuf,
+    /// Our command line.
+    pub cmdline: String,
+    /// Guest memory (QEMU syntax).
+    pub memory: String,
+    /// NICs: `virtio` = netvsc (the synthetic path), `vf` = MANA, `both`.
+    pub paths: NetPaths,
+    /// Host port forwards (127.0.0.1 on this host).
+    pub forwards: Vec<HostForward>,
+}
+
+impl GuestSpec {
+    fn vm_config(&self, placement: Placement) -> VmConfig {
+        VmConfig {
+            kernel: match placement {
+                Placement::Direct => self.app.clone(),
+                Placement::Nested => PathBuf::from(nested::L1_APP_PATH),
+            },
+            cmdline: self.cmdline.clone(),
+            memory: self.memory.clone(),
+            processors: 1,
+            paths: self.paths,
+            forwards: self.forwards.clone(),
+            listen_on_all_addresses: placement == Placement::Nested,
+        }
+    }
+}
+
+/// Builds OpenVMM, fetches the L1 assets and writes the initramfs for `spec`; returns the L1
+/// assets and the initramfs path (under `target/openvmm-l1/`).
+pub fn prepare_nested(spec: &GuestSpec, name: &str) -> Result<(nested::L1Assets, PathBuf)> {
+    let binary = openvmm::build()?;
+    let cache = crate::image::target_dir()?.join("openvmm-l1");
+    let assets = nested::fetch_assets(&cache)?;
+    let initramfs = cache.join(format!("{name}-{}.cpio", std::process::id()));
+    let args = openvmm::openvmm_args(&spec.vm_config(Placement::Nested));
+    nested::build_initramfs(&assets, &binary, &spec.app, &args, &initramfs)?;
+    Ok((assets, initramfs))
+}
+
+/// A guest under nested OpenVMM, for tests: L1's console is the QEMU serial capture.
+pub struct NestedGuest {
+    /// The L1 QEMU (its serial lines hold L1's markers, OpenVMM's log and the guest console).
+    pub l1: Qemu,
+    initramfs: PathBuf,
+}
+
+impl NestedGuest {
+    /// Boots `spec` under OpenVMM in a fresh L1 labelled `label`.
+    pub fn spawn(label: &str, spec: &GuestSpec) -> Result<NestedGuest> {
+        let (assets, initramfs) = prepare_nested(spec, label)?;
+        let l1 = nested::l1_qemu(label, &assets, &initramfs, &spec.forwards).spawn()?;
+        Ok(NestedGuest { l1, initramfs })
+    }
+
+    /// Waits for the next console line containing `needle`; an environment failure that
+    /// ends L1 first is reported as [`Error::Environment`], not as a missing line.
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        match self.l1.wait_for_line(needle, timeout) {
+            Ok(line) => Ok(line),
+            Err(error) => match nested::outcome(&self.l1.serial_lines()) {
+                Outcome::Environment(reason) => Err(Error::Environment(format!(
+                    "{reason} (while waiting for {needle:?})\n{}",
+                    self.l1.diagnostics()
+                ))),
+                _ => Err(error),
+            },
+        }
+    }
+
+    /// Waits for L1 to power off and says how the guest ended.
+    pub fn wait_outcome(&mut self, timeout: Duration) -> Result<Outcome> {
+        self.l1.wait_for_exit(timeout)?;
+        Ok(nested::outcome(&self.l1.serial_lines()))
+    }
+}
+
+impl Drop for NestedGuest {
+    fn drop(&mut self) {
+        self.l1.kill();
+        let _ = std::fs::remove_file(&self.initramfs);
+    }
+}
+
+/// `cargo xtask run <app> --vmm openvmm`: the guest console on this terminal; returns the
+/// process exit code (the guest's, 254 for an environment failure, 255 without a code).
+pub fn run(spec: &GuestSpec) -> Result<i32> {
+    let (placement, reason) = placement();
+    eprintln!("xtask: OpenVMM {placement:?} ({reason})");
+    for forward in &spec.forwards {
+        eprintln!(
+            "xtask: forwarding {:?} 127.0.0.1:{} -> guest port {}",
+            forward.protocol, forward.host_port, forward.guest_port
+        );
+    }
+    let outcome = match placement {
+        Placement::Direct => run_direct(spec),
+        Placement::Nested => run_nested(spec),
+    };
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(Error::Environment(reason)) => Outcome::Environment(reason),
+        Err(error) => return Err(error),
+    };
+    eprintln!("xtask: {outcome}");
+    Ok(outcome.process_exit_code())
+}
+
+/// Copies `pipe` to `sink` byte for byte (the terminal sees exactly what was sent) while
+/// collecting its lines.
+fn tee_lines(pipe: impl Read, mut sink: impl Write) -> Vec<String> {
+    let mut reader = std::io::BufReader::new(pipe);
+    let mut lines = Vec::new();
+    let mut buffer = Vec::new();
+    while let Ok(count) = reader.read_until(b'\n', &mut buffer) {
+        if count == 0 {
+            break;
+        }
+        let _ = sink.write_all(&buffer);
+        let _ = sink.flush();
+        lines.push(
+            String::from_utf8_lossy(&buffer)
+                .trim_end_matches(['\r', '\n'])
+                .to_string(),
+        );
+        buffer.clear();
+    }
+    lines
+}
+
+fn run_direct(spec: &GuestSpec) -> Result<Outcome> {
+    let binary = openvmm::build()?;
+    let args = openvmm::openvmm_args(&spec.vm_config(Placement::Direct));
+    eprintln!(
+        "{}",
+        crate::machine::shell_command_line(&binary.display().to_string(), &args)
+    );
+    let mut child = openvmm::with_terminal(&binary, &args)
+        .env(
+            "OPENVMM_LOG",
+            std::env::var("OPENVMM_LOG")
+                .unwrap_or_else(|_| openvmm::DEFAULT_LOG_FILTER.to_string()),
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|error| Error::Environment(format!("starting {}: {error}", binary.display())))?;
+    let lines = child
+        .stderr
+        .take()
+        .map(|pipe| tee_lines(pipe, std::io::stderr()))
+        .unwrap_or_default();
+    let status = child
+        .wait()
+        .map_err(|error| Error::io("waiting for openvmm", error))?;
+    Ok(openvmm::outcome(&lines, status.code()))
+}
+
+fn run_nested(spec: &GuestSpec) -> Result<Outcome> {
+    let (assets, initramfs) = prepare_nested(spec, "run")?;
+    let builder = nested::l1_qemu("l1", &assets, &initramfs, &spec.forwards);
+    let (program, args) = builder.command_line();
+    eprintln!("{}", crate::machine::shell_command_line(&program, &args));
+    eprintln!("xtask: L1 boots in ~10 s under TCG; Ctrl-C stops it");
+    let result = std::process::Command::new(&program)
+        .args(&args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|error| Error::io(format!("starting {program}"), error))
+        .and_then(|mut child| {
+            let lines = child
+                .stdout
+                .take()
+                .map(|pipe| tee_lines(pipe, std::io::stdout()))
+                .unwrap_or_default();
+            child
+                .wait()
+                .map_err(|error| Error::io("waiting for the L1 QEMU", error))?;
+            Ok(nested::outcome(&lines))
+        });
+    let _ = std::fs::remove_file(&initramfs);
+    result
+}
+
+/// The image path `cargo xtask run` should pass for `app`, and its forwards.
+pub fn spec_for_app(
+    app: &Path,
+    app_name: &str,
+    cmdline: &str,
+    memory: &str,
+    paths: NetPaths,
+) -> GuestSpec {
+    GuestSpec {
+        app: app.to_path_buf(),
+        cmdline: cmdline.to_string(),
+        memory: memory.to_string(),
+        paths,
+        forwards: crate::machine::app_forwards(app_name),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vmm_names_parse() {
+        assert_eq!("openvmm".parse::<Vmm>().unwrap(), Vmm::OpenVmm);
+        assert_eq!("qemu".parse::<Vmm>().unwrap(), Vmm::Qemu);
+        assert!(matches!("hyperv".parse::<Vmm>(), Err(Error::Usage(_))));
+        assert_eq!(Vmm::OpenVmm.to_string(), "openvmm");
+    }
+
+    #[test]
+    fn nested_guests_see_the_app_inside_l1_and_forward_from_every_address() {
+        let spec = spec_for_app(
+            Path::new("/w/target/release/echo"),
+            "echo",
+            "log=debug",
+            "64M",
+            NetPaths::Virtio,
+        );
+        let nested = spec.vm_config(Placement::Nested);
+        assert_eq!(nested.kernel, PathBuf::from(nested::L1_APP_PATH));
+        assert!(nested.listen_on_all_addresses);
+        assert_eq!(nested.forwards.len(), 2, "echo: TCP and UDP 7007 -> 7");
+        let direct = spec.vm_config(Placement::Direct);
+        assert_eq!(direct.kernel, PathBuf::from("/w/target/release/echo"));
+        assert!(!direct.listen_on_all_addresses);
+    }
+
+    #[test]
+    fn tee_keeps_bytes_and_collects_lines() {
+        let mut sink = Vec::new();
+        let lines = tee_lines(&b"a\r\nb\nc"[..], &mut sink);
+        assert_eq!(sink, b"a\r\nb\nc");
+        assert_eq!(lines, ["a", "b", "c"]);
+    }
+}
