@@ -6,7 +6,7 @@
 //! [`FakeDmaAllocator`] (device address == CPU address). It runs on the caller's thread: the
 //! device "acts" inside the `inject_*`/`take_*` calls and on doorbell writes.
 
-mod memory;
+pub(crate) mod memory;
 
 use alloc::vec::Vec;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

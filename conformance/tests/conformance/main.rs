@@ -5,3 +5,4 @@
 
 mod guest_memory;
 mod vmbus_control;
+mod netvsc;
