@@ -4,5 +4,6 @@
 //! `netvsp`, MANA against `gdma`, vPCI against `vpci`.
 
 mod guest_memory;
-mod vmbus_control;
+mod mana;
 mod netvsc;
+mod vmbus_control;
