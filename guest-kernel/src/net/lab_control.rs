@@ -68,17 +68,25 @@ fn execute(command: &str, stack: &mut NetStack) -> String {
     }
 }
 
-/// One line with the counters tests and users look at.
+/// One line with the counters tests and users look at; on Hyper-V (a host that steers the data
+/// path) it ends with `host_data_path=<Synthetic|SwitchingToVf|Vf|SwitchingToSynthetic>
+/// host_switch_requests=<n>`.
 pub fn stats_line(stack: &NetStack) -> String {
     let stats = stack.stats();
     let bond = &stats.bond;
     let vf = bond.vf.as_ref();
+    let host = bond.host_data_path.map_or(String::new(), |path| {
+        format!(
+            " host_data_path={path:?} host_switch_requests={}",
+            bond.host_switch_requests
+        )
+    });
     format!(
         "ok active={:?} rx_frames={} tx_frames={} synthetic_rx={} synthetic_tx={} vf_rx={} vf_tx={} \
          switches_to_vf={} switches_to_synthetic={} duplicates_dropped={} bad_frames_dropped={} \
          tcp_accepted={} vf_hardware_rx={} vf_hardware_tx={} vf_driver_rx={} vf_driver_tx={} \
          synthetic_hardware_rx={} synthetic_hardware_tx={} synthetic_driver_rx={} synthetic_driver_tx={} \
-         synthetic_tx_tso={} synthetic_tx_soft_segmented={} vf_tx_tso={} vf_tx_soft_segmented={}",
+         synthetic_tx_tso={} synthetic_tx_soft_segmented={} vf_tx_tso={} vf_tx_soft_segmented={}{}",
         bond.active,
         bond.total.bond.rx_frames,
         bond.total.bond.tx_frames,
@@ -105,5 +113,6 @@ pub fn stats_line(stack: &NetStack) -> String {
             + bond.vf_retired.bond.tx_offloaded_segmentation,
         vf.map_or(0, |vf| vf.bond.tx_software_segmentation)
             + bond.vf_retired.bond.tx_software_segmentation,
+        host,
     )
 }

@@ -159,7 +159,8 @@ impl DataPathState {
             }
             self.path = HostPath::SwitchingToVf;
         } else {
-            if self.path == HostPath::Synthetic {
+            let asked = self.path == HostPath::SwitchingToSynthetic && self.pending.is_some();
+            if self.path == HostPath::Synthetic || asked {
                 return None;
             }
             self.path = HostPath::SwitchingToSynthetic;
