@@ -4,6 +4,7 @@
 
 mod harness;
 mod stack;
+mod vf;
 
 use std::time::{Duration, Instant};
 
