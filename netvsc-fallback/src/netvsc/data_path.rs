@@ -211,9 +211,63 @@ impl DataPathState {
     }
 }
 
+/// How a VF was matched to this NIC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pairing {
+    /// The vPCI function's serial is the associated one and the MACs are equal (Linux's rule
+    /// since 5.13: MANA puts several vPorts behind one function).
+    SerialAndMac,
+    /// Equal MACs without a matching association (what DPDK and FreeBSD check; Linux's
+    /// fallback).
+    MacOnly,
+}
+
+/// Pairs a VF (vPCI function `function_serial`, permanent MAC `vf_mac`) with the synthetic NIC
+/// (`synthetic_mac`, latest association `association`) as Linux's `get_netvsc_byslot` does
+/// (`failover-lessons.md` §2.3). A different MAC never pairs: on Hyper-V a VF cannot take a MAC
+/// that belongs to another synthetic NIC.
+pub fn pair(
+    association: Option<VfAssociation>,
+    function_serial: u32,
+    vf_mac: net_device::MacAddress,
+    synthetic_mac: net_device::MacAddress,
+) -> Option<Pairing> {
+    if vf_mac != synthetic_mac {
+        return None;
+    }
+    let serial_matches = association.is_some_and(|association| {
+        association.allocated && association.serial_number == function_serial
+    });
+    Some(if serial_matches {
+        Pairing::SerialAndMac
+    } else {
+        Pairing::MacOnly
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pairing_needs_the_mac_and_prefers_the_serial() {
+        let mac = net_device::MacAddress([0, 0x15, 0x5d, 1, 2, 3]);
+        let other = net_device::MacAddress([0, 0x15, 0x5d, 1, 2, 4]);
+        let association = Some(allocated(7));
+        assert_eq!(pair(association, 7, mac, mac), Some(Pairing::SerialAndMac));
+        assert_eq!(pair(association, 8, mac, mac), Some(Pairing::MacOnly));
+        assert_eq!(pair(None, 7, mac, mac), Some(Pairing::MacOnly));
+        assert_eq!(
+            pair(association, 7, other, mac),
+            None,
+            "another NIC's vPort"
+        );
+        let withdrawn = Some(VfAssociation {
+            allocated: false,
+            serial_number: 7,
+        });
+        assert_eq!(pair(withdrawn, 7, mac, mac), Some(Pairing::MacOnly));
+    }
 
     fn allocated(serial_number: u32) -> VfAssociation {
         VfAssociation {

@@ -26,7 +26,7 @@ mod tests;
 pub use channel::{
     GpaRange, IncomingKind, IncomingPacket, NetvscChannel, OutgoingPacket, TransferRange,
 };
-pub use data_path::{DataPathCounters, SyntheticCause, VfEvent};
+pub use data_path::{DataPathCounters, Pairing, SyntheticCause, VfEvent, pair};
 pub use device::{Negotiated, Netvsc, NetvscConfig, NetvscCounters, VfAssociation};
 pub use error::{Layer, NetvscError, Step};
 pub use rndis::OffloadSupport;
