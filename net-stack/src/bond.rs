@@ -27,7 +27,8 @@
 //! * Counters stay monotonic across VF detach: a departing VF's counters are added to a
 //!   "retired" total.
 //! * **Hyper-V data path.** Where the synthetic NIC reports a host data path
-//!   ([`NetDevice::host_data_path`], netvsc), the host steers traffic too: when the hold-down
+//!   ([`NetDevice::host_data_path`], netvsc once the host associated a VF), the host steers
+//!   traffic too: when the hold-down
 //!   passes, the bond asks the host for the VF (SWITCH_DATA_PATH) and moves transmit only once
 //!   the host confirmed it; whenever it leaves the VF it asks the host back. The host moving
 //!   the path back on its own (VF withdrawn, host switch) is a VF loss like a link down: same

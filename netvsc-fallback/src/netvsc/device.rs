@@ -1870,7 +1870,13 @@ impl<C: NetvscChannel> NetDevice for Netvsc<C> {
     }
 
     fn host_data_path(&mut self) -> Option<&mut dyn HostDataPath> {
-        Some(self)
+        // Until the host associates a VF it does not steer anything (netvsp ignores switch
+        // requests then); a VF paired by MAC alone is used as on KVM.
+        if self.data_path.association().is_some() {
+            Some(self)
+        } else {
+            None
+        }
     }
 
     fn receive(&mut self, budget: usize, sink: &mut dyn FnMut(&[u8], RxMeta)) -> usize {

@@ -468,8 +468,16 @@ fn switch_to_the_vf_counts_only_after_the_host_completed_it() {
     let (host, mut device, _dma) = bring_up(FakeHostConfig::default(), NetvscConfig::default());
     assert!(!device.request_data_path(true), "no VF associated yet");
     assert!(host.switch_requests().is_empty());
+    assert!(
+        device.host_data_path().is_none(),
+        "the host steers nothing yet"
+    );
     host.send_vf_association(true, 7);
     device.poll(0);
+    assert_eq!(
+        device.host_data_path().map(|host| host.state()),
+        Some(HostPath::Synthetic)
+    );
     assert_eq!(
         device.take_vf_event(),
         Some(VfEvent::Associated { serial_number: 7 })
