@@ -29,6 +29,8 @@ commands:
   bench echo [--paths virtio|vf|both] [--runs N]
                                          root: echo round trips/s and bulk MB/s under TCG on a
                                          bridged tap (default virtio, 3 runs), vs a Linux guest
+  bench conformance                      netvsc against OpenVMM's netvsp in one process (release
+                                         build): frames/s and Gbit/s, MTU frames both ways, LSO out
   bench failover [--cycles N]            root: echo stream across VF removal/restore per trigger
                                          (default 5 cycles): longest gap, TCP retransmissions
   bench iperf [--paths vf|virtio|both] [--runs N]
@@ -111,6 +113,8 @@ pub enum Command {
         /// Number of boots measured.
         runs: usize,
     },
+    /// `bench conformance`.
+    BenchConformance,
     /// `bench failover`.
     BenchFailover {
         /// Removal/restore cycles per trigger.
@@ -342,11 +346,17 @@ pub fn parse(args: &[String]) -> Result<Command> {
             match words.words.next().as_deref() {
                 Some("boot") => {}
                 Some("failover") => return parse_bench_failover(words),
+                Some("conformance") => {
+                    if let Some(extra) = words.words.next() {
+                        return Err(unexpected(&extra));
+                    }
+                    return Ok(Command::BenchConformance);
+                }
                 Some("echo") => return parse_bench_echo(words),
                 Some("iperf") => return parse_bench_iperf(words),
                 _ => {
                     return Err(Error::Usage(format!(
-                        "`bench` needs `boot`, `echo`, `failover` or `iperf`\n\n{USAGE}"
+                        "`bench` needs `boot`, `conformance`, `echo`, `failover` or `iperf`\n\n{USAGE}"
                     )));
                 }
             }
@@ -468,6 +478,7 @@ mod tests {
             "bench echo --paths sriov",
             "bench echo --cycles 3",
             "bench failover --runs 3",
+            "bench conformance --runs 3",
             "test now",
             "deploy",
         ] {
@@ -557,6 +568,10 @@ mod tests {
         assert_eq!(
             parse_words("bench failover").unwrap(),
             Command::BenchFailover { cycles: 5 }
+        );
+        assert_eq!(
+            parse_words("bench conformance").unwrap(),
+            Command::BenchConformance
         );
         assert_eq!(
             parse_words("bench failover --cycles=9").unwrap(),

@@ -79,6 +79,7 @@ fn main() -> ExitCode {
             xtask::bench_echo::echo_benchmark(paths, runs)?;
             Ok(0)
         }
+        cli::Command::BenchConformance => Ok(if xtask::conformance::bench()? { 0 } else { 1 }),
         cli::Command::BenchFailover { cycles } => {
             tools::ensure_tools(&[tools::Tool::Qemu, tools::Tool::Ip])?;
             xtask::bench_failover::failover_benchmark(cycles)?;

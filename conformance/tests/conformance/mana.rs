@@ -735,6 +735,40 @@ fn mana_test_event_interrupts_through_the_data_vector() {
 }
 
 #[test]
+fn mana_re_initialises_after_a_reset_request_eqe() {
+    let harness = Harness::new();
+    let mut driver = harness.start(true);
+    driver.generate_reset_request().unwrap();
+    harness.wait_for(&mut driver, "the reset request", |driver, _| {
+        (driver.counters().reset_requests == 1).then_some(())
+    });
+    harness.wait_for(&mut driver, "re-initialisation", |driver, _| {
+        (driver.link_state() == LinkState::Up).then_some(())
+    });
+    assert_eq!(driver.counters().initializations, 2);
+    let bytes = frame(500, 9);
+    let before = harness.sent_count();
+    send(&mut driver, &bytes, TxMeta::default()).unwrap();
+    harness.wait_for(&mut driver, "a frame after the reset", |_, harness| {
+        (harness.sent_count() > before).then_some(())
+    });
+    inject(
+        &harness.wire,
+        bytes.clone(),
+        RxMetadata {
+            len: bytes.len(),
+            ..RxMetadata::default()
+        },
+    );
+    let received = harness.wait_for(&mut driver, "a frame after the reset", |driver, _| {
+        let mut got = None;
+        driver.receive(8, &mut |frame, _| got = Some(frame.to_vec()));
+        got
+    });
+    assert_eq!(received, bytes);
+}
+
+#[test]
 fn mana_stops_and_comes_up_again() {
     let harness = Harness::new();
     let mut driver = harness.start(true);

@@ -134,6 +134,8 @@ pub struct NetvscCounters {
     /// Frames refused after `fill` because their offload request cannot be honoured (LSO the
     /// host cannot do, a checksum field outside the frame).
     pub tx_refused: u64,
+    /// Frames received during bring-up, before the device was handed out (dropped).
+    pub rx_before_ready: u64,
 }
 
 /// The host's latest VF association message.
@@ -243,6 +245,8 @@ pub struct Netvsc<C: NetvscChannel> {
     offload: OffloadSupport,
     link: LinkState,
     gone: bool,
+    /// Bring-up is running: received frames have no taker yet.
+    initializing: bool,
     /// `stop` ran: the channel is closed and the buffers torn down.
     stopped: bool,
     receive: ReceiveBuffer,
@@ -331,6 +335,7 @@ impl<C: NetvscChannel> Netvsc<C> {
             offload: OffloadSupport::default(),
             link: LinkState::Down,
             gone: false,
+            initializing: true,
             stopped: false,
             receive: ReceiveBuffer {
                 region: receive_region,
@@ -358,7 +363,10 @@ impl<C: NetvscChannel> Netvsc<C> {
             counters: NetvscCounters::default(),
         };
         match device.initialize(dma) {
-            Ok(()) => Ok(device),
+            Ok(()) => {
+                device.initializing = false;
+                Ok(device)
+            }
             Err(error) => {
                 warn!("{}: bring-up failed: {error}", device.config.name);
                 device.shut_down();
@@ -1254,6 +1262,13 @@ impl<C: NetvscChannel> Netvsc<C> {
             }
             let scratch = core::mem::take(&mut self.scratch);
             let stop = match rndis::parse(&scratch) {
+                Ok(RndisMessage::Packet(_)) if self.initializing => {
+                    // Frames the host passes before bring-up finished (the packet filter
+                    // applies before its SET completes): nobody takes them yet, and keeping
+                    // them would block the control replies behind them.
+                    self.counters.rx_before_ready += 1;
+                    false
+                }
                 Ok(RndisMessage::Packet(packet)) => {
                     if !deliver || *delivered >= budget {
                         true

@@ -46,6 +46,9 @@ pub struct FakeHostConfig {
     pub media_connected: bool,
     /// Most frames per transfer-page packet.
     pub frames_per_packet: usize,
+    /// A broadcast frame arrives between applying the packet filter and its SET completion
+    /// (a busy network at boot).
+    pub frame_before_filter_reply: bool,
 }
 
 impl Default for FakeHostConfig {
@@ -60,6 +63,7 @@ impl Default for FakeHostConfig {
             offload: Some(full_offload()),
             media_connected: true,
             frames_per_packet: 8,
+            frame_before_filter_reply: false,
         }
     }
 }
@@ -428,6 +432,12 @@ impl HostState {
                 match request.oid {
                     rndis::oid::GEN_CURRENT_PACKET_FILTER => {
                         self.packet_filter = u32::read_from_prefix(info).ok().map(|(v, _)| v);
+                        if self.config().frame_before_filter_reply {
+                            let mut frame = vec![0xff; 60];
+                            frame[12..14].copy_from_slice(&[0x08, 0x06]);
+                            self.pending_rx.push_back((frame, None));
+                            self.deliver_pending();
+                        }
                     }
                     rndis::oid::TCP_OFFLOAD_PARAMETERS => {
                         self.offload_parameters =

@@ -750,3 +750,16 @@ fn stop_after_a_rescind_still_closes_and_tears_down() {
     drop(device);
     assert_eq!(dma.live_regions(), 0);
 }
+
+#[test]
+fn frames_arriving_before_bring_up_finishes_do_not_block_it() {
+    let host_config = FakeHostConfig {
+        frame_before_filter_reply: true,
+        ..FakeHostConfig::default()
+    };
+    let (host, mut device, _dma) = bring_up(host_config, NetvscConfig::default());
+    assert_eq!(device.counters().rx_before_ready, 1);
+    assert_eq!(host.outstanding_transfers(), 0, "completed all the same");
+    host.inject_frames(&[(frame_of(60, 1), None)]);
+    assert_eq!(receive_all(&mut device).len(), 1);
+}

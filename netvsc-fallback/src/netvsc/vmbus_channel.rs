@@ -22,32 +22,34 @@ pub trait VmbusChannelControl {
     fn wait(&mut self, relid: u32, deadline_ns: u64);
     /// True once the host rescinded `relid`.
     fn is_rescinded(&self, relid: u32) -> bool;
-    /// Closes the channel (CLOSECHANNEL).
-    fn close(&mut self, relid: u32);
+    /// Closes the channel (CLOSECHANNEL, ring GPADL teardown) and disposes of its rings (kept,
+    /// never freed, if the host may still use them).
+    fn close(&mut self, channel: vmbus::Channel);
 }
 
 /// A [`vmbus::Channel`] and its client, as one [`NetvscChannel`].
 pub struct VmbusNetvscChannel<V: VmbusChannelControl> {
-    channel: vmbus::Channel,
+    /// `None` once closed.
+    channel: Option<vmbus::Channel>,
     control: V,
     buffer: Vec<u8>,
-    closed: bool,
+    relid: u32,
 }
 
 impl<V: VmbusChannelControl> VmbusNetvscChannel<V> {
     /// Wraps an opened channel and the client that opened it.
     pub fn new(channel: vmbus::Channel, control: V) -> Self {
         VmbusNetvscChannel {
-            channel,
+            relid: channel.relid(),
+            channel: Some(channel),
             control,
             buffer: Vec::new(),
-            closed: false,
         }
     }
 
-    /// The VMBus channel (counters, ids).
-    pub fn channel(&self) -> &vmbus::Channel {
-        &self.channel
+    /// The VMBus channel (counters, ids); `None` once closed.
+    pub fn channel(&self) -> Option<&vmbus::Channel> {
+        self.channel.as_ref()
     }
 
     /// The client side.
@@ -58,11 +60,6 @@ impl<V: VmbusChannelControl> VmbusNetvscChannel<V> {
     /// The client side, mutably.
     pub fn control_mut(&mut self) -> &mut V {
         &mut self.control
-    }
-
-    /// Splits into the channel and its client (to free the ring memory after close).
-    pub fn into_parts(self) -> (vmbus::Channel, V) {
-        (self.channel, self.control)
     }
 }
 
@@ -78,9 +75,12 @@ fn channel_error(error: vmbus::Error) -> NetvscError {
 
 impl<V: VmbusChannelControl> NetvscChannel for VmbusNetvscChannel<V> {
     fn try_send(&mut self, packet: &OutgoingPacket<'_>) -> Result<bool, NetvscError> {
-        if self.closed || self.control.is_rescinded(self.channel.relid()) {
+        if self.control.is_rescinded(self.relid) {
             return Err(NetvscError::Rescinded);
         }
+        let Some(channel) = self.channel.as_mut() else {
+            return Err(NetvscError::Rescinded);
+        };
         let mut page_lists: [vmbus::GpaDirectRange<'_>; 1] = [vmbus::GpaDirectRange {
             byte_count: 0,
             byte_offset: 0,
@@ -137,7 +137,7 @@ impl<V: VmbusChannelControl> NetvscChannel for VmbusNetvscChannel<V> {
             completion_requested,
             payload: &pieces,
         };
-        match self.channel.send(&outgoing) {
+        match channel.send(&outgoing) {
             Ok(()) => Ok(true),
             Err(vmbus::Error::RingFull { .. }) => Ok(false),
             Err(error) => Err(channel_error(error)),
@@ -149,10 +149,10 @@ impl<V: VmbusChannelControl> NetvscChannel for VmbusNetvscChannel<V> {
     }
 
     fn try_receive(&mut self, into: &mut IncomingPacket) -> Result<bool, NetvscError> {
-        if self.closed {
+        let Some(channel) = self.channel.as_mut() else {
             return Err(NetvscError::Rescinded);
-        }
-        let packet = match self.channel.receive(&mut self.buffer) {
+        };
+        let packet = match channel.receive(&mut self.buffer) {
             Ok(Some(packet)) => packet,
             Ok(None) => return Ok(false),
             Err(error) => return Err(channel_error(error)),
@@ -185,11 +185,11 @@ impl<V: VmbusChannelControl> NetvscChannel for VmbusNetvscChannel<V> {
     }
 
     fn create_gpadl(&mut self, region: &DmaRegion) -> Result<u32, NetvscError> {
-        self.control.create_gpadl(self.channel.relid(), region)
+        self.control.create_gpadl(self.relid, region)
     }
 
     fn teardown_gpadl(&mut self, gpadl: u32) -> Result<(), NetvscError> {
-        self.control.teardown_gpadl(self.channel.relid(), gpadl)
+        self.control.teardown_gpadl(self.relid, gpadl)
     }
 
     fn now_ns(&self) -> u64 {
@@ -199,21 +199,22 @@ impl<V: VmbusChannelControl> NetvscChannel for VmbusNetvscChannel<V> {
     fn wait(&mut self, deadline_ns: u64) {
         // Unmask, then look again before sleeping: a packet published between the last read
         // and the unmask would otherwise raise no signal.
-        let _ = self.channel.set_interrupt_mask(false);
-        if self.channel.has_incoming().unwrap_or(true) {
-            return;
+        if let Some(channel) = self.channel.as_mut() {
+            let _ = channel.set_interrupt_mask(false);
+            if channel.has_incoming().unwrap_or(true) {
+                return;
+            }
         }
-        self.control.wait(self.channel.relid(), deadline_ns);
+        self.control.wait(self.relid, deadline_ns);
     }
 
     fn is_rescinded(&self) -> bool {
-        self.control.is_rescinded(self.channel.relid())
+        self.control.is_rescinded(self.relid)
     }
 
     fn close(&mut self) {
-        if !self.closed {
-            self.closed = true;
-            self.control.close(self.channel.relid());
+        if let Some(channel) = self.channel.take() {
+            self.control.close(channel);
         }
     }
 }

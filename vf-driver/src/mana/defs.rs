@@ -345,6 +345,8 @@ pub const GDMA_REGISTER_DEVICE: u32 = 4;
 pub const GDMA_DEREGISTER_DEVICE: u32 = 5;
 /// GDMA request: make the device post a test EQE.
 pub const GDMA_GENERATE_TEST_EQE: u32 = 10;
+/// GDMA request: make the device post a reset-request EQE (a test facility).
+pub const GDMA_GENERATE_RESET_REQUEST_EQE: u32 = 11;
 /// GDMA request: create an EQ (or CQ) over a DMA region.
 pub const GDMA_CREATE_QUEUE: u32 = 12;
 /// GDMA request: destroy a queue.
@@ -563,6 +565,17 @@ pub struct GenerateTestEqeRequest {
     pub queue_id: u32,
 }
 const _: () = assert!(size_of::<GenerateTestEqeRequest>() == 4);
+
+/// GDMA_GENERATE_RESET_REQUEST_EQE request body.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct GenerateResetRequestEqeRequest {
+    /// The EQ that gets the reset request.
+    pub queue_id: u32,
+    /// Reset flags carried in the EQE (0: a plain reset request).
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<GenerateResetRequestEqeRequest>() == 8);
 
 // ---------------------------------------------------------------------------------------------
 // BNIC (MANA function) requests.

@@ -22,7 +22,7 @@ use net_device::{
     Capabilities, DeviceError, DmaAllocator, DmaRegion, LinkState, MacAddress, NetDevice,
     RegisterIo, RxMeta, Stats, TxMeta,
 };
-use zerocopy::IntoBytes;
+use zerocopy::{FromBytes, IntoBytes};
 
 use super::defs::{
     CLIENT_OOB_8, CLIENT_OOB_24, CQE_RX_OBJECT_FENCE, CQE_RX_OKAY, CQE_RX_TRUNCATED, CQE_TX_OKAY,
@@ -31,16 +31,17 @@ use super::defs::{
     CreateWqObjectResponse, DRIVER_CAP_HW_VPORT_LINK_AWARE, DRIVER_CAP_SELF_RESET_ON_EQE,
     DestroyWqObjectRequest, DisableQueueRequest, EQE_COMPLETION, EQE_TEST_EVENT, Eqe,
     GDMA_CREATE_DMA_REGION, GDMA_CREATE_QUEUE, GDMA_DEREGISTER_DEVICE, GDMA_DEVICE_MANA,
-    GDMA_DISABLE_QUEUE, GDMA_GENERATE_TEST_EQE, GDMA_LIST_DEVICES, GDMA_MESSAGE_V1,
-    GDMA_PAGE_TYPE_4K, GDMA_PROTOCOL_V1, GDMA_QUERY_MAX_RESOURCES, GDMA_REGISTER_DEVICE,
-    GDMA_VERIFY_VF_DRIVER_VERSION, GdmaDeviceId, GenerateTestEqeRequest, HWC_DEVICE_ID,
-    ListDevicesResponse, MANA_CONFIG_VPORT_RX, MANA_CONFIG_VPORT_TX, MANA_CREATE_WQ_OBJ,
-    MANA_DESTROY_WQ_OBJ, MANA_LONG_PACKET_FORMAT, MANA_QUERY_DEV_CONFIG,
-    MANA_QUERY_DEV_CONFIG_REQUEST_V1, MANA_QUERY_DEV_CONFIG_RESPONSE_V4, MANA_QUERY_VPORT_CONFIG,
-    MAX_LISTED_DEVICES, ManaCqeHeader, PAGE_SIZE, QUEUE_TYPE_EQ, QUEUE_TYPE_RQ, QUEUE_TYPE_SQ,
-    QueryDeviceConfigRequest, QueryDeviceConfigResponse, QueryMaxResourcesResponse,
-    QueryVportConfigRequest, QueryVportConfigResponse, RegisterDeviceResponse, RxCompletionOob,
-    RxFlags, Sge, TRISTATE_FALSE, TRISTATE_TRUE, TxCompletionOob, TxLongOob, VerifyVersionRequest,
+    GDMA_DISABLE_QUEUE, GDMA_GENERATE_RESET_REQUEST_EQE, GDMA_GENERATE_TEST_EQE, GDMA_LIST_DEVICES,
+    GDMA_MESSAGE_V1, GDMA_PAGE_TYPE_4K, GDMA_PROTOCOL_V1, GDMA_QUERY_MAX_RESOURCES,
+    GDMA_REGISTER_DEVICE, GDMA_VERIFY_VF_DRIVER_VERSION, GdmaDeviceId,
+    GenerateResetRequestEqeRequest, GenerateTestEqeRequest, HWC_DEVICE_ID, ListDevicesResponse,
+    MANA_CONFIG_VPORT_RX, MANA_CONFIG_VPORT_TX, MANA_CREATE_WQ_OBJ, MANA_DESTROY_WQ_OBJ,
+    MANA_LONG_PACKET_FORMAT, MANA_QUERY_DEV_CONFIG, MANA_QUERY_DEV_CONFIG_REQUEST_V1,
+    MANA_QUERY_DEV_CONFIG_RESPONSE_V4, MANA_QUERY_VPORT_CONFIG, MAX_LISTED_DEVICES, ManaCqeHeader,
+    PAGE_SIZE, QUEUE_TYPE_EQ, QUEUE_TYPE_RQ, QUEUE_TYPE_SQ, QueryDeviceConfigRequest,
+    QueryDeviceConfigResponse, QueryMaxResourcesResponse, QueryVportConfigRequest,
+    QueryVportConfigResponse, RegisterDeviceResponse, RxCompletionOob, RxFlags, Sge,
+    TRISTATE_FALSE, TRISTATE_TRUE, TxCompletionOob, TxLongOob, VerifyVersionRequest,
     VerifyVersionResponse, WqeHeader, WqeParams, tx_long_oob_vport_offset, wqe_len,
 };
 use super::hwc::{self, Hwc, HwcCounters, HwcEvent, WaitLimits};
@@ -332,7 +333,7 @@ impl<R: RegisterIo, D: DmaAllocator> Mana<R, D> {
     }
 
     /// One HWC request with a typed response.
-    fn call<Resp: zerocopy::FromBytes>(
+    fn call<Resp: FromBytes>(
         &mut self,
         message_type: u32,
         device_id: GdmaDeviceId,
@@ -738,6 +739,18 @@ impl<R: RegisterIo, D: DmaAllocator> Mana<R, D> {
         self.call_empty(GDMA_GENERATE_TEST_EQE, HWC_DEVICE_ID, request.as_bytes())
     }
 
+    /// Asks the device to post a reset-request EQE on the HWC EQ (the device's own test
+    /// facility); `poll` then re-initialises the function as for a real one.
+    pub fn generate_reset_request(&mut self) -> Result<(), Error> {
+        let queue_id = self.hwc.as_ref().map_or(0, |hwc| hwc.event_queue_id());
+        let request = GenerateResetRequestEqeRequest { queue_id, flags: 0 };
+        self.call_empty(
+            GDMA_GENERATE_RESET_REQUEST_EQE,
+            HWC_DEVICE_ID,
+            request.as_bytes(),
+        )
+    }
+
     /// Orderly teardown of whatever exists, in reverse bring-up order. Errors are logged and
     /// the rest is still attempted, but nothing is sent once the device reads as removed.
     fn tear_down(&mut self) {
@@ -1062,8 +1075,6 @@ impl<R: RegisterIo, D: DmaAllocator> Mana<R, D> {
         })
     }
 }
-
-use zerocopy::FromBytes as _;
 
 /// Posts one receive WQE for buffer `buffer`.
 fn post_receive(

@@ -654,6 +654,14 @@ impl FakeState {
                 (0, Vec::new())
             }
             GDMA_DEREGISTER_DEVICE => (0, Vec::new()),
+            GDMA_GENERATE_RESET_REQUEST_EQE => {
+                if let Ok((request, _)) = GenerateResetRequestEqeRequest::read_from_prefix(body) {
+                    let mut data = [0u8; 12];
+                    data[..4].copy_from_slice(&request.flags.to_le_bytes());
+                    self.post_eq(request.queue_id, EQE_HWC_RESET_REQUEST, data, None);
+                }
+                (0, Vec::new())
+            }
             GDMA_GENERATE_TEST_EQE => {
                 if let Ok((request, _)) = GenerateTestEqeRequest::read_from_prefix(body) {
                     self.post_eq(request.queue_id, EQE_TEST_EVENT, [0; 12], None);

@@ -728,6 +728,11 @@ impl Hwc {
         core::mem::take(&mut self.pending)
     }
 
+    /// The HWC EQ's id (control events are posted there).
+    pub(crate) fn event_queue_id(&self) -> u32 {
+        self.eq.id
+    }
+
     /// Tears the HWC down with SMC DESTROY_HWC; the queues are freed when `self` drops.
     pub(crate) fn destroy(
         self,

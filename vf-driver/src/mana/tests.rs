@@ -322,6 +322,17 @@ fn a_reset_request_re_initialises_the_function() {
 }
 
 #[test]
+fn a_reset_request_the_device_generates_on_demand_is_handled_the_same() {
+    let (_fake, mut driver, _clock) = start();
+    driver.generate_reset_request().unwrap();
+    driver.poll(0);
+    assert_eq!(driver.link_state(), LinkState::Resetting);
+    driver.poll(10_000_000);
+    assert_eq!(driver.link_state(), LinkState::Up);
+    assert_eq!(driver.counters().reset_requests, 1);
+}
+
+#[test]
 fn malformed_events_are_dropped_or_reset_the_function() {
     let (fake, mut driver, _clock) = start();
     // An unknown EQE type on the HWC EQ: counted, nothing else happens.

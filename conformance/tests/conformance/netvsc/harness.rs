@@ -82,11 +82,45 @@ impl ParentBus for MockBus {
 pub struct EndpointState {
     /// Transmitted frames with their metadata, in order.
     pub transmitted: Vec<(Vec<u8>, TxMetadata)>,
+    /// Count transmitted frames without keeping them (benchmarks).
+    pub discard: bool,
+    /// Frames transmitted so far.
+    pub transmitted_frames: u64,
+    /// Bytes transmitted so far.
+    pub transmitted_bytes: u64,
     received: VecDeque<(Vec<u8>, RxMetadata)>,
     waker: Option<Waker>,
     link: Option<mesh::Sender<Vec<bool>>>,
     /// Every `set_data_path_to_guest_vf` netvsp made (true = to the VF), in order.
     pub data_path_to_vf: Vec<bool>,
+}
+
+/// A capture endpoint with everything offloadable, and its shared state.
+pub fn capture_endpoint(
+    offloads: TxOffloadSupport,
+) -> (Box<dyn Endpoint>, Arc<Mutex<EndpointState>>) {
+    let (link_send, link_receive) = mesh::channel();
+    let state = Arc::new(Mutex::new(EndpointState {
+        link: Some(link_send),
+        ..EndpointState::default()
+    }));
+    let endpoint = CaptureEndpoint {
+        state: state.clone(),
+        link: link_receive,
+        pending_link: VecDeque::new(),
+        offloads,
+    };
+    (Box::new(endpoint), state)
+}
+
+/// Queues a frame for the guest on an endpoint's state (length filled in).
+pub fn inject_into(state: &Mutex<EndpointState>, frame: Vec<u8>, mut metadata: RxMetadata) {
+    metadata.len = frame.len();
+    let mut state = state.lock().unwrap();
+    state.received.push_back((frame, metadata));
+    if let Some(waker) = state.waker.take() {
+        waker.wake();
+    }
 }
 
 /// A backend endpoint that keeps transmitted frames (bytes and metadata) and delivers
@@ -215,6 +249,13 @@ impl net_backend::Queue for CaptureQueue {
         while !segments.is_empty() {
             let (metadata, _, _) = net_backend::next_packet(segments);
             let metadata = metadata.clone();
+            state.transmitted_frames += 1;
+            state.transmitted_bytes += u64::from(metadata.len);
+            if state.discard {
+                let (_, _, rest) = net_backend::next_packet(segments);
+                segments = rest;
+                continue;
+            }
             let frame = net_backend::linearize(pool, &mut segments)?;
             state.transmitted.push((frame, metadata));
         }
@@ -331,12 +372,20 @@ impl VmbusChannelControl for NetvspControl {
         self.rescinded.load(Ordering::SeqCst)
     }
 
-    fn close(&mut self, _relid: u32) {
+    fn close(&mut self, channel: vmbus::Channel) {
         let requests = self.requests.clone();
-        let _ = call_with_timeout(
+        let closed = call_with_timeout(
             async move { requests.call(ChannelRequest::Close, ()).await },
             RPC_TIMEOUT,
         );
+        let ring_gpadl = channel.ids().ring_gpadl;
+        let rings = channel.into_memory();
+        if matches!(closed, Some(Ok(()))) && self.teardown_gpadl(RELID, ring_gpadl).is_ok() {
+            drop(rings);
+        } else {
+            // netvsp may still use the rings: keep them.
+            std::mem::forget(rings);
+        }
     }
 }
 
@@ -492,13 +541,8 @@ impl NetvspHost {
     }
 
     /// Queues a frame for the guest with the given metadata (length filled in).
-    pub fn inject(&self, frame: Vec<u8>, mut metadata: RxMetadata) {
-        metadata.len = frame.len();
-        let mut state = self.endpoint.lock().unwrap();
-        state.received.push_back((frame, metadata));
-        if let Some(waker) = state.waker.take() {
-            waker.wake();
-        }
+    pub fn inject(&self, frame: Vec<u8>, metadata: RxMetadata) {
+        inject_into(&self.endpoint, frame, metadata);
     }
 
     /// Frames still queued in the endpoint (netvsp has not taken them yet).

@@ -2,6 +2,8 @@
 //! every NVSP version netvsp accepts, frames of every length both ways, checksum and LSO
 //! metadata, receive-buffer exhaustion, link changes, with and without a send buffer, rescind.
 
+mod bench;
+mod control_plane;
 mod harness;
 mod stack;
 mod vf;
