@@ -6,10 +6,12 @@
 //! `net_device::DmaAllocator`; [`GuestDma`] hands out pieces of that same allocation so both sides
 //! agree on every address. [`synic::SynicBridge`] / [`synic::BridgePort`] carry SynIC messages
 //! and events between our `vmbus::VmbusClient` and `vmbus_server`; [`vmbus_host::VmbusHost`]
-//! runs the server with netvsp offered on it (reused by the netvsc and vPCI tests).
+//! runs the server with netvsp offered on it (reused by the netvsc and vPCI tests);
+//! [`vpci_host::GdmaOnVpci`] offers a MANA emulator behind OpenVMM's vPCI server on it.
 
 pub mod dma;
 pub mod synic;
 pub mod vmbus_host;
+pub mod vpci_host;
 
 pub use dma::GuestDma;

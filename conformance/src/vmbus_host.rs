@@ -74,6 +74,11 @@ impl VmbusHost {
         self.bridge.guest_port()
     }
 
+    /// The server's control plane (a `ParentBus` to offer further devices on, e.g. vPCI).
+    pub fn control(&self) -> std::sync::Arc<vmbus_server::VmbusServerControl> {
+        self.server.control()
+    }
+
     /// The executor the host side runs on.
     pub fn driver(&self) -> &DefaultDriver {
         &self.driver

@@ -462,4 +462,46 @@ pub trait NetDevice {
     }
     /// The announcement requested through [`NetDevice::take_announce_request`] went out.
     fn announce_done(&mut self) {}
+    /// The host's steering between this synthetic NIC and its VF, where the host has one
+    /// (Hyper-V's SWITCH_DATA_PATH: the VF carries traffic only after the host confirmed the
+    /// switch). `None` (the default) where the VF being up is enough (KVM).
+    fn host_data_path(&mut self) -> Option<&mut dyn HostDataPath> {
+        None
+    }
+}
+
+/// Which path the host steers a synthetic NIC's traffic to (Hyper-V data path).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostPath {
+    /// The synthetic path (no switch requested, or the host moved traffic back).
+    Synthetic,
+    /// A switch to the VF was requested and its completion is awaited.
+    SwitchingToVf,
+    /// The host confirmed the switch: transmit may use the VF.
+    Vf,
+    /// A switch back was requested; the VF must no longer be used.
+    SwitchingToSynthetic,
+}
+
+impl fmt::Display for HostPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HostPath::Synthetic => "synthetic",
+            HostPath::SwitchingToVf => "switching to vf",
+            HostPath::Vf => "vf",
+            HostPath::SwitchingToSynthetic => "switching to synthetic",
+        })
+    }
+}
+
+/// The host-side data-path switch of a synthetic NIC (see [`NetDevice::host_data_path`]).
+pub trait HostDataPath {
+    /// Where the host steers traffic now, as far as the guest knows.
+    fn state(&self) -> HostPath;
+    /// True while the host has a VF associated with this NIC (Hyper-V: VF association with
+    /// `allocated = 1`).
+    fn vf_associated(&self) -> bool;
+    /// Asks the host to steer to the VF (`true`) or back to synthetic. Returns false when the
+    /// request could not be sent now (no association, ring full, device gone): ask again later.
+    fn request(&mut self, to_vf: bool) -> bool;
 }

@@ -28,6 +28,13 @@
 //!   of the new path so that switches re-learn where the MAC lives.
 //! * Counters stay monotonic across VF detach: a departing VF's counters are added to a
 //!   "retired" total.
+//! * **Hyper-V data path.** Where the synthetic NIC reports a host data path
+//!   ([`NetDevice::host_data_path`], netvsc once the host associated a VF), the host steers
+//!   traffic too: when the hold-down
+//!   passes, the bond asks the host for the VF (SWITCH_DATA_PATH) and moves transmit only once
+//!   the host confirmed it; whenever it leaves the VF it asks the host back. The host moving
+//!   the path back on its own (VF withdrawn, host switch) is a VF loss like a link down: same
+//!   switch event, announcement, counters and doubled hold-down.
 
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
@@ -35,7 +42,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt;
 
-use net_device::{DeviceError, LinkState, MacAddress, NetDevice, Stats, TxMeta};
+use net_device::{DeviceError, HostPath, LinkState, MacAddress, NetDevice, Stats, TxMeta};
 
 use crate::Error;
 use crate::checksum;
@@ -229,6 +236,11 @@ pub struct BondStats {
     pub hold_down_ns: u64,
     /// Receive coalescing: segments merged, merged frames, why merges were refused.
     pub coalesce: CoalesceStats,
+    /// Where the host steers traffic (Hyper-V data path); `None` where there is no such host
+    /// switch (KVM).
+    pub host_data_path: Option<HostPath>,
+    /// Data-path switch requests the bond made to the host (both directions).
+    pub host_switch_requests: u64,
 }
 
 /// Why the bond switched.
@@ -255,6 +267,8 @@ pub enum SwitchCause {
     },
     /// The synthetic link is down and the VF is usable: taken without hold-down.
     SyntheticDown,
+    /// The host moved the data path back to synthetic (VF withdrawn or host switch).
+    HostSwitchedToSynthetic,
 }
 
 impl fmt::Display for SwitchCause {
@@ -276,6 +290,9 @@ impl fmt::Display for SwitchCause {
                 hold_down_ns / NS_PER_MS
             ),
             SwitchCause::SyntheticDown => write!(f, "synthetic link down, vf up"),
+            SwitchCause::HostSwitchedToSynthetic => {
+                write!(f, "host moved the data path to synthetic")
+            }
         }
     }
 }
@@ -784,6 +801,9 @@ pub struct Bond {
     dedup_grace_until_ns: u64,
     no_path_logged: bool,
     last_switch: Option<SwitchEvent>,
+    /// The host data path as of the last evaluation (`None`: no host switch).
+    host_path: Option<HostPath>,
+    host_switch_requests: u64,
 }
 
 impl Bond {
@@ -834,6 +854,8 @@ impl Bond {
             dedup_grace_until_ns: 0,
             no_path_logged: false,
             last_switch: None,
+            host_path: None,
+            host_switch_requests: 0,
             config,
         }
     }
@@ -921,6 +943,8 @@ impl Bond {
             let reaction = self.reaction_since_last_evaluation(now_ns);
             self.switch(PathId::Synthetic, SwitchCause::VfDetached, now_ns, reaction);
         }
+        // The host must not steer to a VF that is gone (also when a switch was still in flight).
+        self.request_host_path(false);
         if self.damping.up_since_ns.is_some() {
             self.register_loss(now_ns);
         }
@@ -989,9 +1013,15 @@ impl Bond {
             .last_device_poll_ns
             .saturating_add(self.config.watchdog_ns);
         let hold_down_end = match (self.paths.active, self.damping.up_since_ns) {
+            // While the host's switch is in flight its completion wakes the loop.
+            (PathId::Synthetic, Some(_)) if self.host_path == Some(HostPath::SwitchingToVf) => None,
             (PathId::Synthetic, Some(since)) => Some(since.saturating_add(self.damping.hold_ns)),
             _ => None,
         };
+        // A host that refused the VF (no association) is asked again at the watchdog, not in
+        // a busy loop.
+        let hold_down_end =
+            hold_down_end.filter(|end| self.host_path.is_none() || *end > self.last_device_poll_ns);
         Some(hold_down_end.map_or(watchdog, |end| end.min(watchdog)))
     }
 
@@ -1111,7 +1141,29 @@ impl Bond {
             vf_detaches: self.vf_detaches,
             hold_down_ns: self.damping.hold_ns,
             coalesce: self.coalescer.stats,
+            host_data_path: self.host_path,
+            host_switch_requests: self.host_switch_requests,
         }
+    }
+
+    /// Asks the host (where it steers, i.e. Hyper-V) for the VF or synthetic path, unless it is
+    /// there or on the way already. Returns true once the host confirmed the VF.
+    fn request_host_path(&mut self, to_vf: bool) -> bool {
+        let Some(host) = self.paths.synthetic.device.host_data_path() else {
+            return to_vf;
+        };
+        let state = host.state();
+        let wanted = if to_vf {
+            matches!(state, HostPath::SwitchingToVf | HostPath::Vf)
+        } else {
+            state == HostPath::Synthetic
+        };
+        if !wanted && (!to_vf || state == HostPath::Synthetic) && host.request(to_vf) {
+            self.host_switch_requests += 1;
+        }
+        let state = host.state();
+        self.host_path = Some(state);
+        to_vf && state == HostPath::Vf
     }
 
     fn reaction_since_last_evaluation(&self, now_ns: u64) -> u64 {
@@ -1188,6 +1240,12 @@ impl Bond {
             });
         }
 
+        self.host_path = self
+            .paths
+            .synthetic
+            .device
+            .host_data_path()
+            .map(|host| host.state());
         match self.paths.active {
             PathId::Vf => {
                 if !vf_usable {
@@ -1195,31 +1253,55 @@ impl Bond {
                     let cause = vf_cause.unwrap_or(SwitchCause::VfDetached);
                     self.switch(PathId::Synthetic, cause, now_ns, reaction);
                     self.register_loss(now_ns);
+                    self.request_host_path(false);
+                } else if matches!(
+                    self.host_path,
+                    Some(HostPath::Synthetic | HostPath::SwitchingToSynthetic)
+                ) {
+                    // The host took the VF path away (withdrawal, its own switch).
+                    let reaction = self.reaction_since_last_evaluation(now_ns);
+                    self.switch(
+                        PathId::Synthetic,
+                        SwitchCause::HostSwitchedToSynthetic,
+                        now_ns,
+                        reaction,
+                    );
+                    self.register_loss(now_ns);
                 }
             }
             PathId::Synthetic => {
                 if vf_usable {
                     let since = *self.damping.up_since_ns.get_or_insert(now_ns);
                     let up_ns = now_ns.saturating_sub(since);
-                    if synthetic_link != LinkState::Up {
+                    let ready = synthetic_link != LinkState::Up || up_ns >= self.damping.hold_ns;
+                    // On Hyper-V transmit moves only after the host confirmed the switch.
+                    if ready && self.request_host_path(true) {
                         let reaction = self.reaction_since_last_evaluation(now_ns);
-                        self.switch(PathId::Vf, SwitchCause::SyntheticDown, now_ns, reaction);
-                    } else if up_ns >= self.damping.hold_ns {
-                        let hold_down_ns = self.damping.hold_ns;
-                        let reaction = up_ns - hold_down_ns;
-                        self.switch(
-                            PathId::Vf,
-                            SwitchCause::HoldDownPassed {
-                                up_ns,
-                                hold_down_ns,
-                            },
-                            now_ns,
-                            reaction,
-                        );
+                        if synthetic_link != LinkState::Up {
+                            self.switch(PathId::Vf, SwitchCause::SyntheticDown, now_ns, reaction);
+                        } else {
+                            let hold_down_ns = self.damping.hold_ns;
+                            let reaction = up_ns - hold_down_ns;
+                            self.switch(
+                                PathId::Vf,
+                                SwitchCause::HoldDownPassed {
+                                    up_ns,
+                                    hold_down_ns,
+                                },
+                                now_ns,
+                                reaction,
+                            );
+                        }
                     }
-                } else if self.damping.up_since_ns.is_some() {
-                    // Went away again during the hold-down: a flap.
-                    self.register_loss(now_ns);
+                } else {
+                    if self.damping.up_since_ns.is_some() {
+                        // Went away again during the hold-down: a flap.
+                        self.register_loss(now_ns);
+                    }
+                    if matches!(self.host_path, Some(HostPath::SwitchingToVf | HostPath::Vf)) {
+                        // Lost while the host's switch was in flight: ask it back.
+                        self.request_host_path(false);
+                    }
                 }
             }
         }
@@ -1439,6 +1521,128 @@ mod tests {
         bond.poll(70 * MS);
         assert!(!bond.take_announce_request(), "once");
         assert_eq!(synthetic.announces_done(), 1);
+    }
+
+    /// A Hyper-V-style bond: the synthetic NIC's host steers traffic and has a VF associated;
+    /// switch completions are held back.
+    fn hyperv_bond() -> (Bond, FakeControl, FakeControl) {
+        let (synthetic, synthetic_control) = FakeDevice::new("netvsc", MAC);
+        synthetic_control.enable_host_data_path(true);
+        synthetic_control.hold_host_switch_completions(true);
+        let mut bond = Bond::new(Box::new(synthetic), 1500, BondConfig::default());
+        let (vf, vf_control) = FakeDevice::new("mana", MAC);
+        bond.attach_vf(Box::new(vf), 0).unwrap();
+        (bond, synthetic_control, vf_control)
+    }
+
+    #[test]
+    fn hyperv_transmit_moves_to_the_vf_only_after_the_host_confirmed_the_switch() {
+        let (mut bond, synthetic, vf) = hyperv_bond();
+        bond.poll(10 * MS);
+        assert!(
+            synthetic.host_switch_requests().is_empty(),
+            "within the hold-down"
+        );
+        bond.poll(50 * MS);
+        assert_eq!(synthetic.host_switch_requests(), [true]);
+        assert_eq!(bond.active_path(), PathId::Synthetic, "completion awaited");
+        assert_eq!(bond.stats().host_data_path, Some(HostPath::SwitchingToVf));
+        assert!(send(&mut bond, 1));
+        assert_eq!(synthetic.take_tx().len(), 1, "still on the synthetic path");
+        assert!(vf.take_tx().is_empty());
+        bond.poll(60 * MS);
+        assert_eq!(synthetic.host_switch_requests(), [true], "asked once");
+        synthetic.complete_host_switch();
+        bond.poll(70 * MS);
+        assert_eq!(bond.active_path(), PathId::Vf);
+        assert!(matches!(
+            bond.last_switch().unwrap().cause,
+            SwitchCause::HoldDownPassed { .. }
+        ));
+        assert!(bond.take_announce_request());
+        assert!(send(&mut bond, 2));
+        assert_eq!(vf.take_tx().len(), 1);
+        let stats = bond.stats();
+        assert_eq!(stats.host_data_path, Some(HostPath::Vf));
+        assert_eq!(stats.host_switch_requests, 1);
+        assert_eq!(stats.switches_to_vf, 1);
+    }
+
+    #[test]
+    fn hyperv_host_moving_the_path_back_is_a_vf_loss_with_hold_down_and_fail_back() {
+        let (mut bond, synthetic, vf) = hyperv_bond();
+        synthetic.hold_host_switch_completions(false);
+        bond.poll(50 * MS);
+        assert_eq!(bond.active_path(), PathId::Vf);
+        let _ = bond.take_announce_request();
+        let hold_before = bond.hold_down_ns();
+        synthetic.host_reverts(true);
+        bond.poll(60 * MS);
+        assert_eq!(bond.active_path(), PathId::Synthetic);
+        assert_eq!(
+            bond.last_switch().unwrap().cause,
+            SwitchCause::HostSwitchedToSynthetic
+        );
+        assert!(bond.take_announce_request());
+        assert!(
+            bond.hold_down_ns() > hold_before,
+            "a loss doubles the hold-down"
+        );
+        assert!(send(&mut bond, 3));
+        assert_eq!(synthetic.take_tx().len(), 1);
+        assert!(vf.take_tx().is_empty());
+        // Without an association the host is not asked, and the loop does not spin.
+        bond.poll(2_000 * MS);
+        assert_eq!(synthetic.host_switch_requests(), [true]);
+        assert_eq!(bond.active_path(), PathId::Synthetic);
+        assert!(bond.next_deadline_ns().unwrap() > 2_000 * MS);
+        // Re-associated: after the (doubled) hold-down the bond fails back to the VF.
+        synthetic.host_associates();
+        bond.poll(2_001 * MS);
+        bond.poll(4_000 * MS);
+        assert_eq!(synthetic.host_switch_requests(), [true, true]);
+        assert_eq!(bond.active_path(), PathId::Vf);
+        let stats = bond.stats();
+        assert_eq!((stats.switches_to_vf, stats.switches_to_synthetic), (2, 1));
+    }
+
+    #[test]
+    fn hyperv_vf_loss_or_detach_during_an_in_flight_switch_asks_the_host_back() {
+        let (mut bond, synthetic, vf) = hyperv_bond();
+        synthetic.hold_host_switch_completions(false);
+        bond.poll(50 * MS);
+        assert_eq!(bond.active_path(), PathId::Vf);
+        vf.set_link(LinkState::Gone);
+        bond.poll(51 * MS);
+        assert_eq!(bond.active_path(), PathId::Synthetic, "at once");
+        assert_eq!(synthetic.host_switch_requests(), [true, false]);
+        assert_eq!(synthetic.host_path(), Some(HostPath::Synthetic));
+        let _ = bond.detach_vf(52 * MS);
+        assert_eq!(
+            synthetic.host_switch_requests(),
+            [true, false],
+            "nothing more to ask"
+        );
+
+        // An eject while the switch to the VF is in flight: the VF is detached before the
+        // completion; the host is asked back and transmit never moved.
+        let (mut bond, synthetic, _vf) = hyperv_bond();
+        bond.poll(50 * MS);
+        assert_eq!(synthetic.host_path(), Some(HostPath::SwitchingToVf));
+        let _ = bond.detach_vf(55 * MS);
+        assert_eq!(synthetic.host_switch_requests(), [true, false]);
+        synthetic.complete_host_switch();
+        bond.poll(60 * MS);
+        assert_eq!(synthetic.host_path(), Some(HostPath::Synthetic));
+        assert_eq!(bond.active_path(), PathId::Synthetic);
+        assert_eq!(bond.stats().switches_to_vf, 0);
+    }
+
+    #[test]
+    fn without_a_host_data_path_the_bond_reports_none() {
+        let (bond, _synthetic, _vf) = bond_on_vf();
+        assert_eq!(bond.stats().host_data_path, None);
+        assert_eq!(bond.stats().host_switch_requests, 0);
     }
 
     /// A bond whose VF became active at t = 50 ms.

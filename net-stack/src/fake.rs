@@ -11,7 +11,9 @@
 //! * with [`FakeControl::set_offloads`] it acts as a NIC with checksum offload and TSO: frames on
 //!   the wire carry completed checksums and TSO frames come out as MSS-sized segments, the way a
 //!   host's segmentation would cut them; a request that breaks the `TxMeta` contract drops the
-//!   frame and counts an offload error.
+//!   frame and counts an offload error;
+//! * with [`FakeControl::enable_host_data_path`] it also plays a Hyper-V host's data-path switch
+//!   (netvsc's SWITCH_DATA_PATH): requests are recorded and completed at once or held back.
 
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
@@ -21,8 +23,18 @@ use alloc::vec::Vec;
 use core::cell::RefCell;
 
 use net_device::{
-    Capabilities, DeviceError, LinkState, MacAddress, NetDevice, RxMeta, Stats, TxMeta, checksum,
+    Capabilities, DeviceError, HostDataPath, HostPath, LinkState, MacAddress, NetDevice, RxMeta,
+    Stats, TxMeta, checksum,
 };
+
+/// The scripted host data path of a fake synthetic NIC.
+struct FakeHostPath {
+    path: HostPath,
+    associated: bool,
+    hold_completions: bool,
+    /// Requests made: `true` = to the VF.
+    requests: Vec<bool>,
+}
 
 struct FakeState {
     mac: MacAddress,
@@ -52,6 +64,8 @@ struct FakeState {
     announce_requested: bool,
     /// Announcements the stack reported done.
     announces_done: u64,
+    /// The host data path, when the device plays a Hyper-V synthetic NIC.
+    host: Option<FakeHostPath>,
 }
 
 /// The device half; see the module documentation.
@@ -89,6 +103,7 @@ impl FakeDevice {
             last_poll_ns: 0,
             announce_requested: false,
             announces_done: 0,
+            host: None,
         }));
         (
             FakeDevice {
@@ -364,6 +379,113 @@ impl NetDevice for FakeDevice {
 
     fn announce_done(&mut self) {
         self.state.borrow_mut().announces_done += 1;
+    }
+
+    fn host_data_path(&mut self) -> Option<&mut dyn HostDataPath> {
+        if self.state.borrow().host.is_some() {
+            Some(self)
+        } else {
+            None
+        }
+    }
+}
+
+impl HostDataPath for FakeDevice {
+    fn state(&self) -> HostPath {
+        self.state
+            .borrow()
+            .host
+            .as_ref()
+            .map_or(HostPath::Synthetic, |host| host.path)
+    }
+
+    fn vf_associated(&self) -> bool {
+        self.state
+            .borrow()
+            .host
+            .as_ref()
+            .is_some_and(|host| host.associated)
+    }
+
+    fn request(&mut self, to_vf: bool) -> bool {
+        let mut state = self.state.borrow_mut();
+        let Some(host) = state.host.as_mut() else {
+            return false;
+        };
+        if to_vf && !host.associated {
+            return false;
+        }
+        host.requests.push(to_vf);
+        host.path = match (to_vf, host.hold_completions) {
+            (true, true) => HostPath::SwitchingToVf,
+            (true, false) => HostPath::Vf,
+            (false, true) => HostPath::SwitchingToSynthetic,
+            (false, false) => HostPath::Synthetic,
+        };
+        true
+    }
+}
+
+impl FakeControl {
+    /// Makes the device a Hyper-V-style synthetic NIC whose host steers traffic, with a VF
+    /// associated or not.
+    pub fn enable_host_data_path(&self, associated: bool) {
+        self.state.borrow_mut().host = Some(FakeHostPath {
+            path: HostPath::Synthetic,
+            associated,
+            hold_completions: false,
+            requests: Vec::new(),
+        });
+    }
+
+    /// Holds switch completions back (a switch stays in flight) until
+    /// [`FakeControl::complete_host_switch`].
+    pub fn hold_host_switch_completions(&self, hold: bool) {
+        if let Some(host) = self.state.borrow_mut().host.as_mut() {
+            host.hold_completions = hold;
+        }
+    }
+
+    /// Completes the switch in flight.
+    pub fn complete_host_switch(&self) {
+        if let Some(host) = self.state.borrow_mut().host.as_mut() {
+            host.path = match host.path {
+                HostPath::SwitchingToVf => HostPath::Vf,
+                HostPath::SwitchingToSynthetic => HostPath::Synthetic,
+                other => other,
+            };
+        }
+    }
+
+    /// The host moves the path back on its own; `withdraw` also ends the association.
+    pub fn host_reverts(&self, withdraw: bool) {
+        if let Some(host) = self.state.borrow_mut().host.as_mut() {
+            host.path = HostPath::Synthetic;
+            if withdraw {
+                host.associated = false;
+            }
+        }
+    }
+
+    /// The host associates a VF again.
+    pub fn host_associates(&self) {
+        if let Some(host) = self.state.borrow_mut().host.as_mut() {
+            host.associated = true;
+        }
+    }
+
+    /// Switch requests the bond made (`true` = to the VF).
+    pub fn host_switch_requests(&self) -> Vec<bool> {
+        self.state
+            .borrow()
+            .host
+            .as_ref()
+            .map_or(Vec::new(), |host| host.requests.clone())
+    }
+
+    /// Where the host steers now.
+    pub fn host_path(&self) -> Option<HostPath> {
+        self.state.borrow().host.as_ref().map(|host| host.path)
     }
 }
 

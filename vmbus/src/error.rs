@@ -183,4 +183,44 @@ pub enum Error {
         /// What is wrong.
         reason: &'static str,
     },
+    /// The vPCI host answered a request with a failure status.
+    #[error("vPCI {what} refused: status {status:#x}")]
+    VpciRefused {
+        /// The request.
+        what: &'static str,
+        /// The NTSTATUS-style status.
+        status: u32,
+    },
+    /// The vPCI host accepted none of our protocol versions.
+    #[error("the vPCI host accepted no protocol version down to {lowest:#x}")]
+    VpciNoVersion {
+        /// The last version tried.
+        lowest: u32,
+    },
+    /// A vPCI message from the host was malformed (dropped or the request failed).
+    #[error("malformed vPCI {what}")]
+    VpciMalformed {
+        /// The message.
+        what: &'static str,
+    },
+    /// No function at this wslot on the vPCI bus (never reported, or ejected).
+    #[error("no vPCI function at wslot {wslot:#x}")]
+    VpciUnknownFunction {
+        /// The slot.
+        wslot: u32,
+    },
+    /// The vPCI bus is not usable (not probed, ejected entirely or rescinded).
+    #[error("vPCI bus unusable: {reason}")]
+    VpciBusGone {
+        /// Why.
+        reason: &'static str,
+    },
+    /// BARs do not fit the MMIO range given for them.
+    #[error("BARs need {needed:#x} bytes, the MMIO range holds {available:#x}")]
+    VpciNoMmioSpace {
+        /// Bytes (alignment included) the BARs need.
+        needed: u64,
+        /// Bytes in the range.
+        available: u64,
+    },
 }

@@ -4,7 +4,8 @@
 //! Layers, bottom up: [`hypervisor::HypervisorPort`] (implemented by the kernel over SynIC and
 //! hypercalls, by tests over fakes or OpenVMM), [`protocol`] (typed channel messages),
 //! [`ring`] (the standard shared ring, both roles), [`packet`] (ring packet framing) and
-//! [`channel::Channel`] (an open channel a driver owns). Everything the host writes is
+//! [`channel::Channel`] (an open channel a driver owns); [`vpci`] is the virtual PCI bus client
+//! on top. Everything the host writes is
 //! bounds-checked; a bad value is a counted error, never a panic.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
@@ -21,6 +22,7 @@ pub mod protocol;
 pub mod ring;
 #[cfg(any(test, feature = "fake-host"))]
 pub mod testing;
+pub mod vpci;
 
 pub use channel::{Channel, ChannelCounters, ChannelIds};
 pub use client::{

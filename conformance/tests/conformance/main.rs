@@ -7,3 +7,4 @@ mod guest_memory;
 mod mana;
 mod netvsc;
 mod vmbus_control;
+mod vpci;

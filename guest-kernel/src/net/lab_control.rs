@@ -68,11 +68,19 @@ fn execute(command: &str, stack: &mut NetStack) -> String {
     }
 }
 
-/// One line with the counters tests and users look at.
+/// One line with the counters tests and users look at; on Hyper-V (a host that steers the data
+/// path) it ends with `host_data_path=<Synthetic|SwitchingToVf|Vf|SwitchingToSynthetic>
+/// host_switch_requests=<n>`.
 pub fn stats_line(stack: &NetStack) -> String {
     let stats = stack.stats();
     let bond = &stats.bond;
     let vf = bond.vf.as_ref();
+    let host = bond.host_data_path.map_or(String::new(), |path| {
+        format!(
+            " host_data_path={path:?} host_switch_requests={}",
+            bond.host_switch_requests
+        )
+    });
     format!(
         "ok active={:?} rx_frames={} tx_frames={} synthetic_rx={} synthetic_tx={} vf_rx={} vf_tx={} \
          switches_to_vf={} switches_to_synthetic={} duplicates_dropped={} bad_frames_dropped={} \
@@ -83,7 +91,7 @@ pub fn stats_line(stack: &NetStack) -> String {
          rx_merge_refused_no_payload={} rx_merge_refused_out_of_order={} \
          rx_merge_refused_ip_options={} rx_merge_refused_header={} rx_merge_refused_tcp_options={} \
          rx_merge_refused_size={} rx_merge_refused_memory={} rx_merge_refused_malformed={} \
-         rx_receive_ns={}",
+         rx_receive_ns={}{}",
         bond.active,
         bond.total.bond.rx_frames,
         bond.total.bond.tx_frames,
@@ -122,5 +130,6 @@ pub fn stats_line(stack: &NetStack) -> String {
         bond.coalesce.refused_memory,
         bond.coalesce.refused_malformed,
         stats.receive_ns,
+        host,
     )
 }

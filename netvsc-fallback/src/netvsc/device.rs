@@ -8,14 +8,15 @@ use alloc::vec::Vec;
 
 use log::{debug, info, warn};
 use net_device::{
-    Capabilities, DeviceError, DmaAllocator, DmaRegion, LinkState, MacAddress, NetDevice, RxMeta,
-    Stats, TxMeta,
+    Capabilities, DeviceError, DmaAllocator, DmaRegion, HostDataPath, HostPath, LinkState,
+    MacAddress, NetDevice, RxMeta, Stats, TxMeta,
 };
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::channel::{
     GpaRange, IncomingKind, IncomingPacket, NetvscChannel, OutgoingPacket, TransferRange,
 };
+use super::data_path::{DataPathCounters, DataPathState, VfEvent};
 use super::error::{Layer, NetvscError, Step};
 use super::nvsp::{self, NdisConfigCapabilities, NvspMessage, NvspVersion};
 use super::rndis::{self, OffloadSupport, RndisMessage};
@@ -54,6 +55,8 @@ mod tag {
     pub const SECTION: u64 = 3;
     pub const LARGE: u64 = 4;
     pub const REQUEST: u64 = 5;
+    /// SWITCH_DATA_PATH requests; the index is the request's sequence number.
+    pub const SWITCH: u64 = 6;
 }
 
 fn transaction(tag: u64, index: usize) -> u64 {
@@ -266,7 +269,7 @@ pub struct Netvsc<C: NetvscChannel> {
     next_request_id: u32,
     pending_flush: bool,
     announce: bool,
-    vf: Option<VfAssociation>,
+    data_path: DataPathState,
     stats: Stats,
     counters: NetvscCounters,
 }
@@ -355,7 +358,7 @@ impl<C: NetvscChannel> Netvsc<C> {
             next_request_id: 1,
             pending_flush: false,
             announce: false,
-            vf: None,
+            data_path: DataPathState::default(),
             stats: Stats::default(),
             counters: NetvscCounters::default(),
         };
@@ -1137,6 +1140,7 @@ impl<C: NetvscChannel> Netvsc<C> {
                     warn!("{}: bad NVSP completion: {error}", self.config.name);
                 }
             },
+            tag::SWITCH => self.data_path.on_completion(index as u64),
             tag::CONTROL => {
                 if self.control.complete(index).is_none() {
                     self.drop_packet("completion of a control page not in flight");
@@ -1180,10 +1184,12 @@ impl<C: NetvscChannel> Netvsc<C> {
                     serial_number: association.serial_number,
                 };
                 info!("{}: host VF association {association:?}", self.config.name);
-                self.vf = Some(association);
+                self.data_path.on_association(association);
             }
             Ok(NvspMessage::SwitchDataPath(switch)) => {
                 self.counters.host_data_path_switches += 1;
+                self.data_path
+                    .on_host_switch(switch.active_data_path == nvsp::DATA_PATH_VF);
                 info!(
                     "{}: host switched the data path to {}",
                     self.config.name,
@@ -1438,9 +1444,80 @@ impl<C: NetvscChannel> Netvsc<C> {
         self.counters
     }
 
-    /// The host's latest VF association, if any (used by the VF pairing issue).
+    /// The host's latest VF association, if any.
     pub fn vf_association(&self) -> Option<VfAssociation> {
-        self.vf
+        self.data_path.association()
+    }
+
+    /// Where the host steers traffic (the VF only after it confirmed a switch).
+    pub fn data_path(&self) -> HostPath {
+        self.data_path.path()
+    }
+
+    /// Data-path switch counters.
+    pub fn data_path_counters(&self) -> DataPathCounters {
+        self.data_path.counters()
+    }
+
+    /// The next association or data-path change, oldest first.
+    pub fn take_vf_event(&mut self) -> Option<VfEvent> {
+        self.data_path.take_event()
+    }
+
+    /// Sends SWITCH_DATA_PATH to the VF (`true`) or back to synthetic, with a completion
+    /// requested; the switch counts only once the host completed it ([`Netvsc::data_path`]).
+    /// Back to synthetic, the VF is unused from this call on. Returns false when nothing was
+    /// sent (no VF associated, already there or on the way, ring full, device gone).
+    pub fn request_data_path(&mut self, to_vf: bool) -> bool {
+        if self.gone || self.stopped || self.version < NvspVersion::V4 {
+            return false;
+        }
+        let sequence = match self.data_path.begin_request(to_vf) {
+            Some(sequence) => sequence,
+            None if !to_vf && self.data_path.needs_resend_to_synthetic() => {
+                // A previous request back could not be sent: send it now.
+                match self.data_path.begin_request(false) {
+                    Some(sequence) => sequence,
+                    None => return false,
+                }
+            }
+            None => return false,
+        };
+        let payload = nvsp::encode(
+            nvsp::message_type::SWITCH_DATA_PATH,
+            &nvsp::SwitchDataPath {
+                active_data_path: if to_vf {
+                    nvsp::DATA_PATH_VF
+                } else {
+                    nvsp::DATA_PATH_SYNTHETIC
+                },
+            },
+        );
+        let sent = self.channel.try_send(&OutgoingPacket::InBand {
+            transaction_id: transaction(tag::SWITCH, sequence as usize),
+            completion_requested: true,
+            payload: &payload,
+        });
+        match sent {
+            Ok(true) => {
+                self.channel.flush();
+                info!(
+                    "{}: asked the host for the {} data path",
+                    self.config.name,
+                    if to_vf { "VF" } else { "synthetic" }
+                );
+                true
+            }
+            Ok(false) => {
+                self.data_path.request_not_sent(sequence);
+                false
+            }
+            Err(error) => {
+                self.data_path.request_not_sent(sequence);
+                self.set_gone_error(error);
+                false
+            }
+        }
     }
 
     /// The channel, for tests and the kernel glue (e.g. to read its own counters).
@@ -1807,6 +1884,16 @@ impl<C: NetvscChannel> NetDevice for Netvsc<C> {
         self.service(0, &mut |_, _| {}, false);
     }
 
+    fn host_data_path(&mut self) -> Option<&mut dyn HostDataPath> {
+        // Until the host associates a VF it does not steer anything (netvsp ignores switch
+        // requests then); a VF paired by MAC alone is used as on KVM.
+        if self.data_path.association().is_some() {
+            Some(self)
+        } else {
+            None
+        }
+    }
+
     fn receive(&mut self, budget: usize, sink: &mut dyn FnMut(&[u8], RxMeta)) -> usize {
         self.service(budget, sink, true)
     }
@@ -1866,5 +1953,21 @@ impl<C: NetvscChannel> NetDevice for Netvsc<C> {
 
     fn take_announce_request(&mut self) -> bool {
         core::mem::take(&mut self.announce)
+    }
+}
+
+impl<C: NetvscChannel> HostDataPath for Netvsc<C> {
+    fn state(&self) -> HostPath {
+        self.data_path.path()
+    }
+
+    fn vf_associated(&self) -> bool {
+        self.data_path
+            .association()
+            .is_some_and(|association| association.allocated)
+    }
+
+    fn request(&mut self, to_vf: bool) -> bool {
+        self.request_data_path(to_vf)
     }
 }

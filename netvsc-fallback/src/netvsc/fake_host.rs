@@ -151,6 +151,10 @@ struct HostState {
     rndis_requests: Vec<u32>,
     completions_for_host_in_band: usize,
     receive_complete_override: Option<nvsp::ReceiveBufferComplete>,
+    /// SWITCH_DATA_PATH requests seen (`active_data_path`, transaction id).
+    switch_requests: Vec<(u32, u64)>,
+    /// Keep SWITCH_DATA_PATH completions back until released.
+    hold_switch_completions: bool,
 }
 
 impl HostState {
@@ -286,6 +290,17 @@ impl HostState {
                     self.handle_rndis(&message, true);
                 }
                 self.complete_rndis(transaction_id);
+            }
+            nvsp::message_type::SWITCH_DATA_PATH => {
+                let Ok((switch, _)) = nvsp::SwitchDataPath::read_from_prefix(body) else {
+                    return;
+                };
+                self.switch_requests
+                    .push((switch.active_data_path, transaction_id));
+                // netvsp completes with an empty packet once its endpoint switched.
+                if completion_requested && !self.hold_switch_completions {
+                    self.completion(transaction_id, &[]);
+                }
             }
             _ => {}
         }
@@ -743,6 +758,46 @@ impl FakeNetvscHost {
     /// Completions from the guest that matched nothing outstanding.
     pub fn unknown_completions(&self) -> usize {
         self.state().unknown_completions
+    }
+
+    /// SWITCH_DATA_PATH requests the guest sent: `active_data_path` (0 synthetic, 1 VF).
+    pub fn switch_requests(&self) -> Vec<u32> {
+        self.state()
+            .switch_requests
+            .iter()
+            .map(|(path, _)| *path)
+            .collect()
+    }
+
+    /// Holds SWITCH_DATA_PATH completions back (a switch in flight) until
+    /// [`FakeNetvscHost::complete_switch`].
+    pub fn hold_switch_completions(&self, hold: bool) {
+        self.state().hold_switch_completions = hold;
+    }
+
+    /// Completes the `index`th SWITCH_DATA_PATH request (held back before).
+    pub fn complete_switch(&self, index: usize) {
+        let mut state = self.state();
+        if let Some(&(_, transaction_id)) = state.switch_requests.get(index) {
+            state.completion(transaction_id, &[]);
+        }
+    }
+
+    /// Sends SWITCH_DATA_PATH to the guest, as netvsp does when it moves the path itself.
+    pub fn send_host_switch(&self, to_vf: bool) {
+        let payload = nvsp::encode(
+            nvsp::message_type::SWITCH_DATA_PATH,
+            &nvsp::SwitchDataPath {
+                active_data_path: u32::from(to_vf),
+            },
+        );
+        self.state().push(IncomingPacket {
+            kind: IncomingKind::InBand,
+            transaction_id: 0x8000_0000_0000_0001,
+            completion_requested: true,
+            payload: payload.to_vec(),
+            ..IncomingPacket::default()
+        });
     }
 
     /// Completions of the host's in-band messages (VF association).

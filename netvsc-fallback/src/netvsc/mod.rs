@@ -10,6 +10,7 @@
 //! formats live in [`nvsp`] and [`rndis`] as typed layouts parsed without `unsafe`.
 
 mod channel;
+pub mod data_path;
 mod device;
 mod error;
 pub mod nvsp;
@@ -25,6 +26,7 @@ mod tests;
 pub use channel::{
     GpaRange, IncomingKind, IncomingPacket, NetvscChannel, OutgoingPacket, TransferRange,
 };
+pub use data_path::{DataPathCounters, Pairing, SyntheticCause, VfEvent, pair};
 pub use device::{Negotiated, Netvsc, NetvscConfig, NetvscCounters, VfAssociation};
 pub use error::{Layer, NetvscError, Step};
 pub use rndis::OffloadSupport;

@@ -4,11 +4,13 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-use net_device::{DeviceError, LinkState, NetDevice, RxMeta, TxMeta};
+use net_device::{DeviceError, HostPath, LinkState, NetDevice, RxMeta, TxMeta};
 
 use super::fake_host::{FakeChannel, FakeHostConfig, FakeNetvscHost, FakeTxFrame};
 use super::nvsp::{self, NdisConfigCapabilities, NvspVersion};
-use super::{IncomingKind, IncomingPacket, Netvsc, NetvscConfig, NetvscError, Step, TransferRange};
+use super::{
+    IncomingKind, IncomingPacket, Netvsc, NetvscConfig, NetvscError, Step, TransferRange, VfEvent,
+};
 use crate::checksum::tests::{make_partial, reference_checksum, tcp_ipv4_frame};
 use crate::fake::FakeDmaAllocator;
 
@@ -459,6 +461,88 @@ fn vf_association_is_recorded_and_completed() {
     assert!(association.allocated);
     assert_eq!(association.serial_number, 7);
     assert_eq!(host.in_band_completions(), 1);
+}
+
+#[test]
+fn switch_to_the_vf_counts_only_after_the_host_completed_it() {
+    let (host, mut device, _dma) = bring_up(FakeHostConfig::default(), NetvscConfig::default());
+    assert!(!device.request_data_path(true), "no VF associated yet");
+    assert!(host.switch_requests().is_empty());
+    assert!(
+        device.host_data_path().is_none(),
+        "the host steers nothing yet"
+    );
+    host.send_vf_association(true, 7);
+    device.poll(0);
+    assert_eq!(
+        device.host_data_path().map(|host| host.state()),
+        Some(HostPath::Synthetic)
+    );
+    assert_eq!(
+        device.take_vf_event(),
+        Some(VfEvent::Associated { serial_number: 7 })
+    );
+    host.hold_switch_completions(true);
+    assert!(device.request_data_path(true));
+    assert_eq!(host.switch_requests(), [1]);
+    device.poll(0);
+    assert_eq!(
+        device.data_path(),
+        HostPath::SwitchingToVf,
+        "completion awaited"
+    );
+    host.complete_switch(0);
+    device.poll(0);
+    assert_eq!(device.data_path(), HostPath::Vf);
+    assert_eq!(device.take_vf_event(), Some(VfEvent::DataPathVf));
+    // Back to synthetic: the VF is unused at once, the completion confirms.
+    assert!(device.request_data_path(false));
+    assert_eq!(device.data_path(), HostPath::SwitchingToSynthetic);
+    host.complete_switch(1);
+    device.poll(0);
+    assert_eq!(device.data_path(), HostPath::Synthetic);
+    assert_eq!(host.switch_requests(), [1, 0]);
+    assert_eq!(device.data_path_counters().switch_completions, 2);
+}
+
+#[test]
+fn the_host_moving_the_path_back_or_withdrawing_the_vf_is_followed() {
+    let (host, mut device, _dma) = bring_up(FakeHostConfig::default(), NetvscConfig::default());
+    host.send_vf_association(true, 9);
+    device.poll(0);
+    assert!(device.request_data_path(true));
+    device.poll(0);
+    assert_eq!(device.data_path(), HostPath::Vf);
+    host.send_host_switch(false);
+    device.poll(0);
+    assert_eq!(device.data_path(), HostPath::Synthetic);
+    assert_eq!(device.counters().host_data_path_switches, 1);
+    // An eject arriving while a switch is in flight: the guest asks back before the
+    // completion; the late completion of the first request changes nothing.
+    host.hold_switch_completions(true);
+    assert!(device.request_data_path(true));
+    assert!(device.request_data_path(false));
+    host.complete_switch(1);
+    device.poll(0);
+    assert_eq!(device.data_path(), HostPath::SwitchingToSynthetic);
+    host.complete_switch(2);
+    device.poll(0);
+    assert_eq!(device.data_path(), HostPath::Synthetic);
+    assert_eq!(device.data_path_counters().stale_completions, 1);
+    // allocated = 0 while on the VF: synthetic at once, no new switch possible.
+    host.hold_switch_completions(false);
+    assert!(device.request_data_path(true));
+    device.poll(0);
+    assert_eq!(device.data_path(), HostPath::Vf);
+    host.send_vf_association(false, 9);
+    device.poll(0);
+    assert_eq!(device.data_path(), HostPath::Synthetic);
+    assert!(!device.request_data_path(true));
+    assert_eq!(
+        host.in_band_completions(),
+        3,
+        "every host message completed"
+    );
 }
 
 #[test]

@@ -91,6 +91,8 @@ pub struct EndpointState {
     received: VecDeque<(Vec<u8>, RxMetadata)>,
     waker: Option<Waker>,
     link: Option<mesh::Sender<Vec<bool>>>,
+    /// Every `set_data_path_to_guest_vf` netvsp made (true = to the VF), in order.
+    pub data_path_to_vf: Vec<bool>,
 }
 
 /// A capture endpoint with everything offloadable, and its shared state.
@@ -166,6 +168,22 @@ impl Endpoint for CaptureEndpoint {
 
     fn tx_offload_support(&self) -> TxOffloadSupport {
         self.offloads
+    }
+
+    async fn set_data_path_to_guest_vf(&self, use_vf: bool) -> anyhow::Result<()> {
+        self.state.lock().unwrap().data_path_to_vf.push(use_vf);
+        Ok(())
+    }
+
+    async fn get_data_path_to_guest_vf(&self) -> anyhow::Result<bool> {
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .data_path_to_vf
+            .last()
+            .copied()
+            .unwrap_or(false))
     }
 
     async fn wait_for_endpoint_action(&mut self) -> EndpointAction {
@@ -413,6 +431,14 @@ impl NetvspHost {
     /// Starts netvsp, opens its channel with our rings and returns the host and the channel
     /// for our driver.
     pub fn start(options: HostOptions) -> (NetvspHost, NetvspChannel) {
+        Self::start_with_vf(options, None)
+    }
+
+    /// Like [`NetvspHost::start`], with a virtual function behind the NIC.
+    pub fn start_with_vf(
+        options: HostOptions,
+        virtual_function: Option<Box<dyn netvsp::VirtualFunction>>,
+    ) -> (NetvspHost, NetvspChannel) {
         let (_thread, driver) = DefaultPool::spawn_on_thread("netvsp");
         let dma = GuestDma::new(24 << 20, 0);
         let bus = MockBus {
@@ -424,7 +450,11 @@ impl NetvspHost {
             link: Some(link_send),
             ..EndpointState::default()
         }));
-        let nic = Nic::builder().build(
+        let mut builder = Nic::builder();
+        if let Some(virtual_function) = virtual_function {
+            builder = builder.virtual_function(virtual_function);
+        }
+        let nic = builder.build(
             &VmTaskDriverSource::new(SingleDriverBackend::new(driver.clone())),
             Guid::new_random(),
             Box::new(CaptureEndpoint {

@@ -6,6 +6,7 @@ mod bench;
 mod control_plane;
 mod harness;
 mod stack;
+mod vf;
 
 use std::time::{Duration, Instant};
 
