@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use tandem_tests::image;
+use tandem_tests::{bar_addresses, image, pci_function_block};
 use xtask::machine::NetPaths;
 use xtask::openvmm::Outcome;
 use xtask::openvmm_run::{GuestSpec, NestedGuest};
@@ -23,6 +23,12 @@ fn spawn(label: &str, spec: &GuestSpec) -> NestedGuest {
     NestedGuest::spawn(label, spec).unwrap_or_else(|error| panic!("{error}"))
 }
 
+/// MANA's PCI vendor:device.
+const MANA: &str = "1414:00ba";
+
+/// One boot covers the boot protocol, the Hyper-V enlightenments, the command line, both NICs'
+/// plumbing (netvsc offered on VMBus, MANA on a PCIe root port whose ECAM and 64-bit BARs lie
+/// above 4 GiB) and the exit code: each nested boot costs CI about a minute.
 #[test]
 fn hello_boots_under_openvmm_by_the_linux_boot_protocol_and_exits_0() {
     let cmdline = "log=debug tandem.test=openvmm";
@@ -30,7 +36,7 @@ fn hello_boots_under_openvmm_by_the_linux_boot_protocol_and_exits_0() {
         app: image("hello"),
         cmdline: cmdline.to_string(),
         memory: "64M".to_string(),
-        paths: NetPaths::Virtio,
+        paths: NetPaths::Both,
         forwards: Vec::new(),
     };
     let mut guest = spawn("openvmm hello", &spec);
@@ -52,6 +58,20 @@ fn hello_boots_under_openvmm_by_the_linux_boot_protocol_and_exits_0() {
     guest
         .wait_for_line("hello: done", BOOT_TIMEOUT)
         .unwrap_or_else(|error| panic!("{error}"));
+    let lines = guest.l1.serial_lines();
+    let mana = pci_function_block(&lines, MANA).unwrap_or_else(|| {
+        panic!(
+            "no MANA function {MANA} in the PCI tree:\n{}",
+            lines.join("\n")
+        )
+    });
+    assert!(
+        bar_addresses(&mana)
+            .iter()
+            .any(|&address| address >= 1 << 32),
+        "MANA's 64-bit BARs are placed above 4 GiB:\n{}",
+        mana.join("\n")
+    );
     let outcome = guest
         .wait_outcome(EXIT_TIMEOUT)
         .unwrap_or_else(|error| panic!("{error}"));
