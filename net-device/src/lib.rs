@@ -11,6 +11,8 @@ extern crate alloc;
 use core::fmt;
 
 pub mod checksum;
+#[cfg(feature = "heap-dma")]
+pub mod heap_dma;
 
 /// A 48-bit Ethernet MAC address.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -181,6 +183,84 @@ impl DmaRegion {
         true
     }
 }
+
+impl DmaRegion {
+    /// Copies `buffer.len()` bytes starting at `offset` out of the region (shared-ring data the
+    /// device may write at other offsets concurrently). Returns `false`, copying nothing, when
+    /// the range leaves the region.
+    pub fn read_bytes(&self, offset: usize, buffer: &mut [u8]) -> bool {
+        if offset
+            .checked_add(buffer.len())
+            .is_none_or(|end| end > self.len)
+        {
+            return false;
+        }
+        // SAFETY: `[offset, offset + len)` lies inside the region (checked above), which from_raw
+        // guarantees valid for reads; `buffer` is a distinct Rust allocation, so no overlap.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                self.virt.as_ptr().add(offset),
+                buffer.as_mut_ptr(),
+                buffer.len(),
+            )
+        };
+        true
+    }
+
+    /// Copies `data` into the region at `offset`. Returns `false`, writing nothing, when the
+    /// range leaves the region.
+    pub fn write_bytes(&mut self, offset: usize, data: &[u8]) -> bool {
+        if offset
+            .checked_add(data.len())
+            .is_none_or(|end| end > self.len)
+        {
+            return false;
+        }
+        // SAFETY: in bounds (checked above), valid for writes per from_raw, `&mut self` excludes
+        // CPU-side borrows of the region, and `data` cannot overlap it while that borrow lives.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.virt.as_ptr().add(offset),
+                data.len(),
+            )
+        };
+        true
+    }
+
+    /// Atomic (sequentially consistent) load of the native-endian u32 at `offset`: a control
+    /// word the device updates concurrently. `None` when out of bounds or not 4-byte aligned.
+    pub fn load_u32(&self, offset: usize) -> Option<u32> {
+        let pointer = self.u32_pointer(offset)?;
+        // SAFETY: `u32_pointer` checked bounds and 4-byte alignment; the memory is valid for
+        // the region's lifetime and only ever accessed atomically at this offset by both sides.
+        Some(unsafe { core::sync::atomic::AtomicU32::from_ptr(pointer) }.load(SEQ_CST))
+    }
+
+    /// Atomic (sequentially consistent) store of a u32 control word at `offset`. Returns
+    /// `false` when out of bounds or not 4-byte aligned.
+    pub fn store_u32(&mut self, offset: usize, value: u32) -> bool {
+        let Some(pointer) = self.u32_pointer(offset) else {
+            return false;
+        };
+        // SAFETY: as in `load_u32`; `&mut self` excludes CPU-side slice borrows of the region.
+        unsafe { core::sync::atomic::AtomicU32::from_ptr(pointer) }.store(value, SEQ_CST);
+        true
+    }
+
+    fn u32_pointer(&self, offset: usize) -> Option<*mut u32> {
+        if offset.checked_add(4)? > self.len {
+            return None;
+        }
+        let address = (self.virt.as_ptr() as usize).checked_add(offset)?;
+        if !address.is_multiple_of(4) {
+            return None;
+        }
+        Some(self.virt.as_ptr().wrapping_add(offset).cast::<u32>())
+    }
+}
+
+const SEQ_CST: core::sync::atomic::Ordering = core::sync::atomic::Ordering::SeqCst;
 
 impl Drop for DmaRegion {
     fn drop(&mut self) {

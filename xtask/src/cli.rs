@@ -24,7 +24,9 @@ commands:
                                          VF event on the running instance (default: the newest)
   image <app> [--format raw|qcow2|vhdx|vhd|iso] [--cmdline \"...\"] [--debug]
                                          bootable disk image (GRUB, BIOS + UEFI); prints its path last
-  test                                   host unit tests, then QEMU integration tests
+  test                                   host unit tests, conformance, then QEMU integration tests
+  conformance [FILTER]                   our VMBus/netvsc/vPCI/MANA code against OpenVMM's host code
+                                         in one process ($OPENVMM_DIR, else ../shared/openvmm)
   bench boot [--runs N]                  hello boot time under TCG (default 5 runs) and idle CPU
   bench echo [--paths virtio|vf|both] [--runs N]
                                          root: echo round trips/s and bulk MB/s under TCG on a
@@ -96,6 +98,11 @@ pub enum Command {
     },
     /// `test`.
     Test,
+    /// `conformance [FILTER]`.
+    Conformance {
+        /// Only tests whose name contains this.
+        filter: Option<String>,
+    },
     /// `bench boot`.
     BenchBoot {
         /// Number of boots.
@@ -326,6 +333,13 @@ pub fn parse(args: &[String]) -> Result<Command> {
             }
             Ok(Command::Vf { action, qmp })
         }
+        "conformance" => {
+            let filter = words.words.next();
+            if let Some(extra) = words.words.next() {
+                return Err(unexpected(&extra));
+            }
+            Ok(Command::Conformance { filter })
+        }
         "test" => match words.words.next() {
             None => Ok(Command::Test),
             Some(other) => Err(unexpected(&other)),
@@ -531,6 +545,17 @@ mod tests {
     fn other_commands() {
         assert_eq!(parse_words("").unwrap(), Command::Help);
         assert_eq!(parse_words("test").unwrap(), Command::Test);
+        assert_eq!(
+            parse_words("conformance").unwrap(),
+            Command::Conformance { filter: None }
+        );
+        assert_eq!(
+            parse_words("conformance netvsc").unwrap(),
+            Command::Conformance {
+                filter: Some("netvsc".to_string())
+            }
+        );
+        assert!(parse_words("conformance a b").is_err());
         assert_eq!(
             parse_words("bench boot").unwrap(),
             Command::BenchBoot { runs: 5 }

@@ -11,6 +11,7 @@ pub mod bench_failover;
 pub mod bench_iperf;
 pub mod bench_namespace;
 pub mod cli;
+pub mod conformance;
 pub mod disk_image;
 pub mod error;
 pub mod exit;

@@ -61,6 +61,13 @@ fn main() -> ExitCode {
             Ok(0)
         }
         cli::Command::Test => test(),
+        cli::Command::Conformance { filter } => {
+            Ok(if xtask::conformance::run(filter.as_deref())? {
+                0
+            } else {
+                1
+            })
+        }
         cli::Command::BenchBoot { runs } => {
             tools::ensure_tools(tools::RUN_TOOLS)?;
             let elf = image::build_app("hello", Profile::Release)?;
@@ -222,6 +229,14 @@ fn test() -> Result<i32> {
         ],
     )? {
         failed.push("host unit tests");
+    }
+    match xtask::conformance::run(None) {
+        Ok(true) => {}
+        Ok(false) => failed.push("conformance (OpenVMM in-process)"),
+        Err(error) => {
+            eprintln!("xtask: error: {error}");
+            failed.push("conformance (OpenVMM in-process)");
+        }
     }
     let mut images_built = true;
     for app in TEST_APPS {
