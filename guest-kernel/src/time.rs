@@ -30,8 +30,9 @@ pub enum ClockSource {
 }
 
 const PIT_HZ: u64 = 1_193_182;
-/// TSC ticks after which PIT calibration gives up (2^31: 0.4 s at 5 GHz, 2 s at 1 GHz).
-const CALIBRATION_TSC_LIMIT: u64 = 1 << 31;
+/// TSC ticks after which PIT calibration gives up (2^33: 1.7 s at 5 GHz, 8.6 s at 1 GHz; far
+/// beyond the 10 ms a counting PIT needs, even on a host that deschedules the vCPU).
+const CALIBRATION_TSC_LIMIT: u64 = 1 << 33;
 const CALIBRATION_MS: u64 = 10;
 
 /// KVM's paravirtual clock MSR (MSR_KVM_SYSTEM_TIME_NEW): physical address of a
@@ -207,7 +208,7 @@ fn calibrate_with_pit() -> Option<(u64, u64)> {
         let sample = read_pit_sample();
         // Each sample is a few port exits; where exits are slow (nested virtualisation) the
         // step count alone would wait for hours on a PIT that does not count, so the TSC
-        // bounds the wait too (about a second at any plausible TSC rate).
+        // bounds the wait too (seconds at any plausible TSC rate).
         if sample.tsc.wrapping_sub(first.tsc) > CALIBRATION_TSC_LIMIT {
             break;
         }
