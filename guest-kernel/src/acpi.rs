@@ -165,7 +165,7 @@ pub fn find_s5_sleep_types(aml: &[u8]) -> Option<(u16, u16)> {
     Some((a, b))
 }
 
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "host")))]
 mod platform {
     use alloc::vec::Vec;
 
@@ -285,7 +285,7 @@ mod platform {
     }
 }
 
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "host")))]
 pub use platform::{init, mcfg_entries, power_off};
 
 #[cfg(test)]

@@ -234,10 +234,10 @@ pub fn reference_tsc_msr_value(current: u64, page_phys: u64) -> u64 {
     (page_phys & !0xfff) | (current & REFERENCE_TSC_RESERVED) | REFERENCE_TSC_ENABLE
 }
 
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "host")))]
 pub use hardware::{ReferenceTsc, detect};
 
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "host")))]
 mod hardware {
     use net_device::{DmaAllocator, DmaRegion};
 

@@ -3,40 +3,40 @@
 //! The kernel is a library linked into each app image. An app provides its entry point with
 //! [`app!`]; the kernel boots (PVH or Multiboot2), brings up memory, interrupts, the clock and
 //! ACPI, then calls it and turns its return value into the VM's exit code.
-#![cfg_attr(not(test), no_std)]
+#![cfg_attr(not(any(test, feature = "host")), no_std)]
 
 extern crate alloc;
 
 pub mod acpi;
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "host")))]
 pub mod arch;
 pub mod boot;
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "host")))]
 pub mod console;
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "host")))]
 pub mod diagnostics;
 pub mod error;
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "host")))]
 pub mod exit;
 pub mod hyperv;
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "host")))]
 pub mod interrupts;
 pub mod mm;
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "host")))]
 pub mod net;
 pub mod pci;
 pub mod pvclock;
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "host")))]
 mod rt;
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "host")))]
 pub mod time;
 
 pub use error::KernelError;
 
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "host")))]
 pub use kernel::*;
 
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "host")))]
 mod kernel {
     use spin::Once;
 

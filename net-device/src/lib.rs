@@ -60,6 +60,13 @@ pub trait RegisterIo {
     fn read32(&self, offset: usize) -> u32;
     /// Writes the 32-bit register at `offset`.
     fn write32(&self, offset: usize, value: u32);
+    /// Writes the 64-bit register at `offset`. The default is two 32-bit writes, low dword
+    /// first; real MMIO overrides it with one 64-bit access, which devices whose doorbells
+    /// take a single 8-byte write (MANA) depend on.
+    fn write64(&self, offset: usize, value: u64) {
+        self.write32(offset, value as u32);
+        self.write32(offset + 4, (value >> 32) as u32);
+    }
     /// Reads the 16-bit register at `offset`.
     fn read16(&self, offset: usize) -> u16 {
         let word = self.read32(offset & !3);

@@ -16,7 +16,9 @@
 //!   segments (and back-pressuring smoltcp) while the ring is full.
 //! * **Receive** is accepted from both paths (the host may steer some traffic to either path at
 //!   any time, see failover-lessons §8.2), through a duplicate window (`dedup`) so a frame
-//!   arriving on both never reaches the stack twice.
+//!   arriving on both never reaches the stack twice. Behind the window, consecutive TCP
+//!   segments of a flow received in one batch are merged into one frame (`coalesce`); the
+//!   batch is flushed at the end of every [`Bond::poll`].
 //! * When the VF goes away (link down, resetting, gone, detached, MAC change) the bond switches
 //!   to the synthetic path at once. When the VF comes back `Up`, it must stay up for the hold-down
 //!   time (doubled on every flap, up to a maximum) before traffic moves back. If the synthetic
@@ -37,6 +39,7 @@ use net_device::{DeviceError, LinkState, MacAddress, NetDevice, Stats, TxMeta};
 
 use crate::Error;
 use crate::checksum;
+use crate::coalesce::{CoalesceStats, Coalescer, Delivery, MAX_COALESCED_FRAME};
 use crate::dedup::{DedupWindow, Verdict, frame_key};
 use crate::segmentation::{MAX_SEGMENTATION_FRAME, TcpLayout};
 
@@ -49,8 +52,11 @@ pub const ETHERNET_HEADER_LEN: usize = 14;
 const VLAN_TAG_LEN: usize = 4;
 /// Frame buffers kept for reuse by the receive queue.
 const MAX_POOLED_BUFFERS: usize = 256;
-/// Largest buffer kept for reuse: room for a jumbo frame, not for a coalesced 64 KiB one.
+/// Largest buffer kept in the pool of frame-sized buffers: room for a jumbo frame.
 const MAX_POOLED_BUFFER_CAPACITY: usize = 9216 + 22;
+/// 64 KiB buffers (coalesced frames) kept for reuse: one per flow a batch holds, a few more
+/// for frames smoltcp has not consumed yet.
+const MAX_POOLED_LARGE_BUFFERS: usize = 4;
 
 /// Tuning of the bond. All times in nanoseconds.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,6 +85,8 @@ pub struct BondConfig {
     /// Devices are polled at least this often even without interrupts, so a silently removed
     /// device is noticed.
     pub watchdog_ns: u64,
+    /// Merge consecutive TCP segments of a flow received in one batch (see `coalesce`).
+    pub rx_coalescing: bool,
 }
 
 impl Default for BondConfig {
@@ -93,6 +101,7 @@ impl Default for BondConfig {
             rx_queue_bytes: 1024 * 1024,
             rx_budget: 128,
             watchdog_ns: 100 * NS_PER_MS,
+            rx_coalescing: true,
         }
     }
 }
@@ -218,6 +227,8 @@ pub struct BondStats {
     pub vf_detaches: u64,
     /// Current hold-down for a returning VF, in nanoseconds.
     pub hold_down_ns: u64,
+    /// Receive coalescing: segments merged, merged frames, why merges were refused.
+    pub coalesce: CoalesceStats,
 }
 
 /// Why the bond switched.
@@ -660,7 +671,70 @@ pub(crate) struct RxQueue {
     frames: VecDeque<Vec<u8>>,
     /// Bytes in `frames`: bounded too, since a coalesced TCP frame can be 64 KiB.
     bytes: usize,
-    pub(crate) free: Vec<Vec<u8>>,
+    pub(crate) free: BufferPool,
+}
+
+/// Frame buffers kept for reuse: allocating one per received frame is a cost per frame.
+#[derive(Default)]
+pub(crate) struct BufferPool {
+    /// Buffers for frames up to a jumbo frame.
+    small: Vec<Vec<u8>>,
+    /// Buffers for coalesced frames (64 KiB).
+    large: Vec<Vec<u8>>,
+}
+
+impl BufferPool {
+    /// An empty buffer that holds `len` bytes without growing.
+    fn take(&mut self, len: usize) -> Vec<u8> {
+        if len <= MAX_POOLED_BUFFER_CAPACITY {
+            self.small.pop().unwrap_or_default()
+        } else {
+            self.large.pop().unwrap_or_else(|| Vec::with_capacity(len))
+        }
+    }
+
+    /// An empty 64 KiB buffer for a merged frame; `None` when the heap cannot spare one (a
+    /// 32 MiB guest with many large socket buffers runs close to its limit).
+    fn take_large(&mut self) -> Option<Vec<u8>> {
+        if let Some(buffer) = self.large.pop() {
+            return Some(buffer);
+        }
+        let mut buffer = Vec::new();
+        buffer.try_reserve_exact(MAX_COALESCED_FRAME).ok()?;
+        Some(buffer)
+    }
+
+    /// Keeps a buffer for a later frame, unless its pool is full or it is of no standard size
+    /// (pooling odd sizes would pin memory).
+    pub(crate) fn recycle(&mut self, mut buffer: Vec<u8>) {
+        buffer.clear();
+        let capacity = buffer.capacity();
+        if capacity <= MAX_POOLED_BUFFER_CAPACITY {
+            if self.small.len() < MAX_POOLED_BUFFERS {
+                self.small.push(buffer);
+            }
+        } else if capacity >= MAX_COALESCED_FRAME && self.large.len() < MAX_POOLED_LARGE_BUFFERS {
+            self.large.push(buffer);
+        }
+    }
+}
+
+impl Delivery for RxQueue {
+    fn buffer(&mut self, len: usize) -> Vec<u8> {
+        self.free.take(len)
+    }
+
+    fn large_buffer(&mut self) -> Option<Vec<u8>> {
+        self.free.take_large()
+    }
+
+    fn deliver(&mut self, frame: Vec<u8>) {
+        self.push(frame);
+    }
+
+    fn recycle(&mut self, buffer: Vec<u8>) {
+        self.free.recycle(buffer);
+    }
 }
 
 impl RxQueue {
@@ -673,16 +747,6 @@ impl RxQueue {
         let buffer = self.frames.pop_front()?;
         self.bytes -= buffer.len();
         Some(buffer)
-    }
-
-    /// Keeps a buffer for the next frame, unless the pool is full or the buffer is bigger than
-    /// an MTU-sized frame needs (coalesced frames are rare enough to allocate; pooling them
-    /// would pin megabytes).
-    pub(crate) fn recycle(free: &mut Vec<Vec<u8>>, mut buffer: Vec<u8>) {
-        if free.len() < MAX_POOLED_BUFFERS && buffer.capacity() <= MAX_POOLED_BUFFER_CAPACITY {
-            buffer.clear();
-            free.push(buffer);
-        }
     }
 }
 
@@ -701,6 +765,7 @@ pub struct Bond {
     ip_mtu: usize,
     pub(crate) paths: Paths,
     pub(crate) rx: RxQueue,
+    coalescer: Coalescer,
     dedup: DedupWindow,
     damping: Damping,
     announce_pending: bool,
@@ -748,8 +813,9 @@ impl Bond {
             rx: RxQueue {
                 frames: VecDeque::with_capacity(config.rx_queue_frames),
                 bytes: 0,
-                free: Vec::new(),
+                free: BufferPool::default(),
             },
+            coalescer: Coalescer::new(),
             dedup: DedupWindow::new(config.dedup_slots, config.dedup_window_ns),
             damping: Damping {
                 hold_ns: config.hold_down_ns,
@@ -863,6 +929,7 @@ impl Bond {
         });
         if drain {
             self.receive_from(PathId::Vf, now_ns);
+            self.coalescer.flush(&mut self.rx);
         }
         let vf = self.paths.vf.take()?;
         let mut path = vf.path;
@@ -906,6 +973,8 @@ impl Bond {
         };
         let mut received = self.receive_from(active, now_ns);
         received += self.receive_from(other, now_ns);
+        // The end of the batch: nothing waits for a later one.
+        self.coalescer.flush(&mut self.rx);
         let segments_sent = self.paths.send_pending_segments();
         received > 0
             || segments_sent
@@ -1006,7 +1075,7 @@ impl Bond {
 
     /// Returns a buffer from [`Bond::pop_rx`] to the pool.
     pub fn recycle_rx(&mut self, buffer: Vec<u8>) {
-        RxQueue::recycle(&mut self.rx.free, buffer);
+        self.rx.free.recycle(buffer);
     }
 
     /// Counters.
@@ -1041,6 +1110,7 @@ impl Bond {
             vf_attaches: self.vf_attaches,
             vf_detaches: self.vf_detaches,
             hold_down_ns: self.damping.hold_ns,
+            coalesce: self.coalescer.stats,
         }
     }
 
@@ -1263,6 +1333,7 @@ impl Bond {
         } = path;
         let rx = &mut self.rx;
         let dedup = &mut self.dedup;
+        let mut coalescer = self.config.rx_coalescing.then_some(&mut self.coalescer);
         let mut delivered = 0;
         device.receive(budget, &mut |frame, meta| {
             if ignore_all {
@@ -1309,20 +1380,21 @@ impl Bond {
                 counters.rx_queue_full += 1;
                 return;
             }
-            let mut buffer = if frame.len() <= MAX_POOLED_BUFFER_CAPACITY {
-                rx.free.pop().unwrap_or_default()
-            } else {
-                Vec::new()
-            };
-            buffer.clear();
-            buffer.extend_from_slice(frame);
-            if meta.checksum_partial && TcpLayout::parse(&buffer).is_none() {
-                // smoltcp verifies UDP checksums itself (the only check a reassembled datagram
-                // gets), so a validated-but-partial field must be completed first. TCP's is
-                // never read again.
-                crate::checksum::fill(&mut buffer);
+            // smoltcp verifies UDP checksums itself (the only check a reassembled datagram
+            // gets), so a validated-but-partial field must be completed first. TCP's is never
+            // read again.
+            let complete = meta.checksum_partial && TcpLayout::parse(frame).is_none();
+            match coalescer.as_deref_mut() {
+                Some(coalescer) if !complete => coalescer.offer(frame, rx),
+                _ => {
+                    let mut buffer = rx.free.take(frame.len());
+                    buffer.extend_from_slice(frame);
+                    if complete {
+                        crate::checksum::fill(&mut buffer);
+                    }
+                    rx.push(buffer);
+                }
             }
-            rx.push(buffer);
             counters.rx_frames += 1;
             counters.rx_bytes += frame.len() as u64;
             delivered += 1;

@@ -1548,3 +1548,61 @@ fn large_tcp_frames_are_cut_by_a_tso_nic_or_in_software_and_arrive_exact() {
     // The client's bond verifies every checksum and refuses frames over the MTU.
     assert_eq!(sim.client.stats().bond.bad_frames_dropped, 0);
 }
+
+/// Neither fake NIC coalesces or segments: the client's bond cuts its large frames into
+/// MSS-sized segments, so the guest receives what a VF hands over.
+#[test]
+fn a_transfer_over_a_nic_that_does_not_coalesce_arrives_exact_with_merges_counted() {
+    let mut sim = Sim::new(Topology::Hub, StackOptions::default());
+    let (client, _server) = bulk_echo(&mut sim, 4 * MIB, &mut |_, _| {});
+    assert_echo_exact(&client);
+    let guest = sim.guest.stats().bond;
+    let coalesce = guest.coalesce;
+    assert!(
+        coalesce.merged_frames > 20 && coalesce.segments_merged >= 3 * coalesce.merged_frames,
+        "the guest merged the client's segments: {coalesce:?}"
+    );
+    assert!(
+        coalesce.segments_merged < guest.total.bond.rx_frames,
+        "every merged segment was received once: {coalesce:?}"
+    );
+    assert_eq!(coalesce.refused_malformed, 0);
+    assert_eq!(coalesce.refused_out_of_order, 0, "no loss on this wire");
+    // The echo came back merged on the client's side too.
+    assert!(sim.client.stats().bond.coalesce.merged_frames > 20);
+}
+
+#[test]
+fn merged_transfer_stays_exact_across_a_vf_detach_mid_transfer() {
+    let mut sim = Sim::new(Topology::Hub, short_hold_down());
+    sim.attach_vf();
+    sim.run_until(200 * MS, &mut |_, _| false, &mut |sim| {
+        sim.guest.active_path() == PathId::Vf
+    });
+    let mut merged_at_detach = None;
+    let (client, _server) = bulk_echo(&mut sim, 4 * MIB, &mut |sim, echoed| {
+        if merged_at_detach.is_none() && echoed >= MIB {
+            merged_at_detach = Some(sim.guest.stats().bond.coalesce.merged_frames);
+            assert!(sim.guest.detach_vf().is_some());
+            sim.wire.guest_vf = None;
+        }
+    });
+    assert_echo_exact(&client);
+    let merged_at_detach = merged_at_detach.expect("the VF was detached mid-transfer");
+    let stats = sim.guest.stats().bond;
+    assert!(
+        merged_at_detach > 10,
+        "merged on the VF: {merged_at_detach}"
+    );
+    assert!(
+        stats.coalesce.merged_frames > merged_at_detach + 10,
+        "and on the synthetic path after the detach: {:?}",
+        stats.coalesce
+    );
+    assert!(
+        stats.duplicates_dropped > 100,
+        "hub copies matched frame by frame"
+    );
+    assert_eq!(stats.vf_detaches, 1);
+    assert_eq!(stats.coalesce.refused_malformed, 0);
+}

@@ -26,13 +26,13 @@ use smoltcp::phy::{
 };
 use smoltcp::time::Instant;
 
-use crate::bond::{Bond, ETHERNET_HEADER_LEN, Paths, RxQueue, TxReadiness};
+use crate::bond::{Bond, BufferPool, ETHERNET_HEADER_LEN, Paths, TxReadiness};
 use crate::segmentation::MAX_SEGMENTATION_FRAME;
 
 /// A received frame lent to smoltcp.
 pub struct BondRxToken<'a> {
     frame: Vec<u8>,
-    free: &'a mut Vec<Vec<u8>>,
+    free: &'a mut BufferPool,
 }
 
 impl RxToken for BondRxToken<'_> {
@@ -41,7 +41,7 @@ impl RxToken for BondRxToken<'_> {
         F: FnOnce(&[u8]) -> R,
     {
         let result = f(&self.frame);
-        RxQueue::recycle(self.free, self.frame);
+        self.free.recycle(self.frame);
         result
     }
 }

@@ -22,6 +22,7 @@ extern crate alloc;
 pub mod announce;
 pub mod bond;
 pub mod checksum;
+mod coalesce;
 pub mod config;
 mod dedup;
 mod error;
@@ -32,6 +33,7 @@ mod slab;
 mod stack;
 
 pub use bond::{AttachRejected, Bond, BondConfig, BondStats, PathCounters, PathId, PathStats};
+pub use coalesce::CoalesceStats;
 pub use config::{Ipv4Mode, Ipv6Static, NetConfig};
 pub use error::Error;
 pub use stack::{

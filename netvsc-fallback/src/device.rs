@@ -746,6 +746,16 @@ impl<R: RegisterIo, D: DmaAllocator> VirtioNet<R, D> {
         let limit = capacity.min(maximum);
         let size = 1u16 << (15 - limit.leading_zeros());
         common.write16(registers::QUEUE_SIZE, size);
+        // A device that did not take the size (its maximum read wrong once) would use rings of
+        // another size than ours: nothing would ever arrive while the link looks up.
+        let taken = common.read16(registers::QUEUE_SIZE);
+        if taken != size {
+            return Err(Error::QueueTooSmall {
+                queue: kind,
+                size: taken,
+                needed: size,
+            });
+        }
 
         if let Some(vector) = vector {
             common.write16(registers::QUEUE_MSIX_VECTOR, vector);

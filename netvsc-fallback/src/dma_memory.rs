@@ -194,10 +194,38 @@ impl SlotPool {
         })
     }
 
+    /// Gives the region back (to carve it differently).
+    pub(crate) fn into_region(self) -> DmaRegion {
+        self.region
+    }
+
     /// Forgets the memory instead of freeing it, for when the device may still write it.
     pub(crate) fn leak(&mut self) {
         core::mem::forget(core::mem::replace(&mut self.region, empty_region()));
         self.owners.clear();
         self.device_owned = 0;
     }
+}
+
+/// Copies `destination.len()` bytes from `offset` of `region` into `destination`: the one read
+/// of memory the device (or a VMBus host) may write, so the caller parses a private copy that
+/// cannot change under it. Returns `false` (copying nothing) when the range leaves the region.
+pub(crate) fn copy_from_region(region: &DmaRegion, offset: usize, destination: &mut [u8]) -> bool {
+    if offset
+        .checked_add(destination.len())
+        .is_none_or(|end| end > region.len())
+    {
+        return false;
+    }
+    // SAFETY: the range lies inside the region (checked above), which is valid memory for its
+    // lifetime (DmaRegion::from_raw contract); `destination` is a distinct Rust allocation, so
+    // the two do not overlap.
+    unsafe {
+        core::ptr::copy_nonoverlapping(
+            region.as_ptr().add(offset),
+            destination.as_mut_ptr(),
+            destination.len(),
+        );
+    }
+    true
 }

@@ -6,7 +6,7 @@
 //! [`FakeDmaAllocator`] (device address == CPU address). It runs on the caller's thread: the
 //! device "acts" inside the `inject_*`/`take_*` calls and on doorbell writes.
 
-mod memory;
+pub(crate) mod memory;
 
 use alloc::vec::Vec;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -511,7 +511,9 @@ impl FakeState {
             return Err(FakeError::Unplugged);
         }
         let queue = self.queues.get(index).copied().ok_or(FakeError::NotLive)?;
-        if !self.driver_ok() || !queue.enabled {
+        // A size-0 queue (the driver enabled one the device has no room for) cannot carry
+        // anything; treating it as live would divide by zero.
+        if !self.driver_ok() || !queue.enabled || queue.size == 0 {
             return Err(FakeError::NotLive);
         }
         Ok(queue)

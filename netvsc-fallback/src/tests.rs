@@ -848,13 +848,13 @@ fn merged_frame_waits_for_all_its_buffers() {
     let Setup {
         device, mut driver, ..
     } = setup_with(FakeDeviceConfig::default(), config);
-    // The header claims three buffers but only one is used so far.
+    // The header claims three buffers, the first one is full, only it is used so far.
     let header = VirtioNetHeader {
         num_buffers: 3,
         ..VirtioNetHeader::default()
     };
     device
-        .inject_rx_frame_with_header(header, &test_frame(300, 1))
+        .inject_rx_frame_with_header(header, &test_frame(500, 1))
         .unwrap();
     assert!(receive_all(&mut driver).is_empty());
     assert_eq!(driver.stats().rx_dropped_bad, 0, "not an error yet");
@@ -864,12 +864,65 @@ fn merged_frame_waits_for_all_its_buffers() {
     device.inject_rx_frame(&test_frame(100, 3)).unwrap();
     let received = receive_all(&mut driver);
     assert_eq!(received.len(), 1);
-    assert_eq!(received[0].0.len(), 300 + 112 + 112);
+    assert_eq!(received[0].0.len(), 500 + 112 + 112);
     // Afterwards frames flow normally.
     device.inject_rx_frame(&test_frame(900, 4)).unwrap();
     assert_eq!(
         receive_all(&mut driver),
         vec![(test_frame(900, 4), RxMeta::default())]
+    );
+}
+
+/// Found by the fuzz harness (target virtio-net): a frame that fills one buffer in part but
+/// claims 16 made the driver wait and swallow the next good frames as its continuation.
+#[test]
+fn buffer_count_beyond_a_partly_used_first_buffer_is_dropped_at_once() {
+    let Setup {
+        device, mut driver, ..
+    } = setup();
+    for num_buffers in [2, 16] {
+        let header = VirtioNetHeader {
+            num_buffers,
+            ..VirtioNetHeader::default()
+        };
+        device
+            .inject_rx_frame_with_header(header, &test_frame(240, 1))
+            .unwrap();
+        assert!(receive_all(&mut driver).is_empty());
+    }
+    assert_eq!(driver.stats().rx_dropped_bad, 2);
+    assert!(!driver.rx_pending());
+    device.inject_rx_frame(&test_frame(64, 2)).unwrap();
+    assert_eq!(
+        receive_all(&mut driver),
+        vec![(test_frame(64, 2), RxMeta::default())]
+    );
+}
+
+/// More buffers than the longest frame can need are impossible even when the first is full.
+#[test]
+fn buffer_count_beyond_the_longest_frame_is_dropped_at_once() {
+    let config = VirtioNetConfig {
+        rx_buffer_size: 512,
+        ..VirtioNetConfig::default()
+    };
+    let Setup {
+        device, mut driver, ..
+    } = setup_with(FakeDeviceConfig::default(), config);
+    // A 1514-byte frame with its header needs 3 buffers of 512 bytes; 4 is a lie.
+    let header = VirtioNetHeader {
+        num_buffers: 4,
+        ..VirtioNetHeader::default()
+    };
+    device
+        .inject_rx_frame_with_header(header, &test_frame(500, 1))
+        .unwrap();
+    assert!(receive_all(&mut driver).is_empty());
+    assert_eq!(driver.stats().rx_dropped_bad, 1);
+    device.inject_rx_frame(&test_frame(64, 2)).unwrap();
+    assert_eq!(
+        receive_all(&mut driver),
+        vec![(test_frame(64, 2), RxMeta::default())]
     );
 }
 
@@ -1343,4 +1396,78 @@ fn a_control_queue_of_one_entry_is_refused() {
         "reset: queues were enabled"
     );
     assert_eq!(allocator.live_regions(), 0);
+}
+
+/// A window of the fake; the common-configuration one's first `queue_size` read lies (64).
+struct LiesOnceAboutQueueSize {
+    inner: FakeWindow,
+    /// `Some(already lied)` for the common window.
+    lied: Option<core::cell::Cell<bool>>,
+}
+
+impl RegisterIo for LiesOnceAboutQueueSize {
+    fn read32(&self, offset: usize) -> u32 {
+        self.inner.read32(offset)
+    }
+    fn write32(&self, offset: usize, value: u32) {
+        self.inner.write32(offset, value);
+    }
+    fn read16(&self, offset: usize) -> u16 {
+        if offset == registers::QUEUE_SIZE
+            && self.lied.as_ref().is_some_and(|lied| !lied.replace(true))
+        {
+            return 64;
+        }
+        self.inner.read16(offset)
+    }
+    fn write16(&self, offset: usize, value: u16) {
+        self.inner.write16(offset, value);
+    }
+    fn read8(&self, offset: usize) -> u8 {
+        self.inner.read8(offset)
+    }
+    fn write8(&self, offset: usize, value: u8) {
+        self.inner.write8(offset, value);
+    }
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+}
+
+/// Found by the fuzz harness (target virtio-net): when the queue maximum read wrong once, the
+/// driver set up rings of a size the device refused and ran on with the link up while nothing
+/// could ever arrive; now it reads the size back and fails initialisation instead.
+#[test]
+fn a_queue_size_the_device_did_not_take_fails_initialisation() {
+    let device = FakeVirtioNet::new(FakeDeviceConfig {
+        queue_max_size: 4,
+        ..FakeDeviceConfig::default()
+    });
+    let honest = device.regions();
+    let honest_window = |inner| LiesOnceAboutQueueSize { inner, lied: None };
+    let regions = crate::VirtioPciRegions {
+        common: LiesOnceAboutQueueSize {
+            inner: honest.common,
+            lied: Some(core::cell::Cell::new(false)),
+        },
+        notify: honest_window(honest.notify),
+        notify_off_multiplier: honest.notify_off_multiplier,
+        isr: honest_window(honest.isr),
+        device: honest_window(honest.device),
+    };
+    let allocator = FakeDmaAllocator::new();
+    let result = VirtioNet::new(regions, allocator.clone(), VirtioNetConfig::default());
+    assert!(
+        matches!(
+            result,
+            Err(Error::QueueTooSmall {
+                size: 4,
+                needed: 64,
+                ..
+            })
+        ),
+        "got {:?}",
+        result.err()
+    );
+    assert_eq!(allocator.live_regions(), 0, "all memory returned");
 }

@@ -181,6 +181,21 @@ fn stock_client_completes_every_mode_over_the_vf_alone() {
                     stats.summary()
                 ));
             }
+            // The host's segments arrive MTU-sized on the VF: the bond merged runs of them
+            // before smoltcp, and no frame it saw was malformed.
+            let merged_frames = counter(&stats, "rx_merged_frames");
+            if merged_frames < 100
+                || counter(&stats, "rx_segments_merged") < 2 * merged_frames
+                || counter(&stats, "rx_merge_refused_malformed") != 0
+            {
+                guest.fail(format!(
+                    "the bond did not merge the VF's received segments: merged frames \
+                     {merged_frames}, segments {}, malformed {}; {}",
+                    counter(&stats, "rx_segments_merged"),
+                    counter(&stats, "rx_merge_refused_malformed"),
+                    stats.summary()
+                ));
+            }
             guest.assert_alive("after every mode");
             eprintln!(
                 "iperf vf: {} modes, {} refusals in {:.1} s; {}",

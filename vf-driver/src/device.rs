@@ -327,14 +327,22 @@ impl<R: RegisterIo, D: DmaAllocator> IgbVf<R, D> {
         if now_ns < due {
             return;
         }
+        // The attempt's bounded waits take time (up to reset_timeout_ns): the back-off counts
+        // from its end, or a PF stuck in reset would keep every poll busy-waiting.
+        let attempt_started = self.host.now_ns();
         match self.reinitialize() {
             Ok(()) => {
                 self.reinit_at_ns = None;
                 self.reinit_backoff_ns = REINIT_INITIAL_BACKOFF_NS;
             }
             Err(error) => {
+                let spent = self.host.now_ns().saturating_sub(attempt_started);
                 self.reinit_backoff_ns = (self.reinit_backoff_ns * 2).min(REINIT_MAX_BACKOFF_NS);
-                self.reinit_at_ns = Some(now_ns + self.reinit_backoff_ns);
+                self.reinit_at_ns = Some(
+                    now_ns
+                        .saturating_add(spent)
+                        .saturating_add(self.reinit_backoff_ns),
+                );
                 log::warn!(
                     "{}: automatic re-initialisation failed ({error}); next try in {} ms",
                     self.config.name,

@@ -237,6 +237,36 @@ fn a_pf_stuck_in_reset_times_out_instead_of_hanging() {
     }
 }
 
+/// Found by the fuzz harness (target igbvf): the back-off of a failed automatic
+/// re-initialisation started before the attempt's own 50 ms reset wait, so with the PF stuck in
+/// reset the next poll busy-waited again at once.
+#[test]
+fn a_failed_reinitialisation_backs_off_from_the_end_of_the_attempt() {
+    let (bench, mut vf) = started();
+    bench.fake.hold_pf_in_reset(true);
+    bench.fake.signal_pf_reset_done();
+    let mut attempts = Vec::new();
+    for _ in 0..40 {
+        bench.clock.set(bench.now() + 1_000_000);
+        let reads = bench.fake.vf_register_reads();
+        vf.poll(bench.now());
+        if bench.fake.vf_register_reads() - reads > 1_000 {
+            attempts.push(bench.now());
+        }
+    }
+    assert_eq!(vf.link_state(), LinkState::Resetting);
+    assert!(attempts.len() >= 2, "it does retry: {attempts:?}");
+    for pair in attempts.windows(2) {
+        // Each attempt ends 50 ms (the reset timeout) after it starts; the next may start only
+        // a back-off (20 ms and up) after that.
+        assert!(
+            pair[1] - pair[0] >= 70_000_000,
+            "attempts {} ms apart",
+            (pair[1] - pair[0]) / 1_000_000
+        );
+    }
+}
+
 #[test]
 fn bad_configuration_and_missing_memory_fail_before_touching_the_device() {
     let mut bench = new_bench(Some(PF_MAC));

@@ -80,6 +80,11 @@ pub struct LabPfConfig {
     pub enable_vf_interrupts: bool,
     /// Switch VF↔VF traffic inside the NIC (DTXSWC loopback, reference §2.1 step 13).
     pub vf_loopback: bool,
+    /// Receive checksum offload (RXCSUM IPOFLD, TUOFLD, CRCOFL), as a Linux igb PF leaves it.
+    /// Off, the VFs report no checksum results and the stack sums every frame; QEMU 10.0.2's
+    /// igb then skips its receive-checksum validation, which a crafted SCTP frame crashes
+    /// (`tests/qemu-bugs/igb-sctp-checksum`).
+    pub receive_checksum_offload: bool,
 }
 
 impl Default for LabPfConfig {
@@ -92,6 +97,7 @@ impl Default for LabPfConfig {
             max_wait_iterations: 1_000_000,
             enable_vf_interrupts: true,
             vf_loopback: false,
+            receive_checksum_offload: true,
         }
     }
 }
@@ -298,13 +304,14 @@ impl<R: RegisterIo, S: SriovControl> LabPf<R, S> {
         // relies on IPOFLD/TUOFLD defaulting to 1 and adds PCSD | CRCOFL); set explicitly so the
         // VFs' IPCS/TCPCS/UDPCS reports do not depend on reset defaults.
         let rxcsum = self.regs.read32(pf::RXCSUM);
+        let offloads = pf::RXCSUM_IP_OFFLOAD | pf::RXCSUM_L4_OFFLOAD | pf::RXCSUM_SCTP_OFFLOAD;
         self.regs.write32(
             pf::RXCSUM,
-            rxcsum
-                | pf::RXCSUM_IP_OFFLOAD
-                | pf::RXCSUM_L4_OFFLOAD
-                | pf::RXCSUM_SCTP_OFFLOAD
-                | pf::RXCSUM_PACKET_CHECKSUM_DISABLE,
+            if self.config.receive_checksum_offload {
+                rxcsum | offloads | pf::RXCSUM_PACKET_CHECKSUM_DISABLE
+            } else {
+                (rxcsum & !offloads) | pf::RXCSUM_PACKET_CHECKSUM_DISABLE
+            },
         );
         // Steps 8-9: receiver (stripping the CRC so lengths are frame lengths) and transmitter.
         self.regs
@@ -494,7 +501,13 @@ impl<R: RegisterIo, S: SriovControl> LabPf<R, S> {
     /// Takes the buffer lock; false while the VF holds it.
     fn lock(&mut self, vf: usize) -> bool {
         self.regs.write32(pf::p2v_mailbox(vf), pf::P2V_PFU);
-        self.regs.read32(pf::p2v_mailbox(vf)) & pf::P2V_PFU != 0
+        if self.regs.read32(pf::p2v_mailbox(vf)) & pf::P2V_PFU != 0 {
+            return true;
+        }
+        // Not ours by the read-back; drop any claim anyway, in case the read lied (a lock the
+        // PF holds with nothing to send would shut the VF out of its mailbox for good).
+        self.regs.write32(pf::p2v_mailbox(vf), 0);
+        false
     }
 
     /// Writes a message to VF `vf` and raises STS; false if the VF held the buffer.

@@ -684,3 +684,85 @@ fn sriov_control_of_the_fake_matches_the_trait_contract() {
         "a disabled VF reads 0"
     );
 }
+
+/// PF registers whose next read of VF 0's P2V mailbox answers 0 once armed.
+struct LyingOnce {
+    inner: FakePfRegisters,
+    armed: Rc<core::cell::Cell<bool>>,
+}
+
+impl RegisterIo for LyingOnce {
+    fn read32(&self, offset: usize) -> u32 {
+        if offset == pf::p2v_mailbox(0) && self.armed.replace(false) {
+            return 0;
+        }
+        self.inner.read32(offset)
+    }
+    fn write32(&self, offset: usize, value: u32) {
+        self.inner.write32(offset, value);
+    }
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+}
+
+/// Found by the fuzz harness (target lab-pf): when the read-back of the PF's lock claim lied,
+/// the lab kept the lock it did not believe it had, and VF 0 could never use its mailbox again.
+#[test]
+fn a_lock_claim_that_reads_back_wrong_is_dropped() {
+    let fake = FakeIgb::new();
+    let armed = Rc::new(core::cell::Cell::new(false));
+    let registers = LyingOnce {
+        inner: fake.pf_registers(),
+        armed: armed.clone(),
+    };
+    let lab_config = LabPfConfig {
+        num_vfs: 1,
+        vf_macs: alloc::vec![Some(VF0_MAC)],
+        ..LabPfConfig::default()
+    };
+    let lab = LabPf::new(registers, fake.sriov(), lab_config).expect("valid lab config");
+    let lab = Rc::new(RefCell::new(lab));
+    lab.borrow_mut()
+        .bring_up(&mut TestHost::new(STEP_NS))
+        .expect("PF programs");
+    armed.set(true);
+    lab.borrow_mut()
+        .send_control_message(0)
+        .expect("VF 0 exists");
+    assert_eq!(
+        fake.pf_register(pf::p2v_mailbox(0)) & pf::P2V_PFU,
+        0,
+        "the PF holds no lock"
+    );
+    let serviced = lab.clone();
+    let host = TestHost::new(STEP_NS).with_idle(move || serviced.borrow_mut().service());
+    let vf = IgbVf::new(
+        fake.vf_registers(0),
+        FakeDmaAllocator::new(),
+        Box::new(host),
+        config(),
+    )
+    .expect("VF 0 comes up");
+    assert_eq!(vf.mac_address(), VF0_MAC);
+}
+
+#[test]
+fn receive_checksum_offload_can_be_left_off() {
+    let fake = FakeIgb::new();
+    let config = LabPfConfig {
+        num_vfs: 1,
+        vf_macs: alloc::vec![Some(VF0_MAC)],
+        receive_checksum_offload: false,
+        ..LabPfConfig::default()
+    };
+    let mut lab = LabPf::new(fake.pf_registers(), fake.sriov(), config).expect("valid lab config");
+    lab.bring_up(&mut TestHost::new(STEP_NS))
+        .expect("PF programs");
+    let rxcsum = fake.pf_register(pf::RXCSUM);
+    assert_eq!(
+        rxcsum & (pf::RXCSUM_IP_OFFLOAD | pf::RXCSUM_L4_OFFLOAD | pf::RXCSUM_SCTP_OFFLOAD),
+        0,
+        "RXCSUM {rxcsum:#x}"
+    );
+}

@@ -1,12 +1,13 @@
-//! Driver for the Intel 82576 (8086:10CA) and I350 (8086:1520) SR-IOV virtual function, and the
-//! lab PF responder that stands in for a PF driver inside QEMU test VMs.
+//! The VF drivers: Intel 82576 (8086:10CA) / I350 (8086:1520) igbvf, the SR-IOV VF on KVM, and
+//! MANA (1414:00BA, module [`mana`]), the VF behind Azure accelerated networking; plus the lab
+//! PF responder that stands in for an igb PF driver inside QEMU test VMs.
 //!
-//! The driver knows nothing about PCI or the kernel: it gets the VF's BAR0 as a
+//! The drivers know nothing about PCI or the kernel: each gets its function's BAR0 as a
 //! [`RegisterIo`](net_device::RegisterIo), DMA memory from a
 //! [`DmaAllocator`](net_device::DmaAllocator), a clock and an idle hook through [`WaitHost`], and
-//! presents itself as a [`NetDevice`](net_device::NetDevice) ([`IgbVf`]).
+//! presents itself as a [`NetDevice`](net_device::NetDevice) ([`IgbVf`], [`Mana`]).
 //!
-//! Layout (like Linux `igbvf`, facts only): [`regs`] register map, [`descriptors`] DMA
+//! igbvf layout (like Linux `igbvf`, facts only): [`regs`] register map, [`descriptors`] DMA
 //! descriptor layouts, [`mailbox`] PF↔VF mailbox protocol, `ring` descriptor rings that never
 //! touch MMIO, `offload` transmit checksum/TSO planning, `hw` reset/init/link sequences,
 //! [`device`] the `NetDevice` implementation,
@@ -32,6 +33,7 @@ pub mod device;
 mod hw;
 pub mod lab_pf;
 pub mod mailbox;
+pub mod mana;
 mod offload;
 pub mod pf_regs;
 pub mod regs;
@@ -55,6 +57,7 @@ mod offload_tests;
 pub use device::{Config, DriverCounters, IgbVf, MailboxVectorEncoding};
 pub use lab_pf::{LabPf, LabPfConfig, LabPfCounters, SriovControl};
 pub use mailbox::{MailboxStage, Request};
+pub use mana::{Mana, ManaConfig, ManaCounters};
 pub use stats::HardwareStats;
 
 /// What the driver needs from its host while it waits for the device or the PF.
@@ -171,6 +174,46 @@ pub enum Error {
     NotReady {
         /// What was attempted.
         operation: &'static str,
+    },
+    /// MANA: an SMC command (hardware channel setup/teardown) did not complete in time.
+    #[error("MANA SMC command {command} not answered within {waited_ns} ns")]
+    SmcTimeout {
+        /// The SMC command type.
+        command: u32,
+        /// How long the driver waited.
+        waited_ns: u64,
+    },
+    /// MANA: the device refused an SMC command.
+    #[error("MANA SMC command {command} failed with status {status}")]
+    SmcFailed {
+        /// The SMC command type.
+        command: u32,
+        /// The status byte of the response.
+        status: u8,
+    },
+    /// MANA: a hardware channel request got no response in time.
+    #[error("MANA HWC request {request:#x} not answered within {waited_ns} ns")]
+    HwcTimeout {
+        /// The request (message type), or the init EQE awaited.
+        request: u32,
+        /// How long the driver waited.
+        waited_ns: u64,
+    },
+    /// MANA: the device answered a hardware channel request with an error status.
+    #[error("MANA HWC request {request:#x} failed with status {status:#x}")]
+    HwcFailed {
+        /// The request (message type).
+        request: u32,
+        /// The response status.
+        status: u32,
+    },
+    /// MANA: the device said something impossible (out-of-range id, length, owner count…).
+    #[error("MANA device protocol error: {what} ({value:#x})")]
+    ManaProtocol {
+        /// What was wrong.
+        what: &'static str,
+        /// The offending value.
+        value: u64,
     },
     /// Lab PF: the kernel's SR-IOV code could not enable the VFs.
     #[error("could not enable {requested} VFs: {reason}")]

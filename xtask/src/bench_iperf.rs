@@ -124,6 +124,31 @@ pub fn guest_launch(
     cmdline_extra: &str,
     lab_socket: &Path,
 ) -> Result<GuestLaunch> {
+    guest_launch_with(
+        label,
+        accel,
+        elf,
+        network,
+        memory,
+        cmdline_extra,
+        lab_socket,
+        "",
+    )
+}
+
+/// [`guest_launch`] with `virtio_properties` (e.g. `,guest_tso4=off`) appended to the
+/// virtio-net device.
+#[allow(clippy::too_many_arguments)]
+fn guest_launch_with(
+    label: &str,
+    accel: Accel,
+    elf: &Path,
+    network: &GuestNetwork,
+    memory: &str,
+    cmdline_extra: &str,
+    lab_socket: &Path,
+    virtio_properties: &str,
+) -> Result<GuestLaunch> {
     let mut machine = Machine::new(accel);
     machine.add_network(network.paths, &NetBackend::Tap(network.taps.join(",")), &[])?;
     let mut cmdline = format!(
@@ -144,7 +169,11 @@ pub fn guest_launch(
         builder = builder.netdev(netdev);
     }
     for device in machine.devices {
-        builder = builder.device(device);
+        builder = if device.starts_with("virtio-net-pci") {
+            builder.device(format!("{device}{virtio_properties}"))
+        } else {
+            builder.device(device)
+        };
     }
     if machine.lab_pf {
         builder = builder
@@ -453,24 +482,54 @@ pub struct BenchPath {
     pub paths: NetPaths,
     /// Whether the traffic runs on the VF (and so compares with the Linux guest's igbvf).
     pub on_vf: bool,
+    /// Properties appended to the virtio-net device (`-device virtio-net-pci,...`).
+    pub virtio_properties: &'static str,
+    /// Appended to the guest's command line.
+    pub cmdline: &'static str,
 }
 
-/// The bench's set-ups, in table order: (a) VF alone, (b) virtio-net alone, (c) the bond.
-pub const BENCH_PATHS: [BenchPath; 3] = [
+/// virtio-net without GUEST_TSO4/6 (and GUEST_UFO/ECN, which need them): the host hands over
+/// MTU-sized segments, as a VF, netvsc or a host without receive coalescing does.
+const NO_GUEST_TSO: &str = ",guest_tso4=off,guest_tso6=off,guest_ecn=off,guest_ufo=off";
+
+/// The bench's set-ups, in table order: (a) VF alone, (b) the same with receive coalescing
+/// off (what it brings, in the same run), (c) virtio-net alone, (d) virtio-net without
+/// GUEST_TSO, (e) the bond.
+pub const BENCH_PATHS: [BenchPath; 5] = [
     BenchPath {
         name: "VF alone",
         paths: NetPaths::Vf,
         on_vf: true,
+        virtio_properties: "",
+        cmdline: "",
+    },
+    BenchPath {
+        name: "VF, no coalescing",
+        paths: NetPaths::Vf,
+        on_vf: true,
+        virtio_properties: "",
+        cmdline: "net.coalesce=off",
     },
     BenchPath {
         name: "virtio-net alone",
         paths: NetPaths::Virtio,
         on_vf: false,
+        virtio_properties: "",
+        cmdline: "",
+    },
+    BenchPath {
+        name: "virtio no GUEST_TSO",
+        paths: NetPaths::Virtio,
+        on_vf: false,
+        virtio_properties: NO_GUEST_TSO,
+        cmdline: "",
     },
     BenchPath {
         name: "bond (VF active)",
         paths: NetPaths::Both,
         on_vf: true,
+        virtio_properties: "",
+        cmdline: "",
     },
 ];
 
@@ -515,6 +574,41 @@ pub struct RunSample {
     pub qemu_cpu_percent: f64,
     /// The bond's active path after the run (`stats`), when the guest has a lab channel.
     pub active: Option<String>,
+    /// What the guest reported about receiving over the test, when it did.
+    pub receive: Option<ReceiveReport>,
+}
+
+/// The receive figures of the app's `iperf: test done: ...` line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReceiveReport {
+    /// Frames the guest's drivers delivered (`rx_frames=`).
+    pub frames: u64,
+    /// Frames the guest sent (`tx_frames=`; while it receives, ACKs).
+    pub sent_frames: u64,
+    /// Guest time receiving per delivered frame: device reads, bond, coalescing and smoltcp's
+    /// ingress (`rx_ns_per_frame=`).
+    pub ns_per_frame: u64,
+    /// The part of it before smoltcp (`rx_device_ns_per_frame=`).
+    pub device_ns_per_frame: u64,
+    /// Segments merged and the merged frames they made (`rx_merged=S/F`).
+    pub merged: (u64, u64),
+}
+
+/// The receive figures of a done line; `None` when it has none.
+pub fn parse_receive_report(line: &str) -> Option<ReceiveReport> {
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|word| word.strip_prefix(name))
+    };
+    let number = |name: &str| field(name)?.parse::<u64>().ok();
+    let (segments, frames) = field("rx_merged=")?.split_once('/')?;
+    Some(ReceiveReport {
+        frames: number("rx_frames=")?,
+        sent_frames: number("tx_frames=")?,
+        ns_per_frame: number("rx_ns_per_frame=")?,
+        device_ns_per_frame: number("rx_device_ns_per_frame=")?,
+        merged: (segments.parse().ok()?, frames.parse().ok()?),
+    })
 }
 
 /// One table row: a path, a direction and a stream count, with every run's sample.
@@ -538,10 +632,21 @@ fn median_of(samples: &[RunSample], value: impl Fn(&RunSample) -> f64) -> f64 {
 /// The result table: medians over the runs, throughput also as a multiple of the Linux
 /// guest's on the same path and direction.
 pub fn format_table(rows: &[BenchRow], memory: &str) -> String {
-    let line = |cells: [&str; 8]| {
+    let line = |cells: [&str; 12]| {
         format!(
-            "{:<18} {:>4} {:>7} {:>8} {:>14} {:>9} {:>9} {:>10}\n",
-            cells[0], cells[1], cells[2], cells[3], cells[4], cells[5], cells[6], cells[7]
+            "{:<20} {:>4} {:>7} {:>8} {:>14} {:>8} {:>9} {:>10} {:>8} {:>8} {:>10} {:>8}\n",
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3],
+            cells[4],
+            cells[5],
+            cells[6],
+            cells[7],
+            cells[8],
+            cells[9],
+            cells[10],
+            cells[11]
         )
     };
     let mut text = line([
@@ -553,6 +658,10 @@ pub fn format_table(rows: &[BenchRow], memory: &str) -> String {
         "retrans",
         "QEMU CPU",
         "bond path",
+        "rx ns/fr",
+        "of it NIC",
+        "segs/merge",
+        "rx/tx fr",
     ]);
     for row in rows {
         let gbits = median_of(&row.samples, |sample| sample.gbits);
@@ -572,6 +681,28 @@ pub fn format_table(rows: &[BenchRow], memory: &str) -> String {
             .map(|sample| sample.active.as_deref().unwrap_or("-"))
             .collect();
         active.dedup();
+        let reports: Vec<ReceiveReport> = row
+            .samples
+            .iter()
+            .filter_map(|sample| sample.receive)
+            .collect();
+        let median_ns = |value: fn(&ReceiveReport) -> u64| {
+            let values: Vec<f64> = reports.iter().map(|report| value(report) as f64).collect();
+            median(&values).map_or("n/a".to_string(), |ns| format!("{ns:.0}"))
+        };
+        let sum = |value: fn(&ReceiveReport) -> u64| reports.iter().map(value).sum::<u64>();
+        let ratio = |numerator: u64, denominator: u64| {
+            if denominator > 0 {
+                format!("{:.1}", numerator as f64 / denominator as f64)
+            } else {
+                "-".to_string()
+            }
+        };
+        let per_merge = ratio(sum(|report| report.merged.0), sum(|report| report.merged.1));
+        let per_sent = ratio(
+            sum(|report| report.frames),
+            sum(|report| report.sent_frames),
+        );
         text.push_str(&line([
             row.path.name,
             row.direction.name(),
@@ -584,6 +715,10 @@ pub fn format_table(rows: &[BenchRow], memory: &str) -> String {
                 median_of(&row.samples, |sample| sample.qemu_cpu_percent)
             ),
             &active.join("/"),
+            &median_ns(|report| report.ns_per_frame),
+            &median_ns(|report| report.device_ns_per_frame),
+            &per_merge,
+            &per_sent,
         ]));
     }
     text.push_str(&format!(
@@ -595,7 +730,11 @@ pub fn format_table(rows: &[BenchRow], memory: &str) -> String {
          {TARGET_RATIO}x). retrans = the host's TCP retransmits (reported only when the host \
          sends). QEMU CPU = QEMU's user+system time / wall time over the run, % of one host CPU. \
          bond path = the guest's `stats` active= after each run (VF alone takes the synthetic \
-         slot).\n"
+         slot). rx ns/fr = the guest's time receiving (NIC reads, bond, coalescing, smoltcp \
+         ingress) per frame its drivers delivered, guest clock (host time: includes time the \
+         host did not run the vCPU), median; of it NIC = the part before smoltcp. segs/merge = \
+         segments per merged frame (receive coalescing); rx/tx fr = frames received per frame \
+         sent (for `in`: segments per ACK), both over all runs.\n"
     ));
     text
 }
@@ -663,14 +802,15 @@ impl BenchGuest {
             std::process::id(),
             path.paths
         ));
-        let mut launch = guest_launch(
+        let mut launch = guest_launch_with(
             &format!("bench iperf {}", path.name),
             Accel::Tcg,
             elf,
             &network,
             memory,
-            "",
+            path.cmdline,
             &socket,
+            path.virtio_properties,
         )?;
         launch.builder = launch.builder.echo(false);
         let vm = launch.boot(BOOT_TIMEOUT)?;
@@ -688,6 +828,15 @@ impl BenchGuest {
         let args = bench_client_args(direction, streams);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let hz = user_hz();
+        let done_lines = || {
+            self.vm
+                .qemu
+                .serial_lines()
+                .into_iter()
+                .filter(|line| line.contains(TEST_DONE_LINE))
+                .collect::<Vec<_>>()
+        };
+        let done_before = done_lines().len();
         let ticks_before = qemu_cpu_ticks(&self.vm.qemu)?;
         let started = Instant::now();
         let outcome = run_client(
@@ -714,11 +863,23 @@ impl BenchGuest {
             Some(socket) => Some(lab_stats(socket)?.active),
             None => None,
         };
+        // The app logs its summary before the client exits; the console may lag a little.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut done = done_lines();
+        while done.len() <= done_before && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            done = done_lines();
+        }
+        let receive = done
+            .get(done_before..)
+            .and_then(<[_]>::last)
+            .and_then(|line| parse_receive_report(line));
         Ok(RunSample {
             gbits: summary.received_bits_per_second / 1e9,
             retransmits: summary.retransmits,
             qemu_cpu_percent: ticks as f64 / hz / wall * 100.0,
             active,
+            receive,
         })
     }
 }
@@ -749,7 +910,7 @@ fn measure_all(elf: &Path, runs: usize, only: Option<NetPaths>) -> Result<()> {
                     let sample = guest.measure(direction, streams)?;
                     eprintln!(
                         "xtask: {} {} x{streams} run {run}/{runs}: {:.3} Gbit/s, retransmits {}, \
-                         QEMU CPU {:.0} %, bond path {}",
+                         QEMU CPU {:.0} %, bond path {}, receive {:?}",
                         path.name,
                         direction.name(),
                         sample.gbits,
@@ -757,7 +918,8 @@ fn measure_all(elf: &Path, runs: usize, only: Option<NetPaths>) -> Result<()> {
                             .retransmits
                             .map_or("n/a".to_string(), |count| count.to_string()),
                         sample.qemu_cpu_percent,
-                        sample.active.as_deref().unwrap_or("-")
+                        sample.active.as_deref().unwrap_or("-"),
+                        sample.receive
                     );
                     samples.push(sample);
                 }
@@ -776,28 +938,48 @@ fn measure_all(elf: &Path, runs: usize, only: Option<NetPaths>) -> Result<()> {
         "--- raw-frame ceiling (1514-byte frames, no TCP/IP: the host floods the guest for `in`, \
          the guest sends pre-built frames for `out`) ---"
     );
-    for path in BENCH_PATHS
-        .iter()
-        .filter(|path| path.paths != NetPaths::Both && selected(path))
-    {
+    // One ceiling per NIC (the plain set-up of each); every set-up on that NIC is compared
+    // with it: the bond with the VF's, virtio-net without GUEST_TSO with virtio-net's.
+    let mut ceilings = Vec::new();
+    for path in BENCH_PATHS.iter().filter(|path| {
+        path.paths != NetPaths::Both
+            && path.virtio_properties.is_empty()
+            && path.cmdline.is_empty()
+            && selected(path)
+    }) {
         for direction in [Direction::In, Direction::Out] {
             let raw = raw_ceiling(elf, *path, memory, direction)?;
-            let stack = best_stack_rate(&rows, path.paths, direction);
-            println!(
-                "{:<16} {:>3} {raw:>7.3} Gbit/s raw; iperf {stack:.3} Gbit/s = {:.0} % of the ceiling",
-                path.name,
-                direction.name(),
-                if raw > 0.0 { stack / raw * 100.0 } else { 0.0 }
-            );
+            ceilings.push((path.on_vf, direction, raw));
+        }
+    }
+    for path in BENCH_PATHS.iter().filter(|path| selected(path)) {
+        for direction in [Direction::In, Direction::Out] {
+            let Some(&(_, _, raw)) = ceilings
+                .iter()
+                .find(|(on_vf, way, _)| *on_vf == path.on_vf && *way == direction)
+            else {
+                continue;
+            };
+            for streams in [1, PARALLEL_STREAMS] {
+                let stack = stack_rate(&rows, path, direction, streams);
+                println!(
+                    "{:<20} {:>3} x{streams} {raw:>7.3} Gbit/s raw ({} NIC); iperf {stack:.3} \
+                     Gbit/s = {:.0} % of the ceiling",
+                    path.name,
+                    direction.name(),
+                    if path.on_vf { "VF" } else { "virtio" },
+                    if raw > 0.0 { stack / raw * 100.0 } else { 0.0 }
+                );
+            }
         }
     }
     Ok(())
 }
 
-/// The best median iperf rate measured on `paths` in `direction` (1 or 4 streams).
-fn best_stack_rate(rows: &[BenchRow], paths: NetPaths, direction: Direction) -> f64 {
+/// The median iperf rate measured on `path` in `direction` with `streams` streams.
+fn stack_rate(rows: &[BenchRow], path: &BenchPath, direction: Direction, streams: u32) -> f64 {
     rows.iter()
-        .filter(|row| row.path.paths == paths && row.direction == direction)
+        .filter(|row| row.path == *path && row.direction == direction && row.streams == streams)
         .filter_map(|row| {
             median(
                 &row.samples
@@ -992,14 +1174,39 @@ mod tests {
             retransmits,
             qemu_cpu_percent: 150.0,
             active: Some(active.to_string()),
+            receive: Some(ReceiveReport {
+                frames: 100,
+                sent_frames: 10,
+                ns_per_frame: 700,
+                device_ns_per_frame: 300,
+                merged: (90, 3),
+            }),
         }
+    }
+
+    #[test]
+    fn receive_cost_is_read_from_the_done_line() {
+        let line = "iperf: test done: tcp reverse=no streams=1 bytes_received=1 seconds=5.0 \
+                    Mbit/s=1.00 bidir=no bytes_sent=0 rx_frames=12 tx_frames=3 \
+                    rx_ns_per_frame=812 rx_device_ns_per_frame=300 rx_merged=400/20";
+        assert_eq!(
+            parse_receive_report(line),
+            Some(ReceiveReport {
+                frames: 12,
+                sent_frames: 3,
+                ns_per_frame: 812,
+                device_ns_per_frame: 300,
+                merged: (400, 20),
+            })
+        );
+        assert_eq!(parse_receive_report("iperf: test done: tcp"), None);
     }
 
     #[test]
     fn table_shows_medians_ratios_and_missing_retransmits() {
         let rows = [
             BenchRow {
-                path: BENCH_PATHS[1],
+                path: BENCH_PATHS[2],
                 direction: Direction::In,
                 streams: 1,
                 samples: vec![
@@ -1009,7 +1216,7 @@ mod tests {
                 ],
             },
             BenchRow {
-                path: BENCH_PATHS[2],
+                path: BENCH_PATHS[4],
                 direction: Direction::Out,
                 streams: 4,
                 samples: vec![sample(0.63, None, "Vf"), sample(0.63, None, "Vf")],
@@ -1031,7 +1238,12 @@ mod tests {
             .unwrap();
         assert!(bond.contains("1.00x of 0.63"), "{bond}");
         assert!(bond.contains("n/a"), "{bond}");
-        assert!(bond.trim_end().ends_with("Vf"), "{bond}");
+        assert!(bond.contains(" Vf "), "{bond}");
+        assert!(
+            bond.trim_end()
+                .ends_with("700      300       30.0     10.0"),
+            "{bond}"
+        );
         assert!(table.contains("-m 32M"));
     }
 

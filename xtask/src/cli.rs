@@ -24,13 +24,18 @@ commands:
                                          VF event on the running instance (default: the newest)
   image <app> [--format raw|qcow2|vhdx|vhd|iso] [--cmdline \"...\"] [--debug]
                                          bootable disk image (GRUB, BIOS + UEFI); prints its path last
-  test                                   host unit tests, conformance, then QEMU integration tests
+  test                                   host unit tests, a short fuzz run, conformance, then QEMU integration tests
+  fuzz [--target NAME] [--cases N] [--seed S] [--input HEX]
+                                         hostile-input harness (fuzz/): per target cases, failures,
+                                         time; a failure prints its reproducer (--input)
   conformance [FILTER]                   our VMBus/netvsc/vPCI/MANA code against OpenVMM's host code
                                          in one process ($OPENVMM_DIR, else ../shared/openvmm)
   bench boot [--runs N]                  hello boot time under TCG (default 5 runs) and idle CPU
   bench echo [--paths virtio|vf|both] [--runs N]
                                          root: echo round trips/s and bulk MB/s under TCG on a
                                          bridged tap (default virtio, 3 runs), vs a Linux guest
+  bench conformance                      netvsc against OpenVMM's netvsp in one process (release
+                                         build): frames/s and Gbit/s, MTU frames both ways, LSO out
   bench failover [--cycles N]            root: echo stream across VF removal/restore per trigger
                                          (default 5 cycles): longest gap, TCP retransmissions
   bench iperf [--paths vf|virtio|both] [--runs N]
@@ -98,6 +103,8 @@ pub enum Command {
     },
     /// `test`.
     Test,
+    /// `fuzz ...`.
+    Fuzz(crate::fuzz::FuzzOptions),
     /// `conformance [FILTER]`.
     Conformance {
         /// Only tests whose name contains this.
@@ -115,6 +122,8 @@ pub enum Command {
         /// Number of boots measured.
         runs: usize,
     },
+    /// `bench conformance`.
+    BenchConformance,
     /// `bench failover`.
     BenchFailover {
         /// Removal/restore cycles per trigger.
@@ -237,6 +246,34 @@ fn parse_bench_iperf(mut words: Words) -> Result<Command> {
     Ok(Command::BenchIperf { runs, paths })
 }
 
+fn parse_fuzz(mut words: Words) -> Result<Command> {
+    let mut options = crate::fuzz::FuzzOptions::default();
+    let number = |name: &str, text: String| -> Result<u64> {
+        let parsed = match text.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16).ok(),
+            None => text.parse().ok(),
+        };
+        parsed.ok_or_else(|| Error::Usage(format!("{name} `{text}` is not a number")))
+    };
+    while let Some(word) = words.words.next() {
+        let (name, inline) = split_option(&word);
+        match name.as_str() {
+            "--target" => options.targets.push(words.value(&name, inline)?),
+            "--cases" => {
+                let cases = number(&name, words.value(&name, inline)?)?;
+                if cases == 0 {
+                    return Err(Error::Usage("--cases must be positive".into()));
+                }
+                options.cases = Some(cases);
+            }
+            "--seed" => options.seed = Some(number(&name, words.value(&name, inline)?)?),
+            "--input" => options.input = Some(words.value(&name, inline)?),
+            _ => return Err(unexpected(&word)),
+        }
+    }
+    Ok(Command::Fuzz(options))
+}
+
 /// Parses the arguments after `cargo xtask`.
 pub fn parse(args: &[String]) -> Result<Command> {
     let mut words = Words {
@@ -333,6 +370,7 @@ pub fn parse(args: &[String]) -> Result<Command> {
             }
             Ok(Command::Vf { action, qmp })
         }
+        "fuzz" => parse_fuzz(words),
         "conformance" => {
             let filter = words.words.next();
             if let Some(extra) = words.words.next() {
@@ -348,11 +386,17 @@ pub fn parse(args: &[String]) -> Result<Command> {
             match words.words.next().as_deref() {
                 Some("boot") => {}
                 Some("failover") => return parse_bench_failover(words),
+                Some("conformance") => {
+                    if let Some(extra) = words.words.next() {
+                        return Err(unexpected(&extra));
+                    }
+                    return Ok(Command::BenchConformance);
+                }
                 Some("echo") => return parse_bench_echo(words),
                 Some("iperf") => return parse_bench_iperf(words),
                 _ => {
                     return Err(Error::Usage(format!(
-                        "`bench` needs `boot`, `echo`, `failover` or `iperf`\n\n{USAGE}"
+                        "`bench` needs `boot`, `conformance`, `echo`, `failover` or `iperf`\n\n{USAGE}"
                     )));
                 }
             }
@@ -492,6 +536,7 @@ mod tests {
             "bench echo --paths sriov",
             "bench echo --cycles 3",
             "bench failover --runs 3",
+            "bench conformance --runs 3",
             "test now",
             "deploy",
         ] {
@@ -557,6 +602,17 @@ mod tests {
         );
         assert!(parse_words("conformance a b").is_err());
         assert_eq!(
+            parse_words("fuzz --target acpi --cases 10 --seed 0x10").unwrap(),
+            Command::Fuzz(crate::fuzz::FuzzOptions {
+                targets: vec!["acpi".into()],
+                cases: Some(10),
+                seed: Some(16),
+                input: None,
+            })
+        );
+        assert!(parse_words("fuzz --cases 0").is_err());
+        assert!(parse_words("fuzz --bogus").is_err());
+        assert_eq!(
             parse_words("bench boot").unwrap(),
             Command::BenchBoot { runs: 5 }
         );
@@ -581,6 +637,10 @@ mod tests {
         assert_eq!(
             parse_words("bench failover").unwrap(),
             Command::BenchFailover { cycles: 5 }
+        );
+        assert_eq!(
+            parse_words("bench conformance").unwrap(),
+            Command::BenchConformance
         );
         assert_eq!(
             parse_words("bench failover --cycles=9").unwrap(),

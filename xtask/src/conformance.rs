@@ -109,9 +109,9 @@ fn rewritten_manifest(tree: &Path, out_dir: &Path) -> Result<PathBuf> {
     Ok(manifest)
 }
 
-/// Builds and runs the conformance tests; prints `conformance: N passed, M failed`. Returns
-/// whether everything passed (and at least one test ran).
-pub fn run(filter: Option<&str>) -> Result<bool> {
+/// The manifest to build, the target directory and the `protoc` to use; fails (saying how to
+/// get it) when the OpenVMM tree is missing.
+fn prepare() -> Result<(PathBuf, PathBuf, String)> {
     let tree = openvmm_dir();
     if !tree.join(PROBE_FILE).is_file() {
         return Err(Error::Tools(missing_tree_message(&tree)));
@@ -138,25 +138,27 @@ pub fn run(filter: Option<&str>) -> Result<bool> {
     let target_dir = std::env::var_os("TANDEM_CONFORMANCE_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| target.join("conformance"));
-    let mut args = vec![
-        "test".to_string(),
-        "--manifest-path".to_string(),
-        manifest.display().to_string(),
-        "--no-fail-fast".to_string(),
-    ];
-    if let Some(filter) = filter {
-        args.push("--".to_string());
-        args.push(filter.to_string());
-    }
-    eprintln!(
-        "xtask: === conformance (OpenVMM in-process): cargo {} ===",
-        args.join(" ")
-    );
     let protoc = crate::tools::find_program("protoc")
         .map(|path| path.display().to_string())
         .unwrap_or_else(|| "protoc".to_string());
+    Ok((manifest, target_dir, protoc))
+}
+
+/// Runs `cargo test` on the conformance crate with `args`; returns its status and stdout.
+fn cargo_test(args: &[String]) -> Result<(bool, String)> {
+    let (manifest, target_dir, protoc) = prepare()?;
+    let mut all = vec![
+        "test".to_string(),
+        "--manifest-path".to_string(),
+        manifest.display().to_string(),
+    ];
+    all.extend_from_slice(args);
+    eprintln!(
+        "xtask: === conformance (OpenVMM in-process): cargo {} ===",
+        all.join(" ")
+    );
     let output = image::cargo()
-        .args(&args)
+        .args(&all)
         .env("CARGO_TARGET_DIR", &target_dir)
         .env("PROTOC", protoc)
         .current_dir(image::workspace_root())
@@ -164,14 +166,55 @@ pub fn run(filter: Option<&str>) -> Result<bool> {
         .stderr(Stdio::inherit())
         .output()
         .map_err(|error| Error::io("starting cargo test for the conformance crate", error))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    Ok((
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    ))
+}
+
+/// Builds and runs the conformance tests; prints `conformance: N passed, M failed`. Returns
+/// whether everything passed (and at least one test ran).
+pub fn run(filter: Option<&str>) -> Result<bool> {
+    let mut args = vec!["--no-fail-fast".to_string()];
+    if let Some(filter) = filter {
+        args.push("--".to_string());
+        args.push(filter.to_string());
+    }
+    let (success, stdout) = cargo_test(&args)?;
     print!("{stdout}");
     let totals = parse_totals(&stdout);
     println!(
         "conformance: {} passed, {} failed",
         totals.passed, totals.failed
     );
-    Ok(output.status.success() && totals.failed == 0 && totals.passed > 0)
+    Ok(success && totals.failed == 0 && totals.passed > 0)
+}
+
+/// `cargo xtask bench conformance`: the in-process throughput benchmarks (netvsc against
+/// netvsp), built in release mode, one at a time; prints their `bench …` lines. Returns whether
+/// they ran and printed numbers.
+pub fn bench() -> Result<bool> {
+    let args: Vec<String> = [
+        "--release",
+        "--",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+        "bench",
+    ]
+    .iter()
+    .map(|arg| arg.to_string())
+    .collect();
+    let (success, stdout) = cargo_test(&args)?;
+    // With --nocapture the harness's `test … ` prefix can share a line with the first result.
+    let lines: Vec<&str> = stdout
+        .lines()
+        .filter_map(|line| line.find("bench ").map(|start| &line[start..]))
+        .collect();
+    for line in &lines {
+        println!("{line}");
+    }
+    Ok(success && !lines.is_empty())
 }
 
 #[cfg(test)]

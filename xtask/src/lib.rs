@@ -15,6 +15,7 @@ pub mod conformance;
 pub mod disk_image;
 pub mod error;
 pub mod exit;
+pub mod fuzz;
 pub mod image;
 pub mod machine;
 pub mod nested;

@@ -61,6 +61,7 @@ fn main() -> ExitCode {
             Ok(0)
         }
         cli::Command::Test => test(),
+        cli::Command::Fuzz(options) => xtask::fuzz::run_harness(&options.harness_args()),
         cli::Command::Conformance { filter } => {
             Ok(if xtask::conformance::run(filter.as_deref())? {
                 0
@@ -79,6 +80,7 @@ fn main() -> ExitCode {
             xtask::bench_echo::echo_benchmark(paths, runs)?;
             Ok(0)
         }
+        cli::Command::BenchConformance => Ok(if xtask::conformance::bench()? { 0 } else { 1 }),
         cli::Command::BenchFailover { cycles } => {
             tools::ensure_tools(&[tools::Tool::Qemu, tools::Tool::Ip])?;
             xtask::bench_failover::failover_benchmark(cycles)?;
@@ -229,6 +231,10 @@ fn test() -> Result<i32> {
         ],
     )? {
         failed.push("host unit tests");
+    }
+    let smoke = ["--cases".to_string(), xtask::fuzz::SMOKE_CASES.to_string()];
+    if xtask::fuzz::run_harness(&smoke)? != 0 {
+        failed.push("fuzz targets");
     }
     match xtask::conformance::run(None) {
         Ok(true) => {}

@@ -4,4 +4,6 @@
 //! `netvsp`, MANA against `gdma`, vPCI against `vpci`.
 
 mod guest_memory;
+mod mana;
+mod netvsc;
 mod vmbus_control;

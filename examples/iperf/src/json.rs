@@ -431,3 +431,91 @@ fn write_string(out: &mut String, text: &str) {
     }
     out.push('"');
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn number(text: &str) -> Option<f64> {
+        parse(text.as_bytes()).ok()?.as_number()
+    }
+
+    #[test]
+    fn an_iperf3_parameter_message_parses() {
+        let value =
+            parse(br#" {"tcp":true,"time":10,"parallel":4,"len":131072,"client_version":"3.12"} "#)
+                .unwrap();
+        assert_eq!(value.get("parallel").and_then(Value::as_number), Some(4.0));
+        assert_eq!(
+            value.get("client_version").and_then(Value::as_str),
+            Some("3.12")
+        );
+        assert_eq!(value.get("tcp"), Some(&Value::Bool(true)));
+        assert_eq!(value.get("missing"), None);
+    }
+
+    #[test]
+    fn numbers_and_strings_follow_rfc_8259() {
+        assert_eq!(number("-0.5e2"), Some(-50.0));
+        assert_eq!(number("0"), Some(0.0));
+        for bad in ["01", "1.", ".5", "+1", "1e", "--1", "0x10"] {
+            assert!(parse(bad.as_bytes()).is_err(), "{bad} accepted");
+        }
+        let text = parse(br#""a\"b\\c\/\n\u00e9\ud83d\ude00""#).unwrap();
+        assert_eq!(text.as_str(), Some("a\"b\\c/\né😀"));
+        for bad in [
+            &br#""\ud800""#[..],
+            br#""\x""#,
+            b"\"\x01\"",
+            b"\"open",
+            b"\"\xff\"",
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn exactly_one_value_and_bounded_nesting() {
+        assert!(parse(b"").is_err());
+        assert!(parse(b"{} {}").is_err());
+        assert!(parse(b"[1,]").is_err());
+        assert!(parse(br#"{"a":1,}"#).is_err());
+        let nested = |depth: usize| {
+            let mut text = "[".repeat(depth);
+            text.push_str(&"]".repeat(depth));
+            text
+        };
+        assert!(parse(nested(MAX_DEPTH).as_bytes()).is_ok());
+        assert!(matches!(
+            parse(nested(MAX_DEPTH + 1).as_bytes()),
+            Err(Error::Json { .. })
+        ));
+    }
+
+    #[test]
+    fn what_the_writer_writes_parses_back() {
+        let mut out = String::new();
+        let mut writer = ObjectWriter::new(&mut out);
+        writer
+            .integer("id", -3)
+            .number("x", 1.25)
+            .string("s", "q\"\\\n\u{1}é");
+        writer.array("a", |array| {
+            array.object(|object| {
+                object.integer("n", 7);
+            })
+        });
+        writer.finish();
+        let value = parse(out.as_bytes()).unwrap();
+        assert_eq!(value.get("id").and_then(Value::as_number), Some(-3.0));
+        assert_eq!(value.get("x").and_then(Value::as_number), Some(1.25));
+        assert_eq!(
+            value.get("s").and_then(Value::as_str),
+            Some("q\"\\\n\u{1}é")
+        );
+        let Some(Value::Array(items)) = value.get("a") else {
+            panic!("no array in {out}");
+        };
+        assert_eq!(items[0].get("n").and_then(Value::as_number), Some(7.0));
+    }
+}

@@ -8,31 +8,25 @@
 
 extern crate alloc;
 
-mod error;
-mod json;
-mod protocol;
-mod server;
-
 use core::ops::ControlFlow;
 
-use server::Server;
+use iperf::options::{Options, RawMode};
+use iperf::server::{self, Server};
 
 guest_kernel::app!(main);
 
-/// The iperf3 default port.
-const DEFAULT_PORT: u16 = 5201;
 /// Longest the app keeps the event loop while it waits for paced sends and traffic arrives.
 const PACING_SLICE_NS: u64 = 10_000_000;
 
 fn main() -> i32 {
-    let port = match guest_kernel::cmdline_value("iperf.port").map(str::parse::<u16>) {
-        None => DEFAULT_PORT,
-        Some(Ok(port)) if port != 0 => port,
-        Some(_) => {
+    let options = match Options::from_cmdline(guest_kernel::cmdline_value) {
+        Ok(options) => options,
+        Err(_) => {
             log::error!("iperf: iperf.port must be a port number 1-65535");
             return 2;
         }
     };
+    let port = options.port;
     let mut stack = match guest_kernel::net::bring_up() {
         Ok(stack) => stack,
         Err(error) => {
@@ -40,10 +34,10 @@ fn main() -> i32 {
             return 3;
         }
     };
-    match guest_kernel::cmdline_value("iperf.raw") {
-        Some("tx") => return raw_transmit(&mut stack),
-        Some("rx") => return raw_receive(&mut stack),
-        _ => {}
+    match options.raw {
+        Some(RawMode::Transmit) => return raw_transmit(&mut stack),
+        Some(RawMode::Receive) => return raw_receive(&mut stack),
+        None => {}
     }
     let mut server = match Server::new(&mut stack, port) {
         Ok(server) => server,

@@ -148,12 +148,62 @@ struct Test {
     /// Connections accepted during stream setup whose cookie is not complete yet, in accept
     /// order.
     pending: Vec<PendingStream>,
+    /// The stack's receive counters when the test was set up.
+    receive_start: ReceiveCounters,
     /// The omit period ends then (statistics restart).
     omit_until_ns: Option<u64>,
     /// `--bidir` over TCP: which streams the client sends on is not known yet (see
     /// [`Test::detect_roles`]); until then every stream only receives. Role detection gives up
     /// and falls back to accept order at this time.
     roles_pending_until_ns: Option<u64>,
+}
+
+/// What the stack counted on receive, to report the cost per frame of a test.
+#[derive(Clone, Copy)]
+struct ReceiveCounters {
+    /// Frames the drivers delivered.
+    frames: u64,
+    /// Guest time spent receiving them (`NetStats::receive_ns`), and the part before smoltcp.
+    receive_ns: u64,
+    receive_device_ns: u64,
+    /// Frames the bond sent (while receiving: ACKs).
+    sent_frames: u64,
+    /// Segments that went into merged frames, and those frames.
+    segments_merged: u64,
+    merged_frames: u64,
+}
+
+impl ReceiveCounters {
+    fn of(stack: &NetStack) -> ReceiveCounters {
+        let stats = stack.stats();
+        ReceiveCounters {
+            frames: stats.bond.total.device.rx_frames,
+            receive_ns: stats.receive_ns,
+            receive_device_ns: stats.receive_device_ns,
+            sent_frames: stats.bond.total.bond.tx_frames,
+            segments_merged: stats.bond.coalesce.segments_merged,
+            merged_frames: stats.bond.coalesce.merged_frames,
+        }
+    }
+
+    /// `rx_frames=N tx_frames=M rx_ns_per_frame=T rx_device_ns_per_frame=D rx_merged=S/F`
+    /// over the time since `start`.
+    fn since(&self, start: &ReceiveCounters) -> String {
+        let frames = self.frames.saturating_sub(start.frames);
+        let receive_ns = self.receive_ns.saturating_sub(start.receive_ns);
+        let device_ns = self
+            .receive_device_ns
+            .saturating_sub(start.receive_device_ns);
+        format!(
+            "rx_frames={frames} tx_frames={} rx_ns_per_frame={} rx_device_ns_per_frame={} \
+             rx_merged={}/{}",
+            self.sent_frames.saturating_sub(start.sent_frames),
+            receive_ns.checked_div(frames).unwrap_or(0),
+            device_ns.checked_div(frames).unwrap_or(0),
+            self.segments_merged.saturating_sub(start.segments_merged),
+            self.merged_frames.saturating_sub(start.merged_frames)
+        )
+    }
 }
 
 struct PendingStream {
@@ -574,6 +624,7 @@ impl Server {
                 pending: Vec::new(),
                 omit_until_ns: None,
                 roles_pending_until_ns: None,
+                receive_start: ReceiveCounters::of(stack),
             });
             send_control(stack, control, &[state::CREATE_STREAMS])?;
             session.phase = Phase::CreateStreams;
@@ -935,7 +986,11 @@ impl Server {
             refuse(stack, pending.stream);
         }
         let results = test.results();
-        let summary = test.summary_line();
+        let summary = format!(
+            "{} {}",
+            test.summary_line(),
+            ReceiveCounters::of(stack).since(&test.receive_start)
+        );
         log::info!("iperf: test done: {summary}");
         self.counters.tests_completed += 1;
         let output = test.params.get_server_output.then(|| {

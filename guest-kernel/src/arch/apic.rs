@@ -1,12 +1,9 @@
 //! The local APIC (xAPIC MMIO mode): enable, end-of-interrupt, one-shot timer.
 
 use net_device::RegisterIo;
+use x86_64::registers::model_specific::{ApicBase, ApicBaseFlags};
 
-use super::cpu;
 use crate::mm::mmio::MmioRegion;
-
-const IA32_APIC_BASE: u32 = 0x1b;
-const APIC_BASE_ENABLE: u64 = 1 << 11;
 
 /// Local APIC ID register.
 const REG_ID: usize = 0x20;
@@ -65,11 +62,10 @@ pub fn init(spurious_vector: u8, pic_base: u8) {
         outb(0x21, 0xff);
         outb(0xa1, 0xff);
     }
-    // SAFETY: IA32_APIC_BASE exists on every x86_64 CPU.
-    let base_msr = unsafe { cpu::rdmsr(IA32_APIC_BASE) };
+    let (frame, flags) = ApicBase::read();
     // SAFETY: setting the global enable bit keeps the base address unchanged.
-    unsafe { cpu::wrmsr(IA32_APIC_BASE, base_msr | APIC_BASE_ENABLE) };
-    let base = base_msr & 0x000f_ffff_ffff_f000;
+    unsafe { ApicBase::write(frame, flags | ApicBaseFlags::LAPIC_ENABLE) };
+    let base = frame.start_address().as_u64();
     match MmioRegion::map(base, 4096) {
         Ok(region) => {
             REGISTERS.call_once(|| region);

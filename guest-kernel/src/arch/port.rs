@@ -1,18 +1,18 @@
-//! x86 port I/O instructions.
+//! x86 port I/O, as thin names over the `x86_64` crate's port traits.
+//!
+//! The crate's `in`/`out` are `nomem`: sound here, because no port we drive (UART, PIC, PIT,
+//! ACPI PM1, CF8/CFC config space, debug exit) starts a DMA that would read memory written
+//! just before; doorbells that do are MMIO, written volatile.
 
-use core::arch::asm;
+use x86_64::instructions::port::{PortRead, PortWrite};
 
 /// Reads a byte from an I/O port.
 ///
 /// # Safety
 /// Port reads can have side effects on devices; the caller must own the device at `port`.
 pub unsafe fn inb(port: u16) -> u8 {
-    let value: u8;
-    // SAFETY: the caller guarantees the port access is valid; `in` touches no memory.
-    unsafe {
-        asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
-    };
-    value
+    // SAFETY: the caller guarantees the port access is valid.
+    unsafe { u8::read_from_port(port) }
 }
 
 /// Writes a byte to an I/O port.
@@ -20,10 +20,8 @@ pub unsafe fn inb(port: u16) -> u8 {
 /// # Safety
 /// Port writes change device state; the caller must own the device at `port`.
 pub unsafe fn outb(port: u16, value: u8) {
-    // SAFETY: the caller guarantees the port access is valid; `out` touches no memory.
-    unsafe {
-        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
-    };
+    // SAFETY: the caller guarantees the port access is valid.
+    unsafe { u8::write_to_port(port, value) }
 }
 
 /// Reads a 16-bit word from an I/O port.
@@ -31,12 +29,8 @@ pub unsafe fn outb(port: u16, value: u8) {
 /// # Safety
 /// As for [`inb`].
 pub unsafe fn inw(port: u16) -> u16 {
-    let value: u16;
     // SAFETY: as for inb.
-    unsafe {
-        asm!("in ax, dx", in("dx") port, out("ax") value, options(nomem, nostack, preserves_flags))
-    };
-    value
+    unsafe { u16::read_from_port(port) }
 }
 
 /// Writes a 16-bit word to an I/O port.
@@ -45,9 +39,7 @@ pub unsafe fn inw(port: u16) -> u16 {
 /// As for [`outb`].
 pub unsafe fn outw(port: u16, value: u16) {
     // SAFETY: as for outb.
-    unsafe {
-        asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags))
-    };
+    unsafe { u16::write_to_port(port, value) }
 }
 
 /// Reads a 32-bit word from an I/O port.
@@ -55,12 +47,8 @@ pub unsafe fn outw(port: u16, value: u16) {
 /// # Safety
 /// As for [`inb`].
 pub unsafe fn inl(port: u16) -> u32 {
-    let value: u32;
     // SAFETY: as for inb.
-    unsafe {
-        asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
-    };
-    value
+    unsafe { u32::read_from_port(port) }
 }
 
 /// Writes a 32-bit word to an I/O port.
@@ -69,7 +57,5 @@ pub unsafe fn inl(port: u16) -> u32 {
 /// As for [`outb`].
 pub unsafe fn outl(port: u16, value: u32) {
     // SAFETY: as for outb.
-    unsafe {
-        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
-    };
+    unsafe { u32::write_to_port(port, value) }
 }

@@ -8,7 +8,7 @@
 //! on the host against byte arrays in unit tests. Everything is copied into fixed-size,
 //! owned structures: the loader's memory is not trusted to stay intact once we allocate.
 
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "host")))]
 pub mod entry;
 
 use core::fmt;

@@ -55,6 +55,13 @@ impl RegisterIo for MmioRegion {
         }
     }
 
+    fn write64(&self, offset: usize, value: u64) {
+        if self.in_bounds(offset, 8) {
+            // SAFETY: as for read32; one 8-byte access (MANA doorbells need it whole).
+            unsafe { core::ptr::write_volatile((self.base as usize + offset) as *mut u64, value) }
+        }
+    }
+
     fn read16(&self, offset: usize) -> u16 {
         if !self.in_bounds(offset, 2) {
             return u16::MAX;

@@ -5,11 +5,11 @@
 //! that is what makes heap and frame memory DMA-able without translation.
 
 pub mod frames;
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "host")))]
 pub mod heap;
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "host")))]
 pub mod mmio;
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "host")))]
 pub mod paging;
 
 use crate::boot::{MemoryRegion, RegionKind};

@@ -7,18 +7,18 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use spin::Mutex;
+use x86_64::structures::paging::mapper::{MapToError, Mapper};
+use x86_64::structures::paging::{
+    FrameAllocator as TableFrameSource, OffsetPageTable, Page, PageSize, PageTable, PageTableFlags,
+    PhysFrame, Size2MiB, Size4KiB,
+};
+use x86_64::{PhysAddr, VirtAddr};
 
 use super::{PAGE_SIZE, frames::FrameAllocator};
 use crate::arch::cpu;
 use crate::error::KernelError;
 
-const PRESENT: u64 = 1 << 0;
-const WRITABLE: u64 = 1 << 1;
-const WRITE_THROUGH: u64 = 1 << 3;
-const CACHE_DISABLE: u64 = 1 << 4;
-const HUGE_PAGE: u64 = 1 << 7;
-const ADDRESS_MASK: u64 = 0x000f_ffff_ffff_f000;
-const LARGE_PAGE: u64 = 2 << 20;
+const LARGE_PAGE: u64 = Size2MiB::SIZE;
 
 /// How a mapping is cached.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -32,103 +32,98 @@ pub enum Cacheability {
 static ROOT: AtomicU64 = AtomicU64::new(0);
 static LOCK: Mutex<()> = Mutex::new(());
 
-fn table(physical: u64) -> *mut u64 {
-    physical as *mut u64
-}
+/// Page-table frames come from the DMA frame pool (identity-mapped RAM).
+struct TableFrames<'a>(&'a mut FrameAllocator);
 
-fn new_table(frames: &mut FrameAllocator) -> Result<u64, KernelError> {
-    let Some(physical) = frames.allocate(1, 1) else {
-        log::error!(
-            "page tables: DMA frame pool exhausted ({} of {} frames free)",
-            frames.free_frames(),
-            frames.total_frames()
-        );
-        return Err(KernelError::OutOfMemory {
-            purpose: "page tables",
-        });
-    };
-    // SAFETY: the frame was just allocated for us and is identity-mapped RAM (the pool lies in
-    // memory both the boot tables and ours map).
-    unsafe { core::ptr::write_bytes(physical as *mut u8, 0, PAGE_SIZE as usize) };
-    Ok(physical)
-}
-
-/// Returns the next-level table for `index` of `parent`, creating it when absent. `None` when
-/// the entry is a large page (the range is already mapped).
-fn next_table(
-    parent: u64,
-    index: usize,
-    frames: &mut FrameAllocator,
-) -> Result<Option<u64>, KernelError> {
-    // SAFETY: `parent` is a page-table frame we own; index < 512.
-    let entry = unsafe { table(parent).add(index) };
-    // SAFETY: as above; page tables are only modified under LOCK.
-    let value = unsafe { entry.read_volatile() };
-    if value & PRESENT != 0 {
-        if value & HUGE_PAGE != 0 {
-            return Ok(None);
-        }
-        return Ok(Some(value & ADDRESS_MASK));
+// SAFETY: every frame handed out is a fresh, unused 4 KiB frame of identity-mapped RAM that
+// nothing else owns (the pool never hands a frame out twice).
+unsafe impl TableFrameSource<Size4KiB> for TableFrames<'_> {
+    fn allocate_frame(&mut self) -> Option<PhysFrame<Size4KiB>> {
+        let frames = &mut *self.0;
+        let Some(physical) = frames.allocate(1, 1) else {
+            log::error!(
+                "page tables: DMA frame pool exhausted ({} of {} frames free)",
+                frames.free_frames(),
+                frames.total_frames()
+            );
+            return None;
+        };
+        Some(PhysFrame::containing_address(PhysAddr::new(physical)))
     }
-    let child = new_table(frames)?;
-    // SAFETY: as above.
-    unsafe { entry.write_volatile(child | PRESENT | WRITABLE) };
-    Ok(Some(child))
+}
+
+fn out_of_memory() -> KernelError {
+    KernelError::OutOfMemory {
+        purpose: "page tables",
+    }
+}
+
+/// The identity-mapped tables rooted at `root`.
+///
+/// # Safety
+/// `root` must be a PML4 frame of ours, all page-table frames identity-mapped, and the caller
+/// must hold LOCK for as long as the result lives.
+unsafe fn tables(root: u64) -> OffsetPageTable<'static> {
+    // SAFETY: caller contract: the frame is a page table nobody else references meanwhile, and
+    // a physical-memory offset of zero is exactly the identity map.
+    unsafe { OffsetPageTable::new(&mut *(root as *mut PageTable), VirtAddr::zero()) }
 }
 
 fn map_locked(
-    root: u64,
+    tables: &mut OffsetPageTable<'_>,
     start: u64,
     end: u64,
     cacheability: Cacheability,
     frames: &mut FrameAllocator,
 ) -> Result<(), KernelError> {
-    let attributes = PRESENT
-        | WRITABLE
+    let flags = PageTableFlags::PRESENT
+        | PageTableFlags::WRITABLE
         | match cacheability {
-            Cacheability::WriteBack => 0,
-            Cacheability::Uncached => WRITE_THROUGH | CACHE_DISABLE,
+            Cacheability::WriteBack => PageTableFlags::empty(),
+            Cacheability::Uncached => PageTableFlags::WRITE_THROUGH | PageTableFlags::NO_CACHE,
         };
+    // Identity mapping needs canonical virtual addresses, i.e. below 128 TiB.
+    if end > 1 << 47 {
+        return Err(KernelError::BadMapping {
+            phys: start,
+            len: end.saturating_sub(start),
+        });
+    }
+    let mut frames = TableFrames(frames);
     let mut address = start / PAGE_SIZE * PAGE_SIZE;
     let end = end.div_ceil(PAGE_SIZE) * PAGE_SIZE;
     while address < end {
-        let pml4_index = ((address >> 39) & 511) as usize;
-        let pdpt_index = ((address >> 30) & 511) as usize;
-        let pd_index = ((address >> 21) & 511) as usize;
-        let pt_index = ((address >> 12) & 511) as usize;
-        let Some(pdpt) = next_table(root, pml4_index, frames)? else {
-            address = (address | ((1 << 39) - 1)) + 1;
-            continue;
-        };
-        let Some(pd) = next_table(pdpt, pdpt_index, frames)? else {
-            address = (address | ((1 << 30) - 1)) + 1;
-            continue;
-        };
-        // SAFETY: pd is a page-table frame; pd_index < 512; modified only under LOCK.
-        let pd_entry = unsafe { table(pd).add(pd_index) };
-        // SAFETY: as above.
-        let pd_value = unsafe { pd_entry.read_volatile() };
-        let large_fits = address.is_multiple_of(LARGE_PAGE) && address + LARGE_PAGE <= end;
         // Large pages for whole 2 MiB stretches of either kind: the 256 MiB ECAM window
         // alone would otherwise take 128 page tables out of a small VM's frame pool.
-        if pd_value & PRESENT == 0 && large_fits {
-            // SAFETY: as above.
-            unsafe { pd_entry.write_volatile(address | attributes | HUGE_PAGE) };
-            cpu::invalidate_page(address);
-            address += LARGE_PAGE;
-            continue;
+        if address.is_multiple_of(LARGE_PAGE) && address + LARGE_PAGE <= end {
+            let page = Page::<Size2MiB>::containing_address(VirtAddr::new(address));
+            let frame = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(address));
+            // SAFETY: an identity mapping of a range nothing maps yet (the entry is unused, else
+            // the crate refuses); the caller asked for exactly this range.
+            match unsafe { tables.map_to(page, frame, flags, &mut frames) } {
+                Ok(flush) => {
+                    flush.flush();
+                    address += LARGE_PAGE;
+                    continue;
+                }
+                Err(MapToError::FrameAllocationFailed) => return Err(out_of_memory()),
+                // Already a large page or a page table: the 4 KiB path below sorts it out.
+                Err(MapToError::PageAlreadyMapped(_) | MapToError::ParentEntryHugePage) => {}
+            }
         }
-        let Some(pt) = next_table(pd, pd_index, frames)? else {
-            address = (address | (LARGE_PAGE - 1)) + 1;
-            continue;
-        };
-        // SAFETY: pt is a page-table frame; pt_index < 512; modified only under LOCK.
-        let pt_entry = unsafe { table(pt).add(pt_index) };
+        let page = Page::<Size4KiB>::containing_address(VirtAddr::new(address));
+        let frame = PhysFrame::<Size4KiB>::containing_address(PhysAddr::new(address));
         // SAFETY: as above.
-        if unsafe { pt_entry.read_volatile() } & PRESENT == 0 {
-            // SAFETY: as above.
-            unsafe { pt_entry.write_volatile(address | attributes) };
-            cpu::invalidate_page(address);
+        match unsafe { tables.map_to(page, frame, flags, &mut frames) } {
+            Ok(flush) => flush.flush(),
+            Err(MapToError::FrameAllocationFailed) => return Err(out_of_memory()),
+            // Pages already mapped keep their mapping.
+            Err(MapToError::PageAlreadyMapped(_)) => {}
+            // Inside a large page (we never make 1 GiB ones): the rest of it is mapped.
+            Err(MapToError::ParentEntryHugePage) => {
+                address = (address | (LARGE_PAGE - 1)) + 1;
+                continue;
+            }
         }
         address += PAGE_SIZE;
     }
@@ -144,10 +139,19 @@ pub unsafe fn init(
     frames: &mut FrameAllocator,
 ) -> Result<(), KernelError> {
     let _guard = LOCK.lock();
-    let root = new_table(frames)?;
+    let root = TableFrames(frames)
+        .allocate_frame()
+        .ok_or_else(out_of_memory)?
+        .start_address()
+        .as_u64();
+    // SAFETY: the frame was just allocated for us and is identity-mapped RAM (the pool lies in
+    // memory both the boot tables and ours map).
+    unsafe { (*(root as *mut PageTable)).zero() };
+    // SAFETY: `root` is the PML4 just made; LOCK is held until `tables` is gone.
+    let mut tables = unsafe { tables(root) };
     for range in ram {
         map_locked(
-            root,
+            &mut tables,
             range.start,
             range.end,
             Cacheability::WriteBack,
@@ -181,5 +185,7 @@ pub fn map(start: u64, len: u64, cacheability: Cacheability) -> Result<(), Kerne
     }
     let _guard = LOCK.lock();
     let mut frames = super::heap::FRAMES.lock();
-    map_locked(root, start, end, cacheability, &mut frames)
+    // SAFETY: ROOT is our PML4 (set by `init`); LOCK is held until `tables` is gone.
+    let mut tables = unsafe { tables(root) };
+    map_locked(&mut tables, start, end, cacheability, &mut frames)
 }

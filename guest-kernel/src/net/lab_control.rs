@@ -78,7 +78,12 @@ pub fn stats_line(stack: &NetStack) -> String {
          switches_to_vf={} switches_to_synthetic={} duplicates_dropped={} bad_frames_dropped={} \
          tcp_accepted={} vf_hardware_rx={} vf_hardware_tx={} vf_driver_rx={} vf_driver_tx={} \
          synthetic_hardware_rx={} synthetic_hardware_tx={} synthetic_driver_rx={} synthetic_driver_tx={} \
-         synthetic_tx_tso={} synthetic_tx_soft_segmented={} vf_tx_tso={} vf_tx_soft_segmented={}",
+         synthetic_tx_tso={} synthetic_tx_soft_segmented={} vf_tx_tso={} vf_tx_soft_segmented={} \
+         rx_segments_merged={} rx_merged_frames={} rx_merge_refused_flags={} \
+         rx_merge_refused_no_payload={} rx_merge_refused_out_of_order={} \
+         rx_merge_refused_ip_options={} rx_merge_refused_header={} rx_merge_refused_tcp_options={} \
+         rx_merge_refused_size={} rx_merge_refused_memory={} rx_merge_refused_malformed={} \
+         rx_receive_ns={}",
         bond.active,
         bond.total.bond.rx_frames,
         bond.total.bond.tx_frames,
@@ -105,5 +110,17 @@ pub fn stats_line(stack: &NetStack) -> String {
             + bond.vf_retired.bond.tx_offloaded_segmentation,
         vf.map_or(0, |vf| vf.bond.tx_software_segmentation)
             + bond.vf_retired.bond.tx_software_segmentation,
+        bond.coalesce.segments_merged,
+        bond.coalesce.merged_frames,
+        bond.coalesce.refused_flags,
+        bond.coalesce.refused_no_payload,
+        bond.coalesce.refused_out_of_order,
+        bond.coalesce.refused_ip_options,
+        bond.coalesce.refused_header_mismatch,
+        bond.coalesce.refused_tcp_options,
+        bond.coalesce.refused_size,
+        bond.coalesce.refused_memory,
+        bond.coalesce.refused_malformed,
+        stats.receive_ns,
     )
 }

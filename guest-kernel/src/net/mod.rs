@@ -11,7 +11,7 @@ use alloc::vec::Vec;
 use core::ops::ControlFlow;
 
 use net_device::MacAddress;
-use net_stack::{NetConfig, NetStack, Platform};
+use net_stack::{NetConfig, NetStack, Platform, StackOptions};
 use netvsc_fallback::{
     MsixVectors, VirtioNet, VirtioNetConfig, VirtioPciCapabilityType, VirtioPciRegions,
     parse_virtio_pci_capability,
@@ -207,11 +207,10 @@ pub fn bring_up() -> Result<NetStack, KernelError> {
                 log::warn!(
                     "net: no virtio-net device: the VF alone carries the interface, without failover"
                 );
-                NetStack::new(config, vf, Box::new(KernelPlatform)).map_err(|error| {
-                    KernelError::Network {
+                NetStack::with_options(config, vf, Box::new(KernelPlatform), stack_options())
+                    .map_err(|error| KernelError::Network {
                         reason: error.to_string(),
-                    }
-                })
+                    })
             }
             None => Err(KernelError::NoNetworkDevice {
                 reason: if crate::hyperv::detect().is_some() {
@@ -225,14 +224,24 @@ pub fn bring_up() -> Result<NetStack, KernelError> {
     };
     let synthetic = start_virtio_net(&mut pci, address)?;
     let mut stack =
-        NetStack::new(config, synthetic, Box::new(KernelPlatform)).map_err(|error| {
-            KernelError::Network {
+        NetStack::with_options(config, synthetic, Box::new(KernelPlatform), stack_options())
+            .map_err(|error| KernelError::Network {
                 reason: error.to_string(),
-            }
-        })?;
+            })?;
     *PCI.lock() = Some(pci);
     attach_vf_if_present(&mut stack);
     Ok(stack)
+}
+
+/// The stack's options: the defaults, except receive coalescing off with `net.coalesce=off`
+/// (to measure what it brings).
+fn stack_options() -> StackOptions {
+    let mut options = StackOptions::default();
+    if crate::cmdline_value("net.coalesce") == Some("off") {
+        log::info!("net: receive coalescing off (net.coalesce=off)");
+        options.bond.rx_coalescing = false;
+    }
+    options
 }
 
 /// The MAC the lab PF gives a VF that has no synthetic partner (`igb.vf_mac=` overrides it).

@@ -19,11 +19,11 @@ mod resources;
 pub mod sriov;
 mod tree;
 
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "host")))]
 pub mod ecam;
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "host")))]
 mod platform;
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "host")))]
 pub mod port_io;
 
 #[cfg(test)]
@@ -44,11 +44,11 @@ pub use msix::MsixTable;
 pub use resources::AssignmentReport;
 pub use sriov::SriovState;
 
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "host")))]
 pub use ecam::Ecam;
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "host")))]
 pub use platform::{Pci, PlatformConfig, init};
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "host")))]
 pub use port_io::PortIo;
 
 use crate::error::{KernelError, PciErrorKind};

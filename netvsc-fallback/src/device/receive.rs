@@ -25,7 +25,9 @@ enum BadReceive {
     LengthBeyondBuffer,
     /// The first buffer of a frame is shorter than the virtio-net header.
     ShorterThanHeader,
-    /// `num_buffers` is 0 or more than the buffers the device holds.
+    /// `num_buffers` is 0, more than the buffers the device holds, more than the longest
+    /// frame needs, or more than 1 while the first buffer is not full (§5.1.6.3.2: all buffers
+    /// but the last are used completely).
     ImpossibleBufferCount,
     /// The merged frame is longer than any frame the device may deliver.
     FrameTooLong,
@@ -335,7 +337,13 @@ impl<R: RegisterIo, D: DmaAllocator> VirtioNet<R, D> {
         } else {
             1
         };
-        if buffer_count == 0 || usize::from(buffer_count) > held {
+        // A lying count would otherwise swallow the next frames as continuation buffers.
+        let buffer_size = self.config.rx_buffer_size;
+        let most_buffers = (self.max_rx_frame + NET_HEADER_LEN).div_ceil(buffer_size);
+        if buffer_count == 0
+            || usize::from(buffer_count) > held.min(most_buffers)
+            || (buffer_count > 1 && head_len < buffer_size)
+        {
             self.rx.queue.consume_used(1);
             self.drop_receive(BadReceive::ImpossibleBufferCount, first);
             return Step::Consumed {
