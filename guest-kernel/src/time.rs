@@ -73,8 +73,9 @@ impl core::fmt::Display for Calibration {
 }
 
 const PIT_HZ: u64 = 1_193_182;
-/// TSC ticks after which PIT calibration gives up (2^31: 0.4 s at 5 GHz, 2 s at 1 GHz).
-const CALIBRATION_TSC_LIMIT: u64 = 1 << 31;
+/// TSC ticks after which PIT calibration gives up (2^33: 1.7 s at 5 GHz, 8.6 s at 1 GHz; far
+/// beyond the 10 ms a counting PIT needs, even on a host that deschedules the vCPU).
+const CALIBRATION_TSC_LIMIT: u64 = 1 << 33;
 const CALIBRATION_MS: u64 = 10;
 /// Samples in a row with the same PIT count after which there is no PIT: a real one changes
 /// every 0.84 us and one sample takes microseconds, so 1000 unchanged ones mean nothing counts.
@@ -259,7 +260,7 @@ fn calibrate_with_pit() -> Option<(u64, u64)> {
         let sample = read_pit_sample();
         // Each sample is a few port exits; where exits are slow (nested virtualisation) the
         // step count alone would wait for hours on a PIT that does not count, so the TSC
-        // bounds the wait too (about a second at any plausible TSC rate).
+        // bounds the wait too (seconds at any plausible TSC rate).
         if sample.tsc.wrapping_sub(first.tsc) > CALIBRATION_TSC_LIMIT {
             break;
         }

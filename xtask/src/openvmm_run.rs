@@ -218,14 +218,23 @@ fn run_direct(spec: &GuestSpec) -> Result<Outcome> {
             std::env::var("OPENVMM_LOG")
                 .unwrap_or_else(|_| openvmm::DEFAULT_LOG_FILTER.to_string()),
         )
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|error| Error::Environment(format!("starting {}: {error}", binary.display())))?;
-    let lines = child
+    // The guest console is OpenVMM's stderr, or `script`'s stdout when it lends the terminal.
+    let stdout = child
+        .stdout
+        .take()
+        .map(|pipe| std::thread::spawn(move || tee_lines(pipe, std::io::stdout())));
+    let mut lines = child
         .stderr
         .take()
         .map(|pipe| tee_lines(pipe, std::io::stderr()))
         .unwrap_or_default();
+    if let Some(thread) = stdout {
+        lines.extend(thread.join().unwrap_or_default());
+    }
     let status = child
         .wait()
         .map_err(|error| Error::io("waiting for openvmm", error))?;

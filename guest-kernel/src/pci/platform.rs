@@ -80,7 +80,8 @@ pub fn init() -> Result<Pci, KernelError> {
 }
 
 /// ECAM from MCFG (segment 0); else the q35 MCH's PCIEXBAR if enabled; else port I/O. The
-/// ECAM mapping is cross-checked against port I/O on 00:00.0 before it is trusted.
+/// ECAM mapping is cross-checked against port I/O on 00:00.0 before it is trusted, unless
+/// port I/O has no config space at all.
 fn choose_access() -> (PlatformConfig, RootResources) {
     let mut root = RootResources::q35();
     let ports = PortIo::new();
@@ -100,7 +101,13 @@ fn choose_access() -> (PlatformConfig, RootResources) {
     };
     if let Some((base, bus_start, bus_end, source)) = from_mcfg.or_else(from_q35) {
         match Ecam::new(base, bus_start, bus_end) {
-            Ok(ecam) if bus_start != 0 || ecam.read32(host_bridge, reg::VENDOR_ID) == host_id => {
+            // Port I/O reading all-ones means ECAM is the only config access (OpenVMM's PCIe
+            // root complex), so there is nothing to cross-check against.
+            Ok(ecam)
+                if bus_start != 0
+                    || host_id == u32::MAX
+                    || ecam.read32(host_bridge, reg::VENDOR_ID) == host_id =>
+            {
                 log::info!(
                     "pci: ECAM at {base:#x} buses {bus_start:02x}-{bus_end:02x} (from {source})"
                 );
