@@ -183,8 +183,17 @@ mod tests {
 
     #[test]
     fn virtio_net_wins_then_vmbus_when_allowed() {
-        let vmbus =
-            Privileges::ACCESS_SYNIC | Privileges::POST_MESSAGES | Privileges::SIGNAL_EVENTS;
+        let vmbus = Privileges::ACCESS_SYNIC
+            | Privileges::ACCESS_HYPERCALL
+            | Privileges::POST_MESSAGES
+            | Privileges::SIGNAL_EVENTS;
+        // What OpenVMM's KVM backend grants (0x87f): no PostMessages/SignalEvents bits, yet
+        // both hypercalls work there.
+        let openvmm = Privileges::from_bits_truncate(0x87f);
+        assert_eq!(
+            synthetic_plan(false, Some(&hyper_v(openvmm))),
+            SyntheticPlan::Netvsc
+        );
         assert_eq!(
             synthetic_plan(true, Some(&hyper_v(vmbus))),
             SyntheticPlan::VirtioNet,

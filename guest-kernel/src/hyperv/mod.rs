@@ -184,11 +184,13 @@ impl HyperV {
             .contains(Privileges::ACCESS_PARTITION_REFERENCE_TSC)
     }
 
-    /// True when the partition may use VMBus (the synthetic NIC, netvsc, needs it).
+    /// True when the partition may use VMBus (the synthetic NIC, netvsc, needs it): SynIC and
+    /// hypercall MSRs. The PostMessages/SignalEvents bits are not required: OpenVMM's KVM backend
+    /// leaves them clear while both hypercalls work, and Linux never checks them; a hypervisor
+    /// that really refuses answers the hypercall with access denied, which bring-up reports.
     pub fn has_vmbus(&self) -> bool {
-        self.privileges.contains(
-            Privileges::ACCESS_SYNIC | Privileges::POST_MESSAGES | Privileges::SIGNAL_EVENTS,
-        )
+        self.privileges
+            .contains(Privileges::ACCESS_SYNIC | Privileges::ACCESS_HYPERCALL)
     }
 }
 

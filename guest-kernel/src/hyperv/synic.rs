@@ -111,12 +111,10 @@ fn refused(step: &'static str, reason: &str) -> KernelError {
 
 impl Synic {
     /// Enables everything VMBus needs on the boot CPU. Fails (changing nothing) unless the
-    /// partition may use the SynIC, the hypercall MSRs, post messages and signal events.
+    /// partition may use the SynIC and the hypercall MSRs (see [`HyperV::has_vmbus`] for why the
+    /// post-message and signal-event bits are not required).
     pub fn enable(hyper_v: &HyperV) -> Result<Synic, KernelError> {
-        let needed = Privileges::ACCESS_SYNIC
-            | Privileges::ACCESS_HYPERCALL
-            | Privileges::POST_MESSAGES
-            | Privileges::SIGNAL_EVENTS;
+        let needed = Privileges::ACCESS_SYNIC | Privileges::ACCESS_HYPERCALL;
         if !hyper_v.privileges.contains(needed) {
             return Err(refused(
                 "privileges",

@@ -226,8 +226,8 @@ pub fn bring_up() -> Result<NetStack, KernelError> {
                 }
                 None => Err(KernelError::NoNetworkDevice {
                     reason: if plan == SyntheticPlan::VmbusNotAllowed {
-                        "this is Hyper-V, but the partition may not use VMBus (SynIC, post \
-                         message or signal event privilege missing); no VF either"
+                        "this is Hyper-V, but the partition may not use VMBus (SynIC or \
+                         hypercall privilege missing); no VF either"
                     } else {
                         "no virtio-net device (1af4:1041), no Hyper-V VMBus and no usable VF"
                     },
