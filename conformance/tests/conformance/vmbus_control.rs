@@ -180,7 +180,10 @@ fn open_channel_carries_nvsp_init_and_close_releases_the_rings() {
     // packet can be read before the interrupt is counted.
     let start = Instant::now();
     while host.bridge().counters().host_interrupts < 1 {
-        assert!(start.elapsed() < WAIT, "the host never interrupted the guest");
+        assert!(
+            start.elapsed() < WAIT,
+            "the host never interrupted the guest"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 

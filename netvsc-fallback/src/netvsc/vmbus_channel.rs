@@ -22,6 +22,10 @@ pub trait VmbusChannelControl {
     fn wait(&mut self, relid: u32, deadline_ns: u64);
     /// True once the host rescinded `relid`.
     fn is_rescinded(&self, relid: u32) -> bool;
+    /// Processes the host's pending control messages (a rescind among them) without waiting.
+    /// Called before every receive, so a rescind is noticed while the datapath runs, not only
+    /// inside a blocking wait.
+    fn process_host_messages(&mut self, relid: u32);
     /// Closes the channel (CLOSECHANNEL, ring GPADL teardown) and disposes of its rings (kept,
     /// never freed, if the host may still use them).
     fn close(&mut self, channel: vmbus::Channel);
@@ -149,6 +153,10 @@ impl<V: VmbusChannelControl> NetvscChannel for VmbusNetvscChannel<V> {
     }
 
     fn try_receive(&mut self, into: &mut IncomingPacket) -> Result<bool, NetvscError> {
+        self.control.process_host_messages(self.relid);
+        if self.control.is_rescinded(self.relid) {
+            return Err(NetvscError::Rescinded);
+        }
         let Some(channel) = self.channel.as_mut() else {
             return Err(NetvscError::Rescinded);
         };

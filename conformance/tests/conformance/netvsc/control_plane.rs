@@ -107,6 +107,11 @@ impl VmbusChannelControl for ClientControl {
         self.rescinded.contains(&relid)
     }
 
+    fn process_host_messages(&mut self, relid: u32) {
+        // An event flag seen here needs no action: the caller reads the ring next anyway.
+        let _signalled = self.pump(relid);
+    }
+
     fn close(&mut self, channel: vmbus::Channel) {
         // On failure the client keeps the ring memory (quarantine).
         if let Err(error) = self.client.close_channel(channel) {

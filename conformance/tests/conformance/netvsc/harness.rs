@@ -372,6 +372,10 @@ impl VmbusChannelControl for NetvspControl {
         self.rescinded.load(Ordering::SeqCst)
     }
 
+    fn process_host_messages(&mut self, _relid: u32) {
+        // The mock bus has no control messages: its revoke sets `rescinded` directly.
+    }
+
     fn close(&mut self, channel: vmbus::Channel) {
         let requests = self.requests.clone();
         let closed = call_with_timeout(
