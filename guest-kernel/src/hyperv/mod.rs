@@ -17,9 +17,9 @@
 pub mod abi;
 pub mod bringup;
 pub mod netvsc_channel;
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "host")))]
 pub mod port;
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "host")))]
 pub mod synic;
 
 use core::arch::x86_64::CpuidResult;

@@ -202,39 +202,34 @@ pub fn bring_up() -> Result<NetStack, KernelError> {
     let hyper_v = crate::hyperv::detect();
     let plan = synthetic_plan(virtio.is_some(), hyper_v.as_ref());
     let synthetic = match (plan, virtio, hyper_v) {
-        (SyntheticPlan::VirtioNet, Some(address), _) => {
-            let device = start_virtio_net(&mut pci, address)?;
-            log::info!("net: synthetic path up: {}", device.name());
-            device
-        }
-        (SyntheticPlan::Netvsc, _, Some(hyper_v)) => hyperv::start_netvsc(&hyper_v)?,
-        _ => {
-            // No synthetic NIC: a VF alone carries the interface (no failover possible).
-            *PCI.lock() = Some(pci);
-            let mac = crate::cmdline_value("igb.vf_mac")
-                .and_then(parse_mac)
-                .unwrap_or(DEFAULT_VF_ONLY_MAC);
-            return match vf_path::bring_up_vf_path(mac)? {
-                Some(vf) => {
-                    log::warn!(
-                        "net: no virtio-net device: the VF alone carries the interface, without failover"
-                    );
-                    NetStack::with_options(config, vf, Box::new(KernelPlatform), stack_options())
-                        .map_err(|error| KernelError::Network {
-                            reason: error.to_string(),
-                        })
-                }
-                None => Err(KernelError::NoNetworkDevice {
-                    reason: if plan == SyntheticPlan::VmbusNotAllowed {
-                        "this is Hyper-V, but the partition may not use VMBus (SynIC or \
-                         hypercall privilege missing); no VF either"
-                    } else {
-                        "no virtio-net device (1af4:1041), no Hyper-V VMBus and no usable VF"
-                    },
-                }),
-            };
-        }
+        (SyntheticPlan::VirtioNet, Some(address), _) => Some(start_virtio_net(&mut pci, address)?),
+        (SyntheticPlan::Netvsc, _, Some(hyper_v)) => match hyperv::start_netvsc(&hyper_v) {
+            Ok(device) => Some(device),
+            // A VM with only a VF (e.g. MANA on a PCIe port under OpenVMM) still has a network.
+            Err(error) => {
+                log::warn!("net: no synthetic path: {error}");
+                return vf_alone(pci, config, error);
+            }
+        },
+        _ => None,
     };
+    let Some(synthetic) = synthetic else {
+        return vf_alone(
+            pci,
+            config,
+            KernelError::NoNetworkDevice {
+                reason: if plan == SyntheticPlan::VmbusNotAllowed {
+                    "this is Hyper-V, but the partition may not use VMBus (SynIC or \
+                     hypercall privilege missing); no VF either"
+                } else {
+                    "no virtio-net device (1af4:1041), no Hyper-V VMBus and no usable VF"
+                },
+            },
+        );
+    };
+    if plan == SyntheticPlan::VirtioNet {
+        log::info!("net: synthetic path up: {}", synthetic.name());
+    }
     let mut stack =
         NetStack::with_options(config, synthetic, Box::new(KernelPlatform), stack_options())
             .map_err(|error| KernelError::Network {
@@ -243,6 +238,28 @@ pub fn bring_up() -> Result<NetStack, KernelError> {
     *PCI.lock() = Some(pci);
     attach_vf_if_present(&mut stack);
     Ok(stack)
+}
+
+/// No synthetic NIC: a VF alone carries the interface (no failover possible); without a VF
+/// either, `no_vf` is the error.
+fn vf_alone(pci: Pci, config: NetConfig, no_vf: KernelError) -> Result<NetStack, KernelError> {
+    *PCI.lock() = Some(pci);
+    let mac = crate::cmdline_value("igb.vf_mac")
+        .and_then(parse_mac)
+        .unwrap_or(DEFAULT_VF_ONLY_MAC);
+    match vf_path::bring_up_vf_path(mac)? {
+        Some(vf) => {
+            log::warn!(
+                "net: no virtio-net device: the VF alone carries the interface, without failover"
+            );
+            NetStack::with_options(config, vf, Box::new(KernelPlatform), stack_options()).map_err(
+                |error| KernelError::Network {
+                    reason: error.to_string(),
+                },
+            )
+        }
+        None => Err(no_vf),
+    }
 }
 
 /// The stack's options: the defaults, except receive coalescing off with `net.coalesce=off`
