@@ -14,6 +14,7 @@ mod pci;
 mod stack;
 mod virtio_net;
 mod vmbus_packet;
+mod vmbus_ring;
 
 use crate::engine::Target;
 
@@ -33,4 +34,5 @@ pub static TARGETS: &[Target] = &[
     bond::TARGET,
     stack::TARGET,
     vmbus_packet::TARGET,
+    vmbus_ring::TARGET,
 ];
