@@ -13,6 +13,7 @@ mod lab_pf;
 mod pci;
 mod stack;
 mod virtio_net;
+mod vmbus_messages;
 mod vmbus_packet;
 mod vmbus_ring;
 
@@ -35,4 +36,5 @@ pub static TARGETS: &[Target] = &[
     stack::TARGET,
     vmbus_packet::TARGET,
     vmbus_ring::TARGET,
+    vmbus_messages::TARGET,
 ];
