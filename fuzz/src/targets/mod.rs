@@ -10,6 +10,7 @@ mod iperf_control;
 mod iperf_json;
 mod iperf_server;
 mod lab_pf;
+mod netvsc;
 mod pci;
 mod stack;
 mod virtio_net;
@@ -37,4 +38,5 @@ pub static TARGETS: &[Target] = &[
     vmbus_packet::TARGET,
     vmbus_ring::TARGET,
     vmbus_messages::TARGET,
+    netvsc::TARGET,
 ];
