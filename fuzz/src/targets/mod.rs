@@ -10,6 +10,7 @@ mod iperf_control;
 mod iperf_json;
 mod iperf_server;
 mod lab_pf;
+mod mana;
 mod netvsc;
 mod pci;
 mod stack;
@@ -39,4 +40,5 @@ pub static TARGETS: &[Target] = &[
     vmbus_ring::TARGET,
     vmbus_messages::TARGET,
     netvsc::TARGET,
+    mana::TARGET,
 ];
