@@ -4,6 +4,7 @@ mod acpi;
 mod bond;
 mod boot;
 mod cmdline;
+mod coalesce;
 mod common;
 mod igbvf;
 mod iperf_control;
@@ -41,4 +42,5 @@ pub static TARGETS: &[Target] = &[
     vmbus_messages::TARGET,
     netvsc::TARGET,
     mana::TARGET,
+    coalesce::TARGET,
 ];
