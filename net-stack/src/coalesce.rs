@@ -902,6 +902,44 @@ fn pass(frame: &[u8], out: &mut dyn Delivery) {
     out.deliver(buffer);
 }
 
+/// Runs `batches` of frames through a fresh coalescer, flushing after each batch as the bond
+/// does, with `large_buffers` merge buffers to spend: every frame delivered, in order, and the
+/// counters. The fuzz harness's way in; the coalescer itself stays private to the crate.
+pub fn coalesce_batches(
+    batches: &[Vec<Vec<u8>>],
+    large_buffers: usize,
+) -> (Vec<Vec<u8>>, CoalesceStats) {
+    struct Collect {
+        frames: Vec<Vec<u8>>,
+        large_buffers: usize,
+    }
+    impl Delivery for Collect {
+        fn buffer(&mut self, len: usize) -> Vec<u8> {
+            Vec::with_capacity(len)
+        }
+        fn large_buffer(&mut self) -> Option<Vec<u8>> {
+            self.large_buffers = self.large_buffers.checked_sub(1)?;
+            Some(Vec::with_capacity(MAX_COALESCED_FRAME))
+        }
+        fn deliver(&mut self, frame: Vec<u8>) {
+            self.frames.push(frame);
+        }
+        fn recycle(&mut self, _buffer: Vec<u8>) {}
+    }
+    let mut coalescer = Coalescer::new();
+    let mut out = Collect {
+        frames: Vec::new(),
+        large_buffers,
+    };
+    for batch in batches {
+        for frame in batch {
+            coalescer.offer(frame, &mut out);
+        }
+        coalescer.flush(&mut out);
+    }
+    (out.frames, coalescer.stats)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

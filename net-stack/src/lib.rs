@@ -33,7 +33,7 @@ mod slab;
 mod stack;
 
 pub use bond::{AttachRejected, Bond, BondConfig, BondStats, PathCounters, PathId, PathStats};
-pub use coalesce::CoalesceStats;
+pub use coalesce::{CoalesceStats, coalesce_batches};
 pub use config::{Ipv4Mode, Ipv6Static, NetConfig};
 pub use error::Error;
 pub use stack::{

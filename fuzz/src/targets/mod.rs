@@ -4,16 +4,21 @@ mod acpi;
 mod bond;
 mod boot;
 mod cmdline;
+mod coalesce;
 mod common;
 mod igbvf;
 mod iperf_control;
 mod iperf_json;
 mod iperf_server;
 mod lab_pf;
+mod mana;
+mod netvsc;
 mod pci;
 mod stack;
 mod virtio_net;
+mod vmbus_messages;
 mod vmbus_packet;
+mod vmbus_ring;
 
 use crate::engine::Target;
 
@@ -33,4 +38,9 @@ pub static TARGETS: &[Target] = &[
     bond::TARGET,
     stack::TARGET,
     vmbus_packet::TARGET,
+    vmbus_ring::TARGET,
+    vmbus_messages::TARGET,
+    netvsc::TARGET,
+    mana::TARGET,
+    coalesce::TARGET,
 ];
