@@ -1,7 +1,7 @@
 //! The crate's error type: everything that can go wrong while finding, initialising or resetting
 //! the device.
 
-use core::fmt;
+use thiserror::Error;
 
 /// Which virtqueue an error is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,9 +50,10 @@ pub enum DmaPurpose {
 }
 
 /// Why the driver could not parse a capability or bring the device up.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
 pub enum Error {
     /// The capability bytes are shorter than the structure they must hold.
+    #[error("virtio capability of {len} bytes is shorter than the {needed} needed")]
     CapabilityTooShort {
         /// Bytes available (the smaller of the slice length and `cap_len`).
         len: usize,
@@ -60,21 +61,25 @@ pub enum Error {
         needed: usize,
     },
     /// The capability is not vendor-specific (ID 0x09), so it is not a virtio structure.
+    #[error("capability id {id:#04x} is not a vendor-specific (virtio) capability")]
     NotVendorCapability {
         /// The capability ID found.
         id: u8,
     },
     /// The capability has a reserved `cfg_type`; the spec says to ignore it (virtio 1.x §4.1.4).
+    #[error("virtio capability has reserved cfg_type {cfg_type}")]
     ReservedCapabilityType {
         /// The reserved type value.
         cfg_type: u8,
     },
     /// The capability names a reserved BAR (above 5); the spec says to ignore it.
+    #[error("virtio capability names reserved BAR {bar}")]
     ReservedBar {
         /// The BAR number found.
         bar: u8,
     },
     /// The structure offset breaks the alignment the spec requires for its type.
+    #[error("virtio structure type {cfg_type} at misaligned offset {offset:#x}")]
     MisalignedCapability {
         /// The capability type.
         cfg_type: u8,
@@ -82,11 +87,13 @@ pub enum Error {
         offset: u64,
     },
     /// `notify_off_multiplier` is neither 0 nor a power of two (virtio 1.x §4.1.4.4).
+    #[error("notify_off_multiplier {multiplier} is not 0 or a power of two")]
     InvalidNotifyMultiplier {
         /// The value found.
         multiplier: u32,
     },
     /// A register window is too small for the structure it must hold.
+    #[error("{window:?} window of {len} bytes is smaller than the {needed} needed")]
     WindowTooSmall {
         /// Which window.
         window: Window,
@@ -96,6 +103,7 @@ pub enum Error {
         needed: usize,
     },
     /// A field of [`crate::VirtioNetConfig`] is out of range.
+    #[error("driver configuration field {field} has invalid value {value}")]
     InvalidConfig {
         /// The field name.
         field: &'static str,
@@ -103,8 +111,10 @@ pub enum Error {
         value: usize,
     },
     /// The device has been removed: its registers read all-ones or zero.
+    #[error("virtio-net device is gone (registers read all-ones/zero)")]
     DeviceGone,
     /// The device did not report reset completion (status 0) within the bounded wait.
+    #[error("device reset not complete after {reads} reads (status {last_status:#04x})")]
     ResetTimeout {
         /// The last `device_status` value read.
         last_status: u8,
@@ -112,11 +122,13 @@ pub enum Error {
         reads: u32,
     },
     /// The device does not offer VIRTIO_F_VERSION_1, so it is legacy-only.
+    #[error("device does not offer VIRTIO_F_VERSION_1 (offered {offered:#018x})")]
     MissingVersion1 {
         /// The feature bits the device offered.
         offered: u64,
     },
     /// The device cleared FEATURES_OK: it does not accept the feature subset (virtio 1.x §3.1.1).
+    #[error("device refused features {requested:#018x} (status {status:#04x} lacks FEATURES_OK)")]
     FeaturesRejected {
         /// The feature bits the driver wrote.
         requested: u64,
@@ -124,6 +136,7 @@ pub enum Error {
         status: u8,
     },
     /// The device reports fewer virtqueues than the negotiated features need.
+    #[error("device has {num_queues} virtqueues, driver needs {needed}")]
     TooFewQueues {
         /// `num_queues` read from the device.
         num_queues: u16,
@@ -131,6 +144,7 @@ pub enum Error {
         needed: u16,
     },
     /// `queue_size` reads 0: the virtqueue does not exist.
+    #[error("{queue:?} virtqueue {index} is unavailable (queue_size 0)")]
     QueueUnavailable {
         /// Which queue.
         queue: QueueKind,
@@ -138,6 +152,7 @@ pub enum Error {
         index: u16,
     },
     /// The device's maximum size for a queue is too small for the driver's use of it.
+    #[error("{queue:?} virtqueue has {size} entries, driver needs {needed}")]
     QueueTooSmall {
         /// Which queue.
         queue: QueueKind,
@@ -147,6 +162,9 @@ pub enum Error {
         needed: u16,
     },
     /// The queue's notification address lies outside the notify window.
+    #[error(
+        "{queue:?} queue notify offset {offset:#x} is outside the {window_len}-byte notify window"
+    )]
     NotifyOutOfRange {
         /// Which queue.
         queue: QueueKind,
@@ -156,6 +174,7 @@ pub enum Error {
         window_len: usize,
     },
     /// The device read back NO_VECTOR after an MSI-X vector was written (virtio 1.x §4.1.5.1.2).
+    #[error("device refused MSI-X vector {vector} for {target:?}")]
     MsixVectorRefused {
         /// What the vector was for.
         target: MsixTarget,
@@ -163,6 +182,7 @@ pub enum Error {
         vector: u16,
     },
     /// The DMA allocator ran out of memory.
+    #[error("DMA allocation of {len} bytes for {purpose:?} failed")]
     DmaAllocationFailed {
         /// What the memory was for.
         purpose: DmaPurpose,
@@ -170,10 +190,15 @@ pub enum Error {
         len: usize,
     },
     /// The device configuration kept changing while the driver read it.
+    #[error("device configuration kept changing while being read")]
     ConfigUnstable,
     /// The device does not offer VIRTIO_NET_F_MAC and no fallback address was configured.
+    #[error("device offers no MAC address and none was configured")]
     NoMacAddress,
     /// Without mergeable buffers, each receive buffer must hold the largest frame.
+    #[error(
+        "receive buffers of {size} bytes cannot hold a {needed}-byte frame without mergeable buffers"
+    )]
     ReceiveBufferTooSmall {
         /// The configured buffer size.
         size: usize,
@@ -182,117 +207,140 @@ pub enum Error {
     },
 }
 
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Error::CapabilityTooShort { len, needed } => {
-                write!(
-                    f,
-                    "virtio capability of {len} bytes is shorter than the {needed} needed"
-                )
-            }
-            Error::NotVendorCapability { id } => {
-                write!(
-                    f,
-                    "capability id {id:#04x} is not a vendor-specific (virtio) capability"
-                )
-            }
-            Error::ReservedCapabilityType { cfg_type } => {
-                write!(f, "virtio capability has reserved cfg_type {cfg_type}")
-            }
-            Error::ReservedBar { bar } => write!(f, "virtio capability names reserved BAR {bar}"),
-            Error::MisalignedCapability { cfg_type, offset } => {
-                write!(
-                    f,
-                    "virtio structure type {cfg_type} at misaligned offset {offset:#x}"
-                )
-            }
-            Error::InvalidNotifyMultiplier { multiplier } => {
-                write!(
-                    f,
-                    "notify_off_multiplier {multiplier} is not 0 or a power of two"
-                )
-            }
-            Error::WindowTooSmall {
-                window,
-                len,
-                needed,
-            } => {
-                write!(
-                    f,
-                    "{window:?} window of {len} bytes is smaller than the {needed} needed"
-                )
-            }
-            Error::InvalidConfig { field, value } => {
-                write!(
-                    f,
-                    "driver configuration field {field} has invalid value {value}"
-                )
-            }
-            Error::DeviceGone => write!(
-                f,
-                "virtio-net device is gone (registers read all-ones/zero)"
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::string::ToString;
+
+    #[test]
+    fn messages_carry_their_context() {
+        let cases = [
+            (
+                Error::CapabilityTooShort { len: 4, needed: 16 },
+                "virtio capability of 4 bytes is shorter than the 16 needed",
             ),
-            Error::ResetTimeout { last_status, reads } => write!(
-                f,
-                "device reset not complete after {reads} reads (status {last_status:#04x})"
+            (
+                Error::NotVendorCapability { id: 5 },
+                "capability id 0x05 is not a vendor-specific (virtio) capability",
             ),
-            Error::MissingVersion1 { offered } => {
-                write!(
-                    f,
-                    "device does not offer VIRTIO_F_VERSION_1 (offered {offered:#018x})"
-                )
-            }
-            Error::FeaturesRejected { requested, status } => write!(
-                f,
-                "device refused features {requested:#018x} (status {status:#04x} lacks FEATURES_OK)"
+            (
+                Error::ReservedCapabilityType { cfg_type: 9 },
+                "virtio capability has reserved cfg_type 9",
             ),
-            Error::TooFewQueues { num_queues, needed } => {
-                write!(
-                    f,
-                    "device has {num_queues} virtqueues, driver needs {needed}"
-                )
-            }
-            Error::QueueUnavailable { queue, index } => {
-                write!(
-                    f,
-                    "{queue:?} virtqueue {index} is unavailable (queue_size 0)"
-                )
-            }
-            Error::QueueTooSmall {
-                queue,
-                size,
-                needed,
-            } => {
-                write!(
-                    f,
-                    "{queue:?} virtqueue has {size} entries, driver needs {needed}"
-                )
-            }
-            Error::NotifyOutOfRange {
-                queue,
-                offset,
-                window_len,
-            } => write!(
-                f,
-                "{queue:?} queue notify offset {offset:#x} is outside the {window_len}-byte notify window"
+            (
+                Error::ReservedBar { bar: 6 },
+                "virtio capability names reserved BAR 6",
             ),
-            Error::MsixVectorRefused { target, vector } => {
-                write!(f, "device refused MSI-X vector {vector} for {target:?}")
-            }
-            Error::DmaAllocationFailed { purpose, len } => {
-                write!(f, "DMA allocation of {len} bytes for {purpose:?} failed")
-            }
-            Error::ConfigUnstable => {
-                write!(f, "device configuration kept changing while being read")
-            }
-            Error::NoMacAddress => {
-                write!(f, "device offers no MAC address and none was configured")
-            }
-            Error::ReceiveBufferTooSmall { size, needed } => write!(
-                f,
-                "receive buffers of {size} bytes cannot hold a {needed}-byte frame without mergeable buffers"
+            (
+                Error::MisalignedCapability {
+                    cfg_type: 1,
+                    offset: 0x13,
+                },
+                "virtio structure type 1 at misaligned offset 0x13",
             ),
+            (
+                Error::InvalidNotifyMultiplier { multiplier: 3 },
+                "notify_off_multiplier 3 is not 0 or a power of two",
+            ),
+            (
+                Error::WindowTooSmall {
+                    window: Window::Notify,
+                    len: 2,
+                    needed: 4,
+                },
+                "Notify window of 2 bytes is smaller than the 4 needed",
+            ),
+            (
+                Error::InvalidConfig {
+                    field: "receive_buffers",
+                    value: 0,
+                },
+                "driver configuration field receive_buffers has invalid value 0",
+            ),
+            (
+                Error::DeviceGone,
+                "virtio-net device is gone (registers read all-ones/zero)",
+            ),
+            (
+                Error::ResetTimeout {
+                    last_status: 0xf,
+                    reads: 100,
+                },
+                "device reset not complete after 100 reads (status 0x0f)",
+            ),
+            (
+                Error::MissingVersion1 { offered: 0x20 },
+                "device does not offer VIRTIO_F_VERSION_1 (offered 0x0000000000000020)",
+            ),
+            (
+                Error::FeaturesRejected {
+                    requested: 1 << 32,
+                    status: 3,
+                },
+                "device refused features 0x0000000100000000 (status 0x03 lacks FEATURES_OK)",
+            ),
+            (
+                Error::TooFewQueues {
+                    num_queues: 2,
+                    needed: 3,
+                },
+                "device has 2 virtqueues, driver needs 3",
+            ),
+            (
+                Error::QueueUnavailable {
+                    queue: QueueKind::Control,
+                    index: 2,
+                },
+                "Control virtqueue 2 is unavailable (queue_size 0)",
+            ),
+            (
+                Error::QueueTooSmall {
+                    queue: QueueKind::Receive,
+                    size: 8,
+                    needed: 16,
+                },
+                "Receive virtqueue has 8 entries, driver needs 16",
+            ),
+            (
+                Error::NotifyOutOfRange {
+                    queue: QueueKind::Transmit,
+                    offset: 0x1000,
+                    window_len: 64,
+                },
+                "Transmit queue notify offset 0x1000 is outside the 64-byte notify window",
+            ),
+            (
+                Error::MsixVectorRefused {
+                    target: MsixTarget::Queue(QueueKind::Receive),
+                    vector: 1,
+                },
+                "device refused MSI-X vector 1 for Queue(Receive)",
+            ),
+            (
+                Error::DmaAllocationFailed {
+                    purpose: DmaPurpose::Ring(QueueKind::Transmit),
+                    len: 4096,
+                },
+                "DMA allocation of 4096 bytes for Ring(Transmit) failed",
+            ),
+            (
+                Error::ConfigUnstable,
+                "device configuration kept changing while being read",
+            ),
+            (
+                Error::NoMacAddress,
+                "device offers no MAC address and none was configured",
+            ),
+            (
+                Error::ReceiveBufferTooSmall {
+                    size: 1024,
+                    needed: 1526,
+                },
+                "receive buffers of 1024 bytes cannot hold a 1526-byte frame without mergeable buffers",
+            ),
+        ];
+        for (error, message) in cases {
+            assert_eq!(error.to_string(), message);
         }
     }
 }

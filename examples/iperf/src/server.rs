@@ -320,9 +320,9 @@ fn read_control(
         Err(NetError::PeerClosed) => Err(Error::Disconnected {
             reason: "the client closed the control connection",
         }),
-        Err(source) => Err(Error::Net {
+        Err(error) => Err(Error::Net {
             context: "reading the control connection",
-            source,
+            error,
         }),
     }
 }
@@ -338,9 +338,9 @@ fn send_control(stack: &mut NetStack, control: &TcpStream, bytes: &[u8]) -> Resu
                 bytes.len()
             ),
         }),
-        Err(source) => Err(Error::Net {
+        Err(error) => Err(Error::Net {
             context: "writing the control connection",
-            source,
+            error,
         }),
     }
 }
@@ -370,13 +370,13 @@ impl Server {
     pub fn new(stack: &mut NetStack, port: u16) -> Result<Server, Error> {
         let listener = stack
             .tcp_listen_with(port, listener_options())
-            .map_err(|source| Error::Net {
+            .map_err(|error| Error::Net {
                 context: "listening on TCP",
-                source,
+                error,
             })?;
-        let udp = stack.udp_bind(port).map_err(|source| Error::Net {
+        let udp = stack.udp_bind(port).map_err(|error| Error::Net {
             context: "binding UDP",
-            source,
+            error,
         })?;
         // A recognisable, non-constant pattern (iperf3 sends random bytes; content is
         // irrelevant to the client).
