@@ -7,7 +7,7 @@
 //! so: nothing here passes without the guest having run.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use tandem_tests::{bar_addresses, image, pci_function_block};
@@ -216,5 +216,52 @@ fn echo_over_netvsc_returns_one_mib_exactly_and_serves_concurrent_connections() 
             .join()
             .unwrap_or_else(|_| panic!("client {index} panicked"));
         assert!(same, "concurrent connection {index}: the echo differs");
+    }
+}
+
+/// UDP through consomme's `hostfwd=udp`: each datagram sent to 127.0.0.1:`port` comes back
+/// whole. consomme answers from a fresh host socket rather than the forwarded port, so the
+/// reply's source port differs from `port`: the client must not `connect()` (see
+/// docs/openvmm.md).
+#[test]
+fn echo_over_netvsc_answers_udp() {
+    let port = free_port();
+    let guest = echo_over_netvsc(
+        "openvmm echo netvsc udp",
+        vec![HostForward {
+            protocol: Protocol::Udp,
+            host_port: port,
+            guest_port: 7,
+        }],
+    );
+    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap_or_else(|error| panic!("binding a UDP socket: {error}"));
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap_or_else(|error| panic!("{error}"));
+    for (index, size) in [64usize, 512, 1400].into_iter().enumerate() {
+        let datagram = echo_payload(size, index as u32);
+        let mut reply = vec![0u8; 2048];
+        // A datagram may be lost on the way through two user-mode NATs: a few tries each.
+        let received = (0..6).find_map(|_| {
+            socket
+                .send_to(&datagram, (Ipv4Addr::LOCALHOST, port))
+                .unwrap_or_else(|error| panic!("sending to 127.0.0.1:{port}: {error}"));
+            loop {
+                match socket.recv_from(&mut reply) {
+                    Ok((len, from)) if reply[..len] == datagram[..] => return Some(from),
+                    // A late answer to an earlier try of a different datagram.
+                    Ok(_) => continue,
+                    Err(_) => return None,
+                }
+            }
+        });
+        let from = received.unwrap_or_else(|| {
+            panic!(
+                "no UDP echo of {size} bytes from 127.0.0.1:{port}\n{}",
+                guest.l1.serial_lines().join("\n")
+            )
+        });
+        eprintln!("udp echo of {size} bytes came back from {from}");
     }
 }
