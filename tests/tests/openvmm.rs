@@ -265,3 +265,68 @@ fn echo_over_netvsc_answers_udp() {
         eprintln!("udp echo of {size} bytes came back from {from}");
     }
 }
+
+/// Runs the host's stock `iperf3` client against 127.0.0.1:`port` (bounded by `timeout`) and
+/// returns its report; fails the test unless it exits 0 with a receiver rate above zero.
+fn iperf3_client(port: u16, extra: &[&str], guest: &NestedGuest) -> String {
+    let output = std::process::Command::new("timeout")
+        .args(["90", "iperf3", "-c", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-t", "3", "--connect-timeout", "20000"])
+        .args(extra)
+        .output()
+        .unwrap_or_else(|error| panic!("running iperf3 (install the iperf3 package): {error}"));
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let receiver_rate = report
+        .lines()
+        .filter(|line| line.trim_end().ends_with("receiver"))
+        .find_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let unit = words.iter().position(|word| word.ends_with("bits/sec"))?;
+            words.get(unit.checked_sub(1)?)?.parse::<f64>().ok()
+        });
+    assert!(
+        output.status.success() && receiver_rate.is_some_and(|rate| rate > 0.0),
+        "iperf3 {extra:?} against the app over netvsc must complete with throughput \
+         ({}):\n{report}\n{}",
+        output.status,
+        guest.l1.serial_lines().join("\n")
+    );
+    report
+}
+
+/// The iperf app over netvsc: stock `iperf3` TCP tests host → guest and (`-R`) guest → host,
+/// 3 s each, through host → L1 → consomme → guest; each completes with throughput and the app
+/// reports each test done.
+#[test]
+fn iperf_over_netvsc_completes_stock_iperf3_tcp_both_ways() {
+    let port = free_port();
+    let spec = GuestSpec {
+        app: image("iperf"),
+        cmdline: "log=info".to_string(),
+        memory: "64M".to_string(),
+        paths: NetPaths::Virtio,
+        forwards: vec![HostForward {
+            protocol: Protocol::Tcp,
+            host_port: port,
+            guest_port: 5201,
+        }],
+    };
+    let mut guest = spawn("openvmm iperf netvsc", &spec);
+    guest
+        .wait_for_line("net: synthetic path up", BOOT_TIMEOUT)
+        .unwrap_or_else(|error| panic!("{error}"));
+    guest
+        .wait_for_line("net: DHCP lease", BOOT_TIMEOUT)
+        .unwrap_or_else(|error| panic!("{error}"));
+    for extra in [&[][..], &["-R"][..]] {
+        let report = iperf3_client(port, extra, &guest);
+        let done = guest
+            .wait_for_line("iperf: test done", Duration::from_secs(30))
+            .unwrap_or_else(|error| panic!("{error}\n{report}"));
+        eprintln!("iperf3 {extra:?}: {done}");
+    }
+}
