@@ -205,10 +205,23 @@ pub fn bring_up() -> Result<NetStack, KernelError> {
         (SyntheticPlan::VirtioNet, Some(address), _) => {
             let device = start_virtio_net(&mut pci, address)?;
             log::info!("net: synthetic path up: {}", device.name());
-            device
+            Some(device)
         }
-        (SyntheticPlan::Netvsc, _, Some(hyper_v)) => hyperv::start_netvsc(&hyper_v)?,
-        _ => {
+        (SyntheticPlan::Netvsc, _, Some(hyper_v)) => match hyperv::start_netvsc(&hyper_v) {
+            Ok(device) => Some(device),
+            // VMBus without a synthetic NIC (OpenVMM with MANA alone): a VF may still carry
+            // the interface.
+            Err(error @ KernelError::NoNetworkDevice { .. }) => {
+                log::warn!("net: {error}; looking for a VF alone");
+                None
+            }
+            Err(error) => return Err(error),
+        },
+        _ => None,
+    };
+    let synthetic = match synthetic {
+        Some(device) => device,
+        None => {
             // No synthetic NIC: a VF alone carries the interface (no failover possible).
             *PCI.lock() = Some(pci);
             let mac = crate::cmdline_value("igb.vf_mac")
@@ -228,6 +241,8 @@ pub fn bring_up() -> Result<NetStack, KernelError> {
                     reason: if plan == SyntheticPlan::VmbusNotAllowed {
                         "this is Hyper-V, but the partition may not use VMBus (SynIC or \
                          hypercall privilege missing); no VF either"
+                    } else if plan == SyntheticPlan::Netvsc {
+                        "Hyper-V VMBus offers no synthetic NIC (netvsc) and there is no usable VF"
                     } else {
                         "no virtio-net device (1af4:1041), no Hyper-V VMBus and no usable VF"
                     },
