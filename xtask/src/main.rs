@@ -259,6 +259,12 @@ fn test() -> Result<i32> {
         eprintln!("xtask: error: {error}");
         failed.push("OpenVMM build (environment)");
     }
+    // L1's Debian kernel and busybox, fetched once here rather than by whichever nested test
+    // starts first (they also take a lock, for `cargo test` run on its own).
+    if let Err(error) = xtask::openvmm_run::fetch_l1_assets() {
+        eprintln!("xtask: error: {error}");
+        failed.push("nested L1 assets (environment)");
+    }
     if !images_built {
         failed.push("image build");
     } else if !cargo_step(

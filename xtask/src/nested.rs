@@ -348,9 +348,18 @@ fn unpacked_package(cache: &Path, package: &str) -> Result<PathBuf> {
 }
 
 /// Fetches (once, cached under `cache`) the Debian kernel and busybox for L1.
+///
+/// The nested tests run in parallel and each prepares its own L1: an exclusive lock on
+/// `cache/.lock` makes the first one download and unpack while the others wait, so none of
+/// them sees (or deletes) a half-unpacked package.
 pub fn fetch_assets(cache: &Path) -> Result<L1Assets> {
     std::fs::create_dir_all(cache)
         .map_err(|error| Error::io(format!("creating {}", cache.display()), error))?;
+    let lock_path = cache.join(".lock");
+    let lock = std::fs::File::create(&lock_path)
+        .map_err(|error| Error::io(format!("creating {}", lock_path.display()), error))?;
+    lock.lock()
+        .map_err(|error| Error::io(format!("locking {}", lock_path.display()), error))?;
     let depends = run_checked(
         Command::new("apt-cache").args(["depends", KERNEL_META_PACKAGE]),
         &format!("apt-cache depends {KERNEL_META_PACKAGE}"),

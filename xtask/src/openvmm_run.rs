@@ -103,12 +103,17 @@ impl GuestSpec {
     }
 }
 
+/// Fetches (or finds cached under `target/openvmm-l1/`) L1's Debian kernel and busybox.
+pub fn fetch_l1_assets() -> Result<nested::L1Assets> {
+    nested::fetch_assets(&crate::image::target_dir()?.join("openvmm-l1"))
+}
+
 /// Builds OpenVMM, fetches the L1 assets and writes the initramfs for `spec`; returns the L1
 /// assets and the initramfs path (under `target/openvmm-l1/`).
 pub fn prepare_nested(spec: &GuestSpec, name: &str) -> Result<(nested::L1Assets, PathBuf)> {
     let binary = openvmm::build()?;
     let cache = crate::image::target_dir()?.join("openvmm-l1");
-    let assets = nested::fetch_assets(&cache)?;
+    let assets = fetch_l1_assets()?;
     let initramfs = cache.join(format!("{name}-{}.cpio", std::process::id()));
     let args = openvmm::openvmm_args(&spec.vm_config(Placement::Nested));
     nested::build_initramfs(&assets, &binary, &spec.app, &args, &initramfs)?;
