@@ -18,7 +18,7 @@ use crate::protocol::{
 use crate::ring::PAGE_SIZE;
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::vec::Vec;
-use net_device::{DmaAllocator, DmaRegion};
+use net_device::{DmaAllocator, DmaRegion, PhysAddr};
 use zerocopy::IntoBytes;
 
 /// Versions tried, highest first: Copper down to Win8 (fact sheet §2.1).
@@ -441,6 +441,39 @@ impl<P: HypervisorPort> VmbusClient<P> {
                 Err(error)
             }
         }
+    }
+
+    /// Describes memory the caller keeps owning (`phys`, `len`: page-aligned) as a GPADL on
+    /// `relid` and waits for GPADL_CREATED; returns the GPADL id. For drivers that allocate
+    /// their own buffers and only need the host to see them (netvsc's receive and send
+    /// buffers). The caller may reuse or free the memory only after
+    /// [`VmbusClient::teardown_borrowed_gpadl`] succeeded, or after this call failed with
+    /// [`Error::GpadlRefused`] or [`Error::BadGpadlBuffer`]; after any other failure the host
+    /// may still reach it, and the caller must keep it forever.
+    pub fn create_borrowed_gpadl(
+        &mut self,
+        relid: u32,
+        phys: PhysAddr,
+        len: usize,
+    ) -> Result<u32, Error> {
+        self.live_offer(relid)?;
+        let id = self.allocate_gpadl_id();
+        match self.establish_gpadl(relid, id, phys.0, len) {
+            Ok(()) => Ok(id),
+            Err(error) => {
+                if let Some(state) = self.offers.get_mut(&relid) {
+                    state.gpadls.remove(&id);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Asks the host to release GPADL `id` of `relid` (one made by
+    /// [`VmbusClient::create_borrowed_gpadl`]) and waits for GPADL_TORNDOWN. On error the
+    /// host may still reach the memory: the caller must keep it.
+    pub fn teardown_borrowed_gpadl(&mut self, relid: u32, id: u32) -> Result<(), Error> {
+        self.release_gpadl(relid, id)
     }
 
     /// Memory the host might still reach must never be reused: keep it when the host did not
@@ -1192,6 +1225,34 @@ mod tests {
         assert_eq!(memory.len(), 4 << 20);
         assert_eq!(host.gpadl_count(), 0);
         assert_eq!(client.quarantined_bytes(), 0);
+    }
+
+    #[test]
+    fn borrowed_gpadl_lists_the_callers_pages_and_leaves_the_memory_with_the_caller() {
+        let (host, client) = connect(config());
+        let mut client = client.unwrap();
+        let region = HeapDmaAllocator::new()
+            .allocate(3 * PAGE_SIZE, PAGE_SIZE)
+            .unwrap();
+        let first_pfn = region.phys().0 / PAGE_SIZE as u64;
+        let id = client
+            .create_borrowed_gpadl(NET_RELID, region.phys(), region.len())
+            .unwrap();
+        let gpadl = host.gpadl(id).unwrap();
+        assert_eq!(gpadl.byte_count, 3 * PAGE_SIZE as u32);
+        assert_eq!(gpadl.pfns, (first_pfn..first_pfn + 3).collect::<Vec<_>>());
+        client.teardown_borrowed_gpadl(NET_RELID, id).unwrap();
+        assert_eq!(host.gpadl_count(), 0);
+        assert_eq!(client.quarantined_bytes(), 0, "the client never held it");
+        assert!(matches!(
+            client.create_borrowed_gpadl(NET_RELID, PhysAddr(0x1234), PAGE_SIZE),
+            Err(Error::BadGpadlBuffer { .. })
+        ));
+        host.set_silent(true);
+        assert!(matches!(
+            client.teardown_borrowed_gpadl(NET_RELID, id),
+            Err(Error::Timeout { .. })
+        ));
     }
 
     #[test]
