@@ -243,8 +243,8 @@ fn io_error(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |error| Error::io(what, error)
 }
 
-fn connect() -> Result<TcpStream> {
-    let stream = TcpStream::connect_timeout(&echo_address(), IO_TIMEOUT)
+fn connect(address: SocketAddr) -> Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&address, IO_TIMEOUT)
         .map_err(io_error("connecting to the echo port"))?;
     stream
         .set_nodelay(true)
@@ -258,10 +258,10 @@ fn connect() -> Result<TcpStream> {
     Ok(stream)
 }
 
-/// One TCP client sends one byte, waits for its echo, and repeats for `window`; returns round
-/// trips per second.
-fn tcp_round_trips(window: Duration) -> Result<f64> {
-    let mut stream = connect()?;
+/// One TCP client of the echo server at `address` sends one byte, waits for its echo, and
+/// repeats for `window`; returns round trips per second.
+pub fn tcp_round_trips(address: SocketAddr, window: Duration) -> Result<f64> {
+    let mut stream = connect(address)?;
     let mut byte = [0u8; 1];
     let mut count = 0u64;
     let started = Instant::now();
@@ -288,14 +288,22 @@ fn invalid(message: String) -> Error {
     Error::io(message, std::io::Error::from(ErrorKind::InvalidData))
 }
 
-/// One UDP socket sends a 1-byte datagram, waits for its echo, and repeats for `window`;
-/// returns round trips per second and how many timed out.
-fn udp_round_trips(window: Duration) -> Result<(f64, u64)> {
-    let socket =
-        UdpSocket::bind((BENCH_HOST, 0)).map_err(io_error("binding a UDP socket on br0"))?;
-    socket
-        .connect(echo_address())
-        .map_err(io_error("connecting the UDP socket"))?;
+/// One UDP socket bound on `local` sends a 1-byte datagram to `address`, waits for its echo,
+/// and repeats for `window`; returns round trips per second and how many timed out. A
+/// `connected` socket takes echoes from `address` only; an unconnected one from anywhere
+/// (consomme's `hostfwd=udp` answers from another port, see docs/openvmm.md).
+pub fn udp_round_trips(
+    local: Ipv4Addr,
+    address: SocketAddr,
+    connected: bool,
+    window: Duration,
+) -> Result<(f64, u64)> {
+    let socket = UdpSocket::bind((local, 0)).map_err(io_error("binding a UDP socket"))?;
+    if connected {
+        socket
+            .connect(address)
+            .map_err(io_error("connecting the UDP socket"))?;
+    }
     socket
         .set_read_timeout(Some(UDP_LOSS_TIMEOUT))
         .map_err(io_error("setting a read timeout"))?;
@@ -305,9 +313,12 @@ fn udp_round_trips(window: Duration) -> Result<(f64, u64)> {
     let mut sequence = 0u8;
     while started.elapsed() < window {
         sequence = sequence.wrapping_add(1);
-        socket
-            .send(&[sequence])
-            .map_err(io_error("UDP round trip: sending"))?;
+        let sent = if connected {
+            socket.send(&[sequence])
+        } else {
+            socket.send_to(&[sequence], address)
+        };
+        sent.map_err(io_error("UDP round trip: sending"))?;
         // Skip late echoes of earlier (timed-out) datagrams until ours or the timeout.
         let answered = loop {
             match socket.recv(&mut buffer) {
@@ -336,10 +347,11 @@ fn bulk_byte(offset: usize) -> u8 {
     (offset % 251) as u8 ^ (offset >> 16) as u8
 }
 
-/// One TCP client streams `bytes` while reading the echo concurrently; returns echoed
-/// megabytes (10^6 bytes) per second, from the first write to the end of the echo.
-fn bulk_throughput(bytes: usize) -> Result<f64> {
-    let mut reader = connect()?;
+/// One TCP client of the echo server at `address` streams `bytes` while reading the echo
+/// concurrently; returns echoed megabytes (10^6 bytes) per second, from the first write to
+/// the end of the echo.
+pub fn bulk_throughput(address: SocketAddr, bytes: usize) -> Result<f64> {
+    let mut reader = connect(address)?;
     let mut writer = reader
         .try_clone()
         .map_err(io_error("cloning the bulk socket"))?;
@@ -411,10 +423,12 @@ fn measure_once(elf: &Path, paths: NetPaths, run: usize) -> Result<EchoSample> {
         other => other,
     };
     // Warm-up: resolves both sides' neighbour entries and wakes the guest's paths.
-    tcp_round_trips(Duration::from_millis(200)).map_err(with_context)?;
-    let tcp_round_trips = tcp_round_trips(ROUND_TRIP_WINDOW).map_err(with_context)?;
-    let (udp_round_trips, udp_lost) = udp_round_trips(ROUND_TRIP_WINDOW).map_err(with_context)?;
-    let bulk_megabytes = bulk_throughput(BULK_BYTES).map_err(with_context)?;
+    let address = echo_address();
+    tcp_round_trips(address, Duration::from_millis(200)).map_err(with_context)?;
+    let tcp_round_trips = tcp_round_trips(address, ROUND_TRIP_WINDOW).map_err(with_context)?;
+    let (udp_round_trips, udp_lost) =
+        udp_round_trips(BENCH_HOST, address, true, ROUND_TRIP_WINDOW).map_err(with_context)?;
+    let bulk_megabytes = bulk_throughput(address, BULK_BYTES).map_err(with_context)?;
     let stats = guest.stats()?;
     let path = path_name(paths, stats.as_deref().and_then(active_from_stats));
     Ok(EchoSample {

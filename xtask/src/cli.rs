@@ -31,18 +31,22 @@ commands:
   conformance [FILTER]                   our VMBus/netvsc/vPCI/MANA code against OpenVMM's host code
                                          in one process ($OPENVMM_DIR, else ../shared/openvmm)
   bench boot [--runs N]                  hello boot time under TCG (default 5 runs) and idle CPU
-  bench echo [--paths virtio|vf|both] [--runs N]
+  bench echo [--paths virtio|vf|both] [--runs N] [--vmm qemu|openvmm]
                                          root: echo round trips/s and bulk MB/s under TCG on a
-                                         bridged tap (default virtio, 3 runs), vs a Linux guest
+                                         bridged tap (default virtio, 3 runs), vs a Linux guest;
+                                         --vmm openvmm: netvsc vs a Linux 6.1 hv_netvsc guest,
+                                         both under the same nested OpenVMM (no root)
   bench conformance                      netvsc against OpenVMM's netvsp in one process (release
                                          build): frames/s and Gbit/s, MTU frames both ways, LSO out
   bench failover [--cycles N]            root: echo stream across VF removal/restore per trigger
                                          (default 5 cycles): longest gap, TCP retransmissions
-  bench iperf [--paths vf|virtio|both] [--runs N]
+  bench iperf [--paths vf|virtio|both] [--runs N] [--vmm qemu|openvmm]
                                          root: host iperf3 against the iperf app (-m 32M) under TCG
                                          over the VF, virtio-net and the bond (default all three),
                                          in/out, 1 and 4 streams (default 3 runs): Gbit/s vs a
-                                         Linux guest, retransmits, QEMU CPU; raw-frame ceilings
+                                         Linux guest, retransmits, QEMU CPU; raw-frame ceilings;
+                                         --vmm openvmm: netvsc vs a Linux 6.1 hv_netvsc guest,
+                                         both under the same nested OpenVMM (no root)
   help                                   this text
 
 The QEMU exit status is translated: `cargo xtask run` exits with the guest's exit code
@@ -119,8 +123,10 @@ pub enum Command {
     BenchEcho {
         /// NIC paths the guest gets.
         paths: NetPaths,
-        /// Number of boots measured.
+        /// Number of boots measured (under OpenVMM: runs in one boot of each guest).
         runs: usize,
+        /// The VMM (OpenVMM: netvsc against a Linux guest, nested).
+        vmm: crate::openvmm_run::Vmm,
     },
     /// `bench conformance`.
     BenchConformance,
@@ -135,6 +141,8 @@ pub enum Command {
         runs: usize,
         /// Only this path (VF alone, virtio-net alone or the bond); all three when `None`.
         paths: Option<NetPaths>,
+        /// The VMM (OpenVMM: netvsc against a Linux guest, nested).
+        vmm: crate::openvmm_run::Vmm,
     },
     /// `help`.
     Help,
@@ -179,10 +187,12 @@ fn app_name(words: &mut Words, command: &str) -> Result<String> {
 fn parse_bench_echo(mut words: Words) -> Result<Command> {
     let mut paths = NetPaths::Virtio;
     let mut runs = crate::bench_echo::DEFAULT_RUNS;
+    let mut vmm = crate::openvmm_run::Vmm::Qemu;
     while let Some(word) = words.words.next() {
         let (name, inline) = split_option(&word);
         match name.as_str() {
             "--paths" => paths = words.value(&name, inline)?.parse()?,
+            "--vmm" => vmm = words.value(&name, inline)?.parse()?,
             "--runs" => {
                 let text = words.value(&name, inline)?;
                 runs = text
@@ -196,7 +206,8 @@ fn parse_bench_echo(mut words: Words) -> Result<Command> {
             _ => return Err(unexpected(&word)),
         }
     }
-    Ok(Command::BenchEcho { paths, runs })
+    openvmm_bench_paths(vmm, Some(paths))?;
+    Ok(Command::BenchEcho { paths, runs, vmm })
 }
 
 /// Parses the options of `bench failover`.
@@ -225,10 +236,12 @@ fn parse_bench_failover(mut words: Words) -> Result<Command> {
 fn parse_bench_iperf(mut words: Words) -> Result<Command> {
     let mut runs = crate::bench_iperf::DEFAULT_RUNS;
     let mut paths = None;
+    let mut vmm = crate::openvmm_run::Vmm::Qemu;
     while let Some(word) = words.words.next() {
         let (name, inline) = split_option(&word);
         match name.as_str() {
             "--paths" => paths = Some(words.value(&name, inline)?.parse()?),
+            "--vmm" => vmm = words.value(&name, inline)?.parse()?,
             "--runs" => {
                 let text = words.value(&name, inline)?;
                 runs = match text.parse::<usize>() {
@@ -243,7 +256,21 @@ fn parse_bench_iperf(mut words: Words) -> Result<Command> {
             _ => return Err(unexpected(&word)),
         }
     }
-    Ok(Command::BenchIperf { runs, paths })
+    openvmm_bench_paths(vmm, paths)?;
+    Ok(Command::BenchIperf { runs, paths, vmm })
+}
+
+/// The OpenVMM benches measure netvsc only (standalone OpenVMM pairs no VF with it).
+fn openvmm_bench_paths(vmm: crate::openvmm_run::Vmm, paths: Option<NetPaths>) -> Result<()> {
+    match (vmm, paths) {
+        (crate::openvmm_run::Vmm::OpenVmm, Some(NetPaths::Vf | NetPaths::Both)) => {
+            Err(Error::Usage(
+                "the OpenVMM benches measure netvsc only: drop --paths or say --paths virtio"
+                    .to_string(),
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn parse_fuzz(mut words: Words) -> Result<Command> {
@@ -553,14 +580,16 @@ mod tests {
             parse_words("bench iperf").unwrap(),
             Command::BenchIperf {
                 runs: 3,
-                paths: None
+                paths: None,
+                vmm: crate::openvmm_run::Vmm::Qemu,
             }
         );
         assert_eq!(
             parse_words("bench iperf --runs=7 --paths vf").unwrap(),
             Command::BenchIperf {
                 runs: 7,
-                paths: Some(NetPaths::Vf)
+                paths: Some(NetPaths::Vf),
+                vmm: crate::openvmm_run::Vmm::Qemu,
             }
         );
         for paths in [NetPaths::Virtio, NetPaths::Vf, NetPaths::Both] {
@@ -570,7 +599,16 @@ mod tests {
             parse_words("bench iperf --runs 1").unwrap(),
             Command::BenchIperf {
                 runs: 1,
-                paths: None
+                paths: None,
+                vmm: crate::openvmm_run::Vmm::Qemu,
+            }
+        );
+        assert_eq!(
+            parse_words("bench iperf --vmm openvmm --runs 2").unwrap(),
+            Command::BenchIperf {
+                runs: 2,
+                paths: None,
+                vmm: crate::openvmm_run::Vmm::OpenVmm,
             }
         );
         for line in [
@@ -578,6 +616,8 @@ mod tests {
             "bench iperf --runs",
             "bench iperf --runs many",
             "bench iperf --paths sriov",
+            "bench iperf --vmm openvmm --paths vf",
+            "bench iperf --vmm hyperv",
         ] {
             assert!(
                 matches!(parse_words(line), Err(Error::Usage(_))),
@@ -624,16 +664,27 @@ mod tests {
             parse_words("bench echo").unwrap(),
             Command::BenchEcho {
                 paths: NetPaths::Virtio,
-                runs: 3
+                runs: 3,
+                vmm: crate::openvmm_run::Vmm::Qemu,
             }
         );
         assert_eq!(
             parse_words("bench echo --paths vf --runs=5").unwrap(),
             Command::BenchEcho {
                 paths: NetPaths::Vf,
-                runs: 5
+                runs: 5,
+                vmm: crate::openvmm_run::Vmm::Qemu,
             }
         );
+        assert_eq!(
+            parse_words("bench echo --vmm=openvmm").unwrap(),
+            Command::BenchEcho {
+                paths: NetPaths::Virtio,
+                runs: 3,
+                vmm: crate::openvmm_run::Vmm::OpenVmm,
+            }
+        );
+        assert!(parse_words("bench echo --vmm openvmm --paths both").is_err());
         assert_eq!(
             parse_words("bench failover").unwrap(),
             Command::BenchFailover { cycles: 5 }

@@ -75,7 +75,16 @@ fn main() -> ExitCode {
             bench::boot_benchmark(&elf, runs)?;
             Ok(0)
         }
-        cli::Command::BenchEcho { paths, runs } => {
+        cli::Command::BenchEcho {
+            runs,
+            vmm: xtask::openvmm_run::Vmm::OpenVmm,
+            ..
+        } => {
+            tools::ensure_tools(&[tools::Tool::Qemu])?;
+            xtask::bench_openvmm::echo_benchmark(runs)?;
+            Ok(0)
+        }
+        cli::Command::BenchEcho { paths, runs, .. } => {
             tools::ensure_tools(&[tools::Tool::Qemu, tools::Tool::Ip])?;
             xtask::bench_echo::echo_benchmark(paths, runs)?;
             Ok(0)
@@ -86,7 +95,16 @@ fn main() -> ExitCode {
             xtask::bench_failover::failover_benchmark(cycles)?;
             Ok(0)
         }
-        cli::Command::BenchIperf { runs, paths } => {
+        cli::Command::BenchIperf {
+            runs,
+            vmm: xtask::openvmm_run::Vmm::OpenVmm,
+            ..
+        } => {
+            tools::ensure_tools(&[tools::Tool::Qemu, tools::Tool::Iperf3])?;
+            xtask::bench_openvmm::iperf_benchmark(runs)?;
+            Ok(0)
+        }
+        cli::Command::BenchIperf { runs, paths, .. } => {
             tools::ensure_tools(&[tools::Tool::Qemu, tools::Tool::Ip, tools::Tool::Iperf3])?;
             xtask::bench_iperf::iperf_benchmark(runs, paths)?;
             Ok(0)

@@ -36,6 +36,20 @@ pub const BUSYBOX_PACKAGE: &str = "busybox-static";
 pub const KVM_MODULES: &[&str] = &["kvm_amd"];
 /// Modules for L1's NIC (virtio-net on QEMU's user network).
 pub const NET_MODULES: &[&str] = &["virtio_pci", "virtio_net"];
+/// Modules for a tap device in L1 (OpenVMM's `--net tap:` backend opens `/dev/net/tun`).
+pub const TAP_MODULES: &[&str] = &["tun"];
+/// The tap device L1 creates for the guest's synthetic NIC when asked to.
+pub const L1_TAP_DEVICE: &str = "tap0";
+/// L1's address on that tap: a private subnet that exists only inside the L1 VM.
+pub const L1_TAP_ADDRESS: &str = "10.77.0.1";
+/// The prefix length of the tap subnet.
+pub const L1_TAP_PREFIX_LENGTH: u8 = 24;
+/// The guest's static address on the tap subnet (its `ip=`), which L1 pings.
+pub const L1_TAP_GUEST: &str = "10.77.0.2";
+/// What follows [`L1_MARKER`] on each line of L1's ping of the guest.
+pub const PING_REPORT: &str = "ping:";
+/// How many one-second single pings L1 tries while the guest boots before giving up.
+pub const PING_WAIT_TRIES: u32 = 180;
 /// L1's memory: OpenVMM, its guest and the ~50 MB initramfs, with room.
 pub const L1_MEMORY: &str = "1G";
 /// L1's command line.
@@ -216,8 +230,11 @@ impl Cpio {
 pub struct InitConfig {
     /// KVM modules in load order.
     pub kvm_modules: Vec<String>,
-    /// NIC modules in load order.
+    /// NIC modules in load order (L1's own NIC and, with a tap, `tun`).
     pub net_modules: Vec<String>,
+    /// Create [`L1_TAP_DEVICE`] at [`L1_TAP_ADDRESS`] for the guest's NIC and ping the guest
+    /// at [`L1_TAP_GUEST`] once it answers, reporting on the console.
+    pub tap_ping: bool,
     /// `openvmm` arguments.
     pub openvmm_args: Vec<String>,
     /// `OPENVMM_LOG` filter.
@@ -253,7 +270,7 @@ ip link set lo up
 ip link set eth0 up || environment "L1 has no eth0"
 ip addr add {L1_ADDRESS} dev eth0
 ip route add default via {L1_GATEWAY}
-say "KVM ready (kvm_amd), starting OpenVMM"
+{tap}say "KVM ready (kvm_amd), starting OpenVMM"
 OPENVMM_LOG='{log}' {L1_OPENVMM_PATH} {args} </dev/console
 say "{OPENVMM_EXITED} $?"
 poweroff -f
@@ -262,6 +279,36 @@ poweroff -f
         net = modules(&config.net_modules),
         log = config.log_filter.replace('\'', ""),
         args = args.join(" "),
+        tap = if config.tap_ping {
+            tap_ping_script()
+        } else {
+            String::new()
+        },
+    )
+}
+
+/// The part of `/init` that creates the tap for OpenVMM and, in the background, pings the
+/// guest on it: single pings once a second until one is answered (the guest is booting), then
+/// `ping -c 3`, whose two summary lines (counts, round-trip times) are reported after
+/// [`L1_MARKER`] [`PING_REPORT`].
+fn tap_ping_script() -> String {
+    format!(
+        r#"tunctl -t {L1_TAP_DEVICE} >/dev/null || environment "L1 could not create {L1_TAP_DEVICE}"
+ip addr add {L1_TAP_ADDRESS}/{L1_TAP_PREFIX_LENGTH} dev {L1_TAP_DEVICE}
+ip link set {L1_TAP_DEVICE} up
+(
+    tries=0
+    until ping -c 1 -W 1 {L1_TAP_GUEST} >/dev/null 2>&1; do
+        tries=$((tries + 1))
+        if [ $tries -ge {PING_WAIT_TRIES} ]; then
+            say "{PING_REPORT} no answer from {L1_TAP_GUEST} in {PING_WAIT_TRIES} tries"
+            exit 0
+        fi
+        sleep 1
+    done
+    ping -c 3 -W 2 {L1_TAP_GUEST} 2>&1 | tail -n 2 | while read -r line; do say "{PING_REPORT} $line"; done
+) &
+"#
     )
 }
 
@@ -420,26 +467,85 @@ fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|error| Error::io(format!("reading {}", path.display()), error))
 }
 
-/// Writes L1's initramfs to `out`: busybox, modules, OpenVMM and its libraries, the app, /init.
-pub fn build_initramfs(
-    assets: &L1Assets,
-    openvmm_binary: &Path,
-    app: &Path,
-    openvmm_args: &[String],
-    out: &Path,
+/// Adds `program` to `cpio` at `name`, with every shared library `ldd` names for it stored at
+/// the path the dynamic loader will look for (directories made once, tracked in `made_dirs`).
+pub fn add_program_with_libraries(
+    cpio: &mut Cpio,
+    made_dirs: &mut HashSet<String>,
+    program: &Path,
+    name: &str,
 ) -> Result<()> {
-    let index = module_index(&assets.modules_dir)?;
+    let ldd = run_checked(
+        Command::new("ldd").arg(program),
+        &format!("ldd {}", program.display()),
+    )?;
+    for library in libraries_from_ldd(&String::from_utf8_lossy(&ldd)) {
+        for ancestor in library.ancestors().skip(1).collect::<Vec<_>>().iter().rev() {
+            let directory = ancestor
+                .to_string_lossy()
+                .trim_start_matches('/')
+                .to_string();
+            if !directory.is_empty() && made_dirs.insert(directory.clone()) {
+                cpio.directory(&directory);
+            }
+        }
+        let library_name = library
+            .to_string_lossy()
+            .trim_start_matches('/')
+            .to_string();
+        // Two programs may share a library: store it once.
+        if made_dirs.insert(library_name.clone()) {
+            cpio.file(&library_name, 0o755, &read(&library)?);
+        }
+    }
+    cpio.file(name, 0o755, &read(program)?);
+    Ok(())
+}
+
+/// The `.ko` files of `wanted` and their dependencies, in load order, from `modules_dir`.
+pub fn modules_in_load_order(
+    modules_dir: &Path,
+    wanted: &[&str],
+) -> Result<Vec<(String, PathBuf)>> {
+    let index = module_index(modules_dir)?;
     let depends = |name: &str| -> Option<Vec<String>> {
         let path = index.get(name)?;
         std::fs::read(path).ok().map(|bytes| module_depends(&bytes))
     };
-    let kvm_modules = module_load_order(KVM_MODULES, &depends)?;
-    let net_modules = module_load_order(NET_MODULES, &depends)?;
-    let ldd = run_checked(
-        Command::new("ldd").arg(openvmm_binary),
-        &format!("ldd {}", openvmm_binary.display()),
-    )?;
-    let libraries = libraries_from_ldd(&String::from_utf8_lossy(&ldd));
+    let order = module_load_order(wanted, &depends)?;
+    Ok(order
+        .into_iter()
+        .map(|name| {
+            let path = index[&name].clone();
+            (name, path)
+        })
+        .collect())
+}
+
+/// What L1 carries and does besides loading KVM and running OpenVMM.
+#[derive(Clone, Debug, Default)]
+pub struct L1Payload {
+    /// Files to store in L1 (path in L1, contents): the guest's kernel, its initramfs.
+    pub files: Vec<(String, Vec<u8>)>,
+    /// Put the guest's synthetic NIC on a tap in L1 and ping the guest (see [`InitConfig`]).
+    pub tap_ping: bool,
+}
+
+/// Writes L1's initramfs to `out`: busybox, modules, OpenVMM and its libraries, the payload's
+/// files, /init.
+pub fn build_initramfs(
+    assets: &L1Assets,
+    openvmm_binary: &Path,
+    payload: &L1Payload,
+    openvmm_args: &[String],
+    out: &Path,
+) -> Result<()> {
+    let kvm_modules = modules_in_load_order(&assets.modules_dir, KVM_MODULES)?;
+    let mut net_wanted = NET_MODULES.to_vec();
+    if payload.tap_ping {
+        net_wanted.extend(TAP_MODULES);
+    }
+    let net_modules = modules_in_load_order(&assets.modules_dir, &net_wanted)?;
 
     let mut cpio = Cpio::new();
     for dir in [
@@ -464,31 +570,30 @@ pub fn build_initramfs(
         0o644,
         format!("nameserver {L1_DNS}\n").as_bytes(),
     );
-    let mut made_dirs = HashSet::new();
-    for library in &libraries {
-        // Store each library at the path the dynamic loader will look for, as a real file.
-        for ancestor in library.ancestors().skip(1).collect::<Vec<_>>().iter().rev() {
-            let name = ancestor
-                .to_string_lossy()
-                .trim_start_matches('/')
-                .to_string();
-            if !name.is_empty() && made_dirs.insert(name.clone()) {
-                cpio.directory(&name);
-            }
-        }
-        cpio.file(&library.to_string_lossy(), 0o755, &read(library)?);
-    }
-    for name in kvm_modules.iter().chain(&net_modules) {
-        let path = &index[name];
+    let mut made_dirs: HashSet<String> = ["tandem".to_string()].into();
+    add_program_with_libraries(&mut cpio, &mut made_dirs, openvmm_binary, L1_OPENVMM_PATH)?;
+    for (name, path) in kvm_modules.iter().chain(&net_modules) {
         cpio.file(&format!("tandem/modules/{name}.ko"), 0o644, &read(path)?);
     }
-    cpio.file(L1_OPENVMM_PATH, 0o755, &read(openvmm_binary)?);
-    cpio.file(L1_APP_PATH, 0o644, &read(app)?);
+    for (name, contents) in &payload.files {
+        let name = name.trim_start_matches('/');
+        let parents: Vec<&Path> = Path::new(name).ancestors().skip(1).collect();
+        for parent in parents.iter().rev() {
+            let parent = parent.to_string_lossy().to_string();
+            if !parent.is_empty() && made_dirs.insert(parent.clone()) {
+                cpio.directory(&parent);
+            }
+        }
+        cpio.file(name, 0o644, contents);
+    }
     let log_filter =
         std::env::var("OPENVMM_LOG").unwrap_or_else(|_| openvmm::DEFAULT_LOG_FILTER.to_string());
+    let names =
+        |modules: &[(String, PathBuf)]| modules.iter().map(|(name, _)| name.clone()).collect();
     let script = init_script(&InitConfig {
-        kvm_modules,
-        net_modules,
+        kvm_modules: names(&kvm_modules),
+        net_modules: names(&net_modules),
+        tap_ping: payload.tap_ping,
         openvmm_args: openvmm_args.to_vec(),
         log_filter,
     });
@@ -672,6 +777,7 @@ mod tests {
                 "kvm_amd".into(),
             ],
             net_modules: vec!["virtio_net".into()],
+            tap_ping: false,
             openvmm_args: vec!["--hv".into(), "-c".into(), "log=debug echo.port=7".into()],
             log_filter: "info".into(),
         });
@@ -681,6 +787,32 @@ mod tests {
         assert!(svm < kvm && kvm < run.unwrap(), "{script}");
         assert!(script.contains("TANDEM-L1: $*"));
         assert!(script.contains("openvmm exited with status $?"));
+    }
+
+    #[test]
+    fn with_a_tap_init_creates_it_before_openvmm_and_pings_the_guest_in_the_background() {
+        let config = |tap_ping| InitConfig {
+            kvm_modules: vec!["kvm_amd".into()],
+            net_modules: vec!["virtio_net".into(), "tun".into()],
+            tap_ping,
+            openvmm_args: vec!["--net".into(), "tap:tap0".into()],
+            log_filter: "info".into(),
+        };
+        let script = init_script(&config(true));
+        let tap = script.find("tunctl -t tap0").unwrap();
+        let address = script.find("ip addr add 10.77.0.1/24 dev tap0").unwrap();
+        let ping = script.find("ping -c 3 -W 2 10.77.0.2").unwrap();
+        let openvmm = script.find("/tandem/openvmm --net tap:tap0").unwrap();
+        assert!(
+            tap < address && address < ping && ping < openvmm,
+            "{script}"
+        );
+        assert!(
+            script.contains(") &\n"),
+            "the ping waits in the background: {script}"
+        );
+        assert!(script.contains("say \"ping: $line\""));
+        assert!(!init_script(&config(false)).contains("tunctl"));
     }
 
     fn lines(text: &str) -> Vec<String> {

@@ -17,8 +17,9 @@ use crate::error::{Error, Result};
 use crate::image;
 use crate::machine::{HostForward, NetPaths, Protocol};
 
-/// Cargo features of the one `openvmm` build this project uses (KVM backend, consomme).
-pub const FEATURES: &str = "virt_kvm,net_consomme";
+/// Cargo features of the one `openvmm` build this project uses (KVM backend, consomme, and
+/// tap for the ping test: consomme carries no ICMP from outside).
+pub const FEATURES: &str = "virt_kvm,net_consomme,net_tap";
 /// Console line prefix with which the kernel announces its exit code (`guest_kernel::exit`).
 pub const EXIT_MARKER: &str = "tandem: exit code";
 /// `--guest-reset-action exit:N`: the guest reset (or asked for a reboot).
@@ -163,6 +164,11 @@ pub struct VmConfig {
     /// Forwards listen on every host address (nested: L1's QEMU delivers to L1's own NIC
     /// address), else on 127.0.0.1 only.
     pub listen_on_all_addresses: bool,
+    /// The synthetic NIC's backend is this tap device instead of consomme (whose `hostfwd`
+    /// carries only TCP and UDP: a tap carries ICMP too). The forwards then go nowhere.
+    pub synthetic_tap: Option<String>,
+    /// A Linux initramfs (`--initrd`), for a Linux guest.
+    pub initrd: Option<PathBuf>,
 }
 
 /// A memory size in QEMU syntax (`64M`) as OpenVMM writes it (`64MB`).
@@ -224,11 +230,18 @@ pub fn openvmm_args(config: &VmConfig) -> Vec<String> {
     .iter()
     .map(|arg| arg.to_string())
     .collect();
+    if let Some(initrd) = &config.initrd {
+        args.push("--initrd".to_string());
+        args.push(initrd.display().to_string());
+    }
     let all = config.listen_on_all_addresses;
     let synthetic = matches!(config.paths, NetPaths::Virtio | NetPaths::Both);
     if synthetic {
         args.push("--net".to_string());
-        args.push(consomme_endpoint(None, &config.forwards, all));
+        args.push(match &config.synthetic_tap {
+            Some(tap) => format!("tap:{tap}"),
+            None => consomme_endpoint(None, &config.forwards, all),
+        });
     }
     if matches!(config.paths, NetPaths::Vf | NetPaths::Both) {
         // The forwards go to one NIC only (two listeners cannot share a port); without
@@ -370,6 +383,8 @@ mod tests {
                 forward(Protocol::Udp, 7007, 7),
             ],
             listen_on_all_addresses: false,
+            synthetic_tap: None,
+            initrd: None,
         }
     }
 
@@ -409,6 +424,20 @@ mod tests {
             value_after(&args, "--mana"),
             ["pcie_port=rp0:consomme:10.1.0.0/24,hostfwd=tcp::7007-:7,hostfwd=udp::7007-:7"]
         );
+    }
+
+    #[test]
+    fn a_tap_backend_replaces_consomme_and_an_initrd_is_passed() {
+        let mut linux = config(NetPaths::Virtio);
+        linux.synthetic_tap = Some("tap0".to_string());
+        linux.initrd = Some(PathBuf::from("/tandem/linux/initrd.cpio"));
+        let args = openvmm_args(&linux);
+        assert_eq!(value_after(&args, "--net"), ["tap:tap0"]);
+        assert_eq!(
+            value_after(&args, "--initrd"),
+            ["/tandem/linux/initrd.cpio"]
+        );
+        assert!(value_after(&openvmm_args(&config(NetPaths::Virtio)), "--initrd").is_empty());
     }
 
     #[test]

@@ -84,21 +84,39 @@ pub struct GuestSpec {
     pub paths: NetPaths,
     /// Host port forwards (127.0.0.1 on this host).
     pub forwards: Vec<HostForward>,
+    /// Nested only: the synthetic NIC (netvsc) sits on a tap in L1 instead of consomme, the
+    /// guest takes the static address [`nested::L1_TAP_GUEST`] on L1's private tap subnet,
+    /// and L1 pings it (ICMP, which consomme's `hostfwd` cannot carry); the forwards go
+    /// nowhere.
+    pub l1_tap_ping: bool,
 }
 
 impl GuestSpec {
     fn vm_config(&self, placement: Placement) -> VmConfig {
+        let mut cmdline = self.cmdline.clone();
+        if self.l1_tap_ping {
+            cmdline = format!(
+                "{cmdline} ip={}/{} gw={}",
+                nested::L1_TAP_GUEST,
+                nested::L1_TAP_PREFIX_LENGTH,
+                nested::L1_TAP_ADDRESS
+            )
+            .trim_start()
+            .to_string();
+        }
         VmConfig {
             kernel: match placement {
                 Placement::Direct => self.app.clone(),
                 Placement::Nested => PathBuf::from(nested::L1_APP_PATH),
             },
-            cmdline: self.cmdline.clone(),
+            cmdline,
             memory: self.memory.clone(),
             processors: 1,
             paths: self.paths,
             forwards: self.forwards.clone(),
             listen_on_all_addresses: placement == Placement::Nested,
+            synthetic_tap: self.l1_tap_ping.then(|| nested::L1_TAP_DEVICE.to_string()),
+            initrd: None,
         }
     }
 }
@@ -108,15 +126,36 @@ pub fn fetch_l1_assets() -> Result<nested::L1Assets> {
     nested::fetch_assets(&crate::image::target_dir()?.join("openvmm-l1"))
 }
 
+/// Where the initramfs of an L1 labelled `name` is written (under `target/openvmm-l1/`, one
+/// per process so parallel tests do not share one).
+pub fn l1_initramfs_path(name: &str) -> Result<PathBuf> {
+    let file = format!(
+        "{}-{}.cpio",
+        name.replace(|c: char| !c.is_ascii_alphanumeric(), "-"),
+        std::process::id()
+    );
+    Ok(crate::image::target_dir()?.join("openvmm-l1").join(file))
+}
+
+/// The `openvmm` arguments L1 runs for `spec`.
+pub fn nested_openvmm_args(spec: &GuestSpec) -> Vec<String> {
+    openvmm::openvmm_args(&spec.vm_config(Placement::Nested))
+}
+
 /// Builds OpenVMM, fetches the L1 assets and writes the initramfs for `spec`; returns the L1
 /// assets and the initramfs path (under `target/openvmm-l1/`).
 pub fn prepare_nested(spec: &GuestSpec, name: &str) -> Result<(nested::L1Assets, PathBuf)> {
     let binary = openvmm::build()?;
-    let cache = crate::image::target_dir()?.join("openvmm-l1");
     let assets = fetch_l1_assets()?;
-    let initramfs = cache.join(format!("{name}-{}.cpio", std::process::id()));
-    let args = openvmm::openvmm_args(&spec.vm_config(Placement::Nested));
-    nested::build_initramfs(&assets, &binary, &spec.app, &args, &initramfs)?;
+    let initramfs = l1_initramfs_path(name)?;
+    let args = nested_openvmm_args(spec);
+    let app = std::fs::read(&spec.app)
+        .map_err(|error| Error::io(format!("reading {}", spec.app.display()), error))?;
+    let payload = nested::L1Payload {
+        files: vec![(nested::L1_APP_PATH.to_string(), app)],
+        tap_ping: spec.l1_tap_ping,
+    };
+    nested::build_initramfs(&assets, &binary, &payload, &args, &initramfs)?;
     Ok((assets, initramfs))
 }
 
@@ -131,8 +170,28 @@ impl NestedGuest {
     /// Boots `spec` under OpenVMM in a fresh L1 labelled `label`.
     pub fn spawn(label: &str, spec: &GuestSpec) -> Result<NestedGuest> {
         let (assets, initramfs) = prepare_nested(spec, label)?;
-        let l1 = nested::l1_qemu(label, &assets, &initramfs, &spec.forwards).spawn()?;
-        Ok(NestedGuest { l1, initramfs })
+        Self::boot(label, &assets, initramfs, &spec.forwards, true)
+    }
+
+    /// Boots L1 from a prepared `initramfs` (removed when the guest is dropped) with the host
+    /// `forwards`; `echo` copies L1's console to this process's stderr.
+    pub fn boot(
+        label: &str,
+        assets: &nested::L1Assets,
+        initramfs: PathBuf,
+        forwards: &[HostForward],
+        echo: bool,
+    ) -> Result<NestedGuest> {
+        let l1 = nested::l1_qemu(label, assets, &initramfs, forwards)
+            .echo(echo)
+            .spawn();
+        match l1 {
+            Ok(l1) => Ok(NestedGuest { l1, initramfs }),
+            Err(error) => {
+                let _ = std::fs::remove_file(&initramfs);
+                Err(error)
+            }
+        }
     }
 
     /// Waits for the next console line containing `needle`; an environment failure that
@@ -176,6 +235,10 @@ pub fn run(spec: &GuestSpec) -> Result<i32> {
         );
     }
     let outcome = match placement {
+        Placement::Direct if spec.l1_tap_ping => Err(Error::Usage(
+            "the tap-and-ping set-up exists only nested (it would touch this host's network)"
+                .to_string(),
+        )),
         Placement::Direct => run_direct(spec),
         Placement::Nested => run_nested(spec),
     };
@@ -286,6 +349,7 @@ pub fn spec_for_app(
         memory: memory.to_string(),
         paths,
         forwards: crate::machine::app_forwards(app_name),
+        l1_tap_ping: false,
     }
 }
 
