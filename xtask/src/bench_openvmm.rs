@@ -31,6 +31,8 @@ pub const IPERF_SECONDS: u32 = crate::bench_iperf::RUN_SECONDS;
 pub const ROUND_TRIP_WINDOW: Duration = Duration::from_secs(3);
 /// Bytes the bulk echo client streams (two user-mode NATs make the path slow: ~MB/s).
 pub const BULK_BYTES: usize = 4 << 20;
+/// Pause before each client run (the same for both guests).
+const PAUSE_BETWEEN_RUNS: Duration = Duration::from_secs(2);
 /// Time from starting L1 to the guest serving (L1 boots under TCG, the guest under nested KVM).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 /// Time one iperf3 run may take beyond its `-t` and `-O`.
@@ -355,6 +357,8 @@ pub fn iperf_benchmark(runs: usize) -> Result<()> {
         let measuring = Instant::now();
         for (row, direction) in rows.iter_mut().zip([Direction::In, Direction::Out]) {
             for run in 1..=runs {
+                // Both NATs and the iperf3 servers settle the previous test's connections.
+                std::thread::sleep(PAUSE_BETWEEN_RUNS);
                 let mbits = iperf_run(port, direction);
                 if let Ok(mbits) = &mbits {
                     eprintln!(
@@ -416,6 +420,7 @@ pub fn echo_benchmark(runs: usize) -> Result<()> {
             eprintln!("xtask: bench: {} warm-up failed: {error}", contender.name());
         }
         for run in 1..=runs {
+            std::thread::sleep(PAUSE_BETWEEN_RUNS);
             let tcp = tcp_round_trips(address, ROUND_TRIP_WINDOW);
             let udp = udp_round_trips(Ipv4Addr::LOCALHOST, address, false, ROUND_TRIP_WINDOW);
             let bulk = bulk_throughput(address, BULK_BYTES);

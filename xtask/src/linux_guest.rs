@@ -79,8 +79,15 @@ done
 udhcpc -i eth0 -s /etc/udhcpc.script -f -q -n -t 20 -T 1 >/dev/null 2>&1 || say "{FAILED} no DHCP lease"
 say "eth0 $(ip -4 addr show dev eth0 | grep inet)"
 iperf3 -s -p {IPERF_PORT} -D
-socat TCP-LISTEN:{ECHO_PORT},fork,reuseaddr PIPE &
-socat -T 10 UDP-LISTEN:{ECHO_PORT},fork,reuseaddr PIPE &
+socat -b 65536 TCP-LISTEN:{ECHO_PORT},fork,reuseaddr PIPE &
+socat -b 65536 -T 10 UDP-LISTEN:{ECHO_PORT},fork,reuseaddr PIPE &
+# consomme accepts a forwarded connection before the guest does: announce only once all listen.
+tries=0
+until netstat -ltn | grep -q ":{IPERF_PORT} " && netstat -ltn | grep -q ":{ECHO_PORT} " && netstat -lun | grep -q ":{ECHO_PORT} "; do
+    tries=$((tries + 1))
+    [ $tries -ge 300 ] && say "{FAILED} iperf3 or socat is not listening" && break
+    sleep 0.1
+done
 say "{SERVING} iperf3 on {IPERF_PORT}, echo on {ECHO_PORT} (TCP and UDP)"
 while true; do sleep 3600; done
 "#,
@@ -161,7 +168,10 @@ mod tests {
             serving < modules && modules < lease && lease < iperf,
             "{script}"
         );
-        assert!(script.contains("socat TCP-LISTEN:7,fork,reuseaddr PIPE &"));
+        assert!(script.contains("socat -b 65536 TCP-LISTEN:7,fork,reuseaddr PIPE &"));
+        let listening = script.find("netstat -ltn | grep -q \":5201 \"").unwrap();
+        let announced = script.find("say \"serving").unwrap();
+        assert!(iperf < listening && listening < announced, "{script}");
         assert!(script.contains("UDP-LISTEN:7,fork,reuseaddr PIPE &"));
         // pid 1 must never end.
         assert!(
