@@ -1,25 +1,24 @@
 //! Hyper-V network bring-up: the SynIC, the VMBus connection, the netvsc offer and the netvsc
 //! driver on its channel, as the synthetic path the bond takes in place of virtio-net.
 //!
-//! VMBus host messages and channel events are pumped by the netvsc channel adapter whenever
-//! the driver polls or waits (every event-loop round); the SINT 2 interrupt wakes the loop.
+//! VMBus host messages and channel events are pumped by the shared hub
+//! ([`crate::hyperv::vmbus_hub`]) whenever a driver polls or waits (every event-loop round);
+//! the SINT 2 interrupt wakes the loop.
 
 use alloc::boxed::Box;
 use alloc::format;
-use alloc::rc::Rc;
 use alloc::string::ToString;
 use alloc::vec::Vec;
-use core::cell::RefCell;
 
 use net_device::NetDevice;
-use netvsc_fallback::netvsc::{Netvsc, NetvscChannel, NetvscConfig};
+use netvsc_fallback::netvsc::{Netvsc, NetvscChannel, NetvscConfig, VmbusNetvscChannel};
 use vmbus::{ClientConfig, OpenParams, VmbusClient};
 use zerocopy::IntoBytes;
 
 use crate::error::KernelError;
 use crate::hyperv::bringup::{self, NetvscUp, OfferSummary};
-use crate::hyperv::netvsc_channel::VmbusNetvscChannel;
 use crate::hyperv::port::KernelPort;
+use crate::hyperv::vmbus_hub::{HubChannelControl, VmbusHub};
 use crate::hyperv::{HyperV, synic};
 use crate::mm::heap::KernelDma;
 
@@ -78,16 +77,17 @@ pub fn start_netvsc(hyper_v: &HyperV) -> Result<Box<dyn NetDevice>, KernelError>
             nic.relid
         );
     }
-    let client = Rc::new(RefCell::new(client));
-    let channel = client
+    let hub = VmbusHub::shared(client);
+    let channel = hub
         .borrow_mut()
+        .client_mut()
         .open_channel(
             nic.relid,
             &OpenParams::new(RING_DATA_PAGES, RING_DATA_PAGES),
             &KernelDma,
         )
         .map_err(|error| vmbus_error("netvsc channel open", error))?;
-    let adapter = VmbusNetvscChannel::new(client.clone(), nic.relid, channel);
+    let adapter = VmbusNetvscChannel::new(channel, HubChannelControl::new(hub.clone()));
     let name = format!("netvsc relid {}", nic.relid);
     let config = NetvscConfig {
         name: name.clone(),
