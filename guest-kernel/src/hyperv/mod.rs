@@ -21,6 +21,7 @@ pub mod port;
 #[cfg(not(any(test, feature = "host")))]
 pub mod synic;
 pub mod vmbus_hub;
+pub mod vpci_vf;
 
 use core::arch::x86_64::CpuidResult;
 
