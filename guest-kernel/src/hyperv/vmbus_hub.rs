@@ -290,6 +290,27 @@ impl<P: HypervisorPort> HubVpciPort<P> {
     }
 }
 
+impl<P: HypervisorPort> Drop for HubVpciPort<P> {
+    /// A port dropped open (e.g. by a failed probe) closes its channel, so the host stops
+    /// using the rings before their memory goes; with the hub busy the rings are kept forever.
+    fn drop(&mut self) {
+        let Some(channel) = self.channel.take() else {
+            return;
+        };
+        match self.hub.try_borrow_mut() {
+            Ok(mut hub) => {
+                if let Err(error) = hub.client_mut().close_channel(channel) {
+                    log::warn!(
+                        "vpci: closing relid {}: {error} (ring memory kept)",
+                        self.relid
+                    );
+                }
+            }
+            Err(_) => core::mem::forget(channel),
+        }
+    }
+}
+
 impl<P: HypervisorPort> VpciPort for HubVpciPort<P> {
     fn send(&mut self, packet: &vmbus::OutgoingPacket<'_>) -> Result<(), VmbusError> {
         if self.hub.borrow().is_rescinded(self.relid) {
@@ -546,8 +567,12 @@ mod tests {
             port.send(&vmbus::OutgoingPacket::in_band(10, true, &[&[7; 8]])),
             Err(VmbusError::Rescinded { .. })
         ));
-        port.close();
-        assert_eq!(host.released(), [VPCI_RELID]);
+        drop(port);
+        assert_eq!(
+            host.released(),
+            [VPCI_RELID],
+            "dropping the port closed the channel"
+        );
         // The host offers a new vPCI bus on the released relid: a late offer, not rescinded.
         host.offer(offer_message(interface::VPCI, VPCI_RELID, 0x2006));
         let offer = hub.borrow_mut().take_late_offer().expect("late offer kept");
