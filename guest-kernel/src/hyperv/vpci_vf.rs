@@ -777,15 +777,16 @@ impl<F: VfPlatform> VfHook<F> {
     }
 }
 
-/// netvsc plus the VF hook, as the bond's synthetic path: polling it runs the hook.
-pub struct HyperVNic<C: NetvscChannel, F: VfPlatform> {
-    netvsc: Netvsc<C>,
+/// The synthetic NIC (netvsc) plus the VF hook, as the bond's synthetic path: polling it runs
+/// the hook right after the NIC, so association changes are acted on in the same round.
+pub struct HyperVNic<S: NetDevice + SyntheticSide, F: VfPlatform> {
+    netvsc: S,
     hook: VfHook<F>,
 }
 
-impl<C: NetvscChannel, F: VfPlatform> HyperVNic<C, F> {
+impl<S: NetDevice + SyntheticSide, F: VfPlatform> HyperVNic<S, F> {
     /// netvsc with its hook.
-    pub fn new(netvsc: Netvsc<C>, hook: VfHook<F>) -> Self {
+    pub fn new(netvsc: S, hook: VfHook<F>) -> Self {
         HyperVNic { netvsc, hook }
     }
 
@@ -795,7 +796,7 @@ impl<C: NetvscChannel, F: VfPlatform> HyperVNic<C, F> {
     }
 }
 
-impl<C: NetvscChannel, F: VfPlatform> NetDevice for HyperVNic<C, F> {
+impl<S: NetDevice + SyntheticSide, F: VfPlatform> NetDevice for HyperVNic<S, F> {
     fn name(&self) -> &str {
         self.netvsc.name()
     }

@@ -537,3 +537,173 @@ fn mmio_is_carved_aligned_below_4_gib_and_reused() {
     assert_eq!(pool.carve(0x10_0000, 0x10_0000), Some(bars), "reused");
     assert!(pool.carve(1 << 30, 4096).is_none());
 }
+
+/// A synthetic NIC with Hyper-V's data-path switch, the hook behind it, and the real bond.
+mod with_the_bond {
+    use super::*;
+    use net_stack::{Bond, BondConfig, PathId};
+
+    const MS: u64 = 1_000_000;
+
+    /// What the test controls and sees of the synthetic NIC's host.
+    #[derive(Default)]
+    struct SwitchHost {
+        /// SWITCH_DATA_PATH requests, `true` = to the VF.
+        requests: Vec<bool>,
+        /// Completions are held back until released.
+        hold: bool,
+        /// A request whose completion is due.
+        pending: Option<bool>,
+        path: Option<HostPath>,
+        events: VecDeque<VfEvent>,
+        association: Option<VfAssociation>,
+    }
+
+    /// The synthetic NIC: link up, no traffic, a host that completes switches on the next
+    /// poll unless held (netvsc's own switch logic is tested in netvsc-fallback).
+    struct SwitchingNic(Rc<RefCell<SwitchHost>>);
+
+    impl HostDataPath for SwitchingNic {
+        fn state(&self) -> HostPath {
+            self.0.borrow().path.unwrap_or(HostPath::Synthetic)
+        }
+        fn vf_associated(&self) -> bool {
+            self.0
+                .borrow()
+                .association
+                .is_some_and(|known| known.allocated)
+        }
+        fn request(&mut self, to_vf: bool) -> bool {
+            let mut host = self.0.borrow_mut();
+            let state = host.path.unwrap_or(HostPath::Synthetic);
+            let already = if to_vf {
+                matches!(state, HostPath::SwitchingToVf | HostPath::Vf)
+            } else {
+                matches!(state, HostPath::SwitchingToSynthetic | HostPath::Synthetic)
+            };
+            if already {
+                return false;
+            }
+            host.requests.push(to_vf);
+            host.pending = Some(to_vf);
+            host.path = Some(if to_vf {
+                HostPath::SwitchingToVf
+            } else {
+                HostPath::SwitchingToSynthetic
+            });
+            true
+        }
+    }
+
+    impl SyntheticSide for SwitchingNic {
+        fn take_vf_event(&mut self) -> Option<VfEvent> {
+            self.0.borrow_mut().events.pop_front()
+        }
+        fn association(&self) -> Option<VfAssociation> {
+            self.0.borrow().association
+        }
+        fn mac(&self) -> MacAddress {
+            MAC
+        }
+        fn data_path(&self) -> HostPath {
+            self.state()
+        }
+        fn request_synthetic(&mut self) {
+            let _sent = self.request(false);
+        }
+    }
+
+    impl NetDevice for SwitchingNic {
+        fn name(&self) -> &str {
+            "netvsc"
+        }
+        fn mac_address(&self) -> MacAddress {
+            MAC
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::default()
+        }
+        fn link_state(&self) -> LinkState {
+            LinkState::Up
+        }
+        fn poll(&mut self, _now_ns: u64) {
+            let mut host = self.0.borrow_mut();
+            if !host.hold
+                && let Some(to_vf) = host.pending.take()
+            {
+                host.path = Some(if to_vf {
+                    HostPath::Vf
+                } else {
+                    HostPath::Synthetic
+                });
+            }
+        }
+        fn receive(&mut self, _budget: usize, _sink: &mut dyn FnMut(&[u8], RxMeta)) -> usize {
+            0
+        }
+        fn can_transmit(&self) -> bool {
+            true
+        }
+        fn transmit(
+            &mut self,
+            _len: usize,
+            _fill: &mut dyn FnMut(&mut [u8]) -> TxMeta,
+        ) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn flush(&mut self) {}
+        fn stats(&self) -> Stats {
+            Stats::default()
+        }
+        fn stop(&mut self) {}
+        fn mark_gone(&mut self) {}
+        fn host_data_path(&mut self) -> Option<&mut dyn HostDataPath> {
+            Some(self)
+        }
+    }
+
+    #[test]
+    fn the_bond_uses_the_vf_after_the_switch_and_leaves_it_before_the_eject_is_acknowledged() {
+        let switch_host = Rc::new(RefCell::new(SwitchHost::default()));
+        let (vpci_host, hook, slot, _) = setup(MAC);
+        let nic = SwitchingNic(switch_host.clone());
+        let mut bond = Bond::new(
+            Box::new(HyperVNic::new(nic, hook)),
+            1500,
+            BondConfig::default(),
+        );
+        bond.attach_vf(Box::new(slot), 0).unwrap();
+        bond.poll(0);
+        assert_eq!(bond.active_path(), PathId::Synthetic, "empty slot");
+
+        // Association (the vPCI bus is already offered): the VF is paired on the next poll
+        // and used once the hold-down passed and the host completed SWITCH_DATA_PATH(VF).
+        switch_host.borrow_mut().association = Some(VfAssociation {
+            allocated: true,
+            serial_number: SERIAL,
+        });
+        bond.poll(MS);
+        assert_eq!(bond.active_path(), PathId::Synthetic, "hold-down first");
+        bond.poll(100 * MS);
+        assert_eq!(switch_host.borrow().requests, [true]);
+        assert_eq!(bond.active_path(), PathId::Synthetic, "completion awaited");
+        bond.poll(101 * MS);
+        assert_eq!(bond.active_path(), PathId::Vf);
+
+        // EJECT while the host holds its completion back: off the VF at once, the switch back
+        // asked, no EJECTION_COMPLETE yet.
+        switch_host.borrow_mut().hold = true;
+        vpci_host.borrow_mut().eject();
+        bond.poll(200 * MS);
+        assert_eq!(bond.active_path(), PathId::Synthetic);
+        assert_eq!(switch_host.borrow().requests, [true, false]);
+        assert_eq!(vpci_host.borrow().count(message::EJECTION_COMPLETE), 0);
+        bond.poll(300 * MS);
+        assert_eq!(vpci_host.borrow().count(message::EJECTION_COMPLETE), 0);
+        // The host confirms: the VF is stopped and the eject acknowledged.
+        switch_host.borrow_mut().hold = false;
+        bond.poll(400 * MS);
+        assert_eq!(vpci_host.borrow().count(message::EJECTION_COMPLETE), 1);
+        assert_eq!(bond.stats().host_data_path, Some(HostPath::Synthetic));
+    }
+}
