@@ -151,10 +151,16 @@ pub fn present_function<P: VpciPort, W: RegisterIo>(
         reserved: Vec::new(),
         last_bus: 0,
     };
-    let mut pci = PciBus::new(VpciConfig::new(bus.clone()), root);
+    let config = VpciConfig::new(bus.clone());
+    let address = wslot_address(wslot);
+    // What the host left in the BAR registers means nothing to this guest (Linux
+    // `prepopulate_bars` overwrites them too): unassigned, the PCI layer places them.
+    for index in 0..6u16 {
+        config.write32(address, crate::pci::config::reg::BAR0 + 4 * index, 0);
+    }
+    let mut pci = PciBus::new(config, root);
     pci.scan();
     let report = pci.assign_resources();
-    let address = wslot_address(wslot);
     let device = pci.device(address).ok_or(KernelError::HyperV {
         step: "vPCI function enumeration",
         reason: format!("wslot {wslot:#x} does not answer through the config window"),

@@ -218,6 +218,8 @@ fn host() -> Host {
                 prefetchable: false,
             },
         )
+        // The host's leftover BAR value, outside the guest's MMIO: must not be kept.
+        .with_bar_address(0, 0xe000_0000)
         .with_capability(0x40, 0x11, &[3, 0, 0x00, 0x40, 0, 0, 0x00, 0x50, 0, 0]);
     host.borrow().config.insert(wslot_address(WSLOT), function);
     host
