@@ -143,6 +143,10 @@ pub enum CallCode {
     PostMessage = 0x005c,
     /// HvSignalEvent: fast call, input = [`signal_event_input`] in RDX.
     SignalEvent = 0x005d,
+    /// HvRetargetDeviceInterrupt: slow call, input = [`RetargetDeviceInterruptInput`] in
+    /// memory. Tells the hypervisor where a vPCI device's MSI goes (it remaps device
+    /// interrupts itself; Linux `hv_arch_irq_unmask`).
+    RetargetDeviceInterrupt = 0x007e,
 }
 
 /// The control word (RCX) for a simple (non-rep) hypercall.
@@ -615,5 +619,96 @@ mod tests {
             64
         );
         assert_eq!(words, [(2, u64::MAX)]);
+    }
+}
+
+/// The caller's own partition, for hypercalls that name a partition.
+pub const PARTITION_ID_SELF: u64 = u64::MAX;
+/// Interrupt source "MSI" of an interrupt entry.
+pub const INTERRUPT_SOURCE_MSI: u32 = 1;
+/// Target flag: the interrupt may go to any processor in the mask (multicast).
+pub const DEVICE_INTERRUPT_TARGET_MULTICAST: u32 = 1;
+
+/// HvRetargetDeviceInterrupt input (hypercall 0x7e; layout as OpenVMM's `hvdef` and Linux
+/// `struct retarget_msi_interrupt`): partition, device id, the MSI entry (source, reserved,
+/// address low dword, data), reserved, then the target (vector, flags, processor mask).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, IntoBytes, FromBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct RetargetDeviceInterruptInput {
+    /// [`PARTITION_ID_SELF`].
+    pub partition_id: u64,
+    /// [`vpci_device_id`] of the function.
+    pub device_id: u64,
+    /// [`INTERRUPT_SOURCE_MSI`].
+    pub source: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+    /// The MSI address (low 32 bits) programmed into the MSI-X entry.
+    pub msi_address: u32,
+    /// The MSI data programmed into the MSI-X entry.
+    pub msi_data: u32,
+    /// Reserved, zero.
+    pub reserved2: u64,
+    /// The CPU vector.
+    pub vector: u32,
+    /// Target flags ([`DEVICE_INTERRUPT_TARGET_MULTICAST`]).
+    pub flags: u32,
+    /// Processor mask: bit n = virtual processor n (VPs 0–63).
+    pub processor_mask: u64,
+}
+
+/// The device id Hyper-V knows a vPCI function by: bytes 4–7 of the bus's instance GUID (as
+/// offered) and the function number, laid out as Linux `hv_build_pci_dev_id` does
+/// (b5 << 24 | b4 << 16 | b7 << 8 | (b6 & 0xf8) | function).
+pub fn vpci_device_id(instance: &[u8; 16], function: u8) -> u64 {
+    (u64::from(instance[5]) << 24)
+        | (u64::from(instance[4]) << 16)
+        | (u64::from(instance[7]) << 8)
+        | u64::from(instance[6] & 0xf8)
+        | u64::from(function & 7)
+}
+
+impl RetargetDeviceInterruptInput {
+    /// The input that sends MSI `(address, data)` of `device_id` to `vector` on processor
+    /// `vp` (0–63; `None` beyond).
+    pub fn new(device_id: u64, address: u64, data: u32, vector: u8, vp: u32) -> Option<Self> {
+        Some(RetargetDeviceInterruptInput {
+            partition_id: PARTITION_ID_SELF,
+            device_id,
+            source: INTERRUPT_SOURCE_MSI,
+            reserved: 0,
+            msi_address: address as u32,
+            msi_data: data,
+            reserved2: 0,
+            vector: u32::from(vector),
+            flags: DEVICE_INTERRUPT_TARGET_MULTICAST,
+            processor_mask: 1u64.checked_shl(vp)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod retarget_tests {
+    use super::*;
+
+    #[test]
+    fn retarget_input_is_56_bytes_in_hypervisor_order() {
+        let instance = [
+            0, 1, 2, 3, 0x44, 0x55, 0x6f, 0x77, 8, 9, 10, 11, 12, 13, 14, 15,
+        ];
+        let device_id = vpci_device_id(&instance, 1);
+        assert_eq!(device_id, 0x5544_7769);
+        let input =
+            RetargetDeviceInterruptInput::new(device_id, 0xfee0_0000, 0x4041, 0x41, 2).unwrap();
+        let bytes = input.as_bytes();
+        assert_eq!(bytes.len(), 56);
+        assert_eq!(&bytes[0..8], &u64::MAX.to_le_bytes());
+        assert_eq!(&bytes[8..16], &0x5544_7769u64.to_le_bytes());
+        assert_eq!(&bytes[16..20], &1u32.to_le_bytes(), "MSI source");
+        assert_eq!(&bytes[24..28], &0xfee0_0000u32.to_le_bytes());
+        assert_eq!(&bytes[28..32], &0x4041u32.to_le_bytes());
+        assert_eq!(&bytes[40..44], &0x41u32.to_le_bytes(), "vector");
+        assert_eq!(&bytes[48..56], &4u64.to_le_bytes(), "VP 2");
+        assert!(RetargetDeviceInterruptInput::new(1, 0, 0, 0x41, 64).is_none());
     }
 }

@@ -11,16 +11,17 @@
 //! Submodules: [`abi`] (hypercall and SynIC encodings, pure), [`synic`] (the enlightenments
 //! VMBus needs: hypercall page, post/signal, SynIC pages, SINT 2; the only other `unsafe`) and
 //! [`bringup`] (which synthetic NIC to start and what the console says, pure), [`port`] (the
-//! `vmbus::HypervisorPort` the VMBus client runs on) and [`netvsc_channel`] (netvsc's channel
-//! over the VMBus client, generic over the port).
+//! `vmbus::HypervisorPort` the VMBus client runs on) and [`vmbus_hub`] (the one VMBus client
+//! shared by netvsc and vPCI, generic over the port).
 
 pub mod abi;
 pub mod bringup;
-pub mod netvsc_channel;
 #[cfg(not(any(test, feature = "host")))]
 pub mod port;
 #[cfg(not(any(test, feature = "host")))]
 pub mod synic;
+pub mod vmbus_hub;
+pub mod vpci_vf;
 
 use core::arch::x86_64::CpuidResult;
 

@@ -310,6 +310,27 @@ impl Synic {
         }
     }
 
+    /// Tells the hypervisor where a vPCI function's MSI goes (HvRetargetDeviceInterrupt, slow
+    /// call; Linux does it on every unmask, `hv_arch_irq_unmask`). The input goes through the
+    /// same page as posted messages (serialised by its lock).
+    pub fn retarget_device_interrupt(
+        &self,
+        input: &abi::RetargetDeviceInterruptInput,
+    ) -> Result<(), HvStatus> {
+        let mut page = self.post_input.lock();
+        let bytes = input.as_bytes();
+        page.0.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
+        let control = abi::control_word(CallCode::RetargetDeviceInterrupt, false);
+        // The hypercall itself (the one `unsafe` step) is in `hypercall`: the input GPA names
+        // the page we own and just filled; there is no output.
+        let status = HvStatus::from_rax(self.hypercall(control, page.0.phys().0, 0));
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(status)
+        }
+    }
+
     /// Signals event flag `flag_number` of the host's `connection_id` (HvSignalEvent, fast).
     pub fn signal_event(&self, connection_id: u32, flag_number: u16) -> Result<(), HvStatus> {
         let control = abi::control_word(CallCode::SignalEvent, true);

@@ -201,10 +201,17 @@ pub fn bring_up() -> Result<NetStack, KernelError> {
         .map(|device| device.address);
     let hyper_v = crate::hyperv::detect();
     let plan = synthetic_plan(virtio.is_some(), hyper_v.as_ref());
+    let mut vf_slot = None;
     let synthetic = match (plan, virtio, hyper_v) {
         (SyntheticPlan::VirtioNet, Some(address), _) => Some(start_virtio_net(&mut pci, address)?),
-        (SyntheticPlan::Netvsc, _, Some(hyper_v)) => match hyperv::start_netvsc(&hyper_v) {
-            Ok(device) => Some(device),
+        (SyntheticPlan::Netvsc, _, Some(hyper_v)) => match hyperv::start_netvsc(
+            &hyper_v,
+            !carries_vf_path(pci.devices()) && !pci.devices().iter().any(vf_path::is_mana),
+        ) {
+            Ok(paths) => {
+                vf_slot = paths.vf_slot;
+                Some(paths.synthetic)
+            }
             // A VM with only a VF (e.g. MANA on a PCIe port under OpenVMM) still has a network.
             Err(error) => {
                 log::warn!("net: no synthetic path: {error}");
@@ -236,7 +243,11 @@ pub fn bring_up() -> Result<NetStack, KernelError> {
                 reason: error.to_string(),
             })?;
     *PCI.lock() = Some(pci);
-    attach_vf_if_present(&mut stack);
+    match vf_slot {
+        // Hyper-V: VFs arrive over vPCI into the slot, paired by netvsc's association.
+        Some(slot) => attach(&mut stack, slot),
+        None => attach_vf_if_present(&mut stack),
+    }
     Ok(stack)
 }
 

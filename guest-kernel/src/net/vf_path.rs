@@ -6,7 +6,7 @@
 //! `igb.lab_pf=1`. On a real SR-IOV host the PF belongs to the host and the VF arrives alone.
 
 use alloc::boxed::Box;
-use alloc::string::ToString;
+use alloc::string::{String, ToString};
 use alloc::vec;
 
 use net_device::{MacAddress, NetDevice};
@@ -15,6 +15,7 @@ use vf_driver::{Config, IgbVf, LabPf, LabPfConfig, Mana, ManaConfig, SriovContro
 
 use super::{PCI, name_of, wake_event_loop};
 use crate::error::KernelError;
+use crate::interrupts::msi_message;
 use crate::mm::heap::KernelDma;
 use crate::mm::mmio::MmioRegion;
 use crate::pci::{Command, ConfigAccess, PciAddress, PciDevice, capability};
@@ -64,18 +65,47 @@ pub fn start_mana(function: PciAddress) -> Result<Box<dyn NetDevice>, KernelErro
             reason: "PCI not initialised",
         })?;
         pci.claim(function);
-        pci.enable_command(function, Command::MEMORY_SPACE | Command::BUS_MASTER)?;
-        let registers = pci.map_bar(function, 0)?;
-        let vectors = [
-            interrupts::allocate_vector(wake_event_loop)?,
-            interrupts::allocate_vector(wake_event_loop)?,
-        ];
-        if let Err(error) = pci.enable_msix(function, &vectors) {
-            log::warn!("{name}: no MSI-X ({error}); polling");
-            vectors.into_iter().for_each(interrupts::free_vector);
-        }
-        registers
+        prepare_mana(pci, function, &name, &mut |vectors| {
+            Ok(vectors.iter().map(|&vector| msi_message(vector)).collect())
+        })?
     };
+    finish_mana(registers, name)
+}
+
+/// Gives the MSI address/data for each of a function's vectors.
+pub type MsiMessages<'a> =
+    dyn FnMut(&[u8]) -> Result<alloc::vec::Vec<(u64, u32)>, KernelError> + 'a;
+
+/// Readies a MANA function on any PCI bus (the platform's, or a Hyper-V vPCI bus): memory
+/// decoding and bus mastering, BAR0 mapped, MSI-X entries 0 and 1 programmed with the messages
+/// `messages` gives for two fresh vectors (plain MSI on PCI; host-mapped on vPCI). Returns the
+/// register window; without MSI-X the driver polls.
+pub fn prepare_mana<A: ConfigAccess>(
+    pci: &crate::pci::PciBus<A>,
+    function: PciAddress,
+    name: &str,
+    messages: &mut MsiMessages<'_>,
+) -> Result<MmioRegion, KernelError> {
+    pci.enable_command(function, Command::MEMORY_SPACE | Command::BUS_MASTER)?;
+    let registers = pci.map_bar(function, 0)?;
+    let vectors = [
+        interrupts::allocate_vector(wake_event_loop)?,
+        interrupts::allocate_vector(wake_event_loop)?,
+    ];
+    let wired = pci.msix_capability(function).and_then(|capability| {
+        let table = pci.map_bar(function, usize::from(capability.table_bar))?;
+        let messages = messages(&vectors)?;
+        pci.enable_msix_with(function, table, &messages)
+    });
+    if let Err(error) = wired {
+        log::warn!("{name}: no MSI-X ({error}); polling");
+        vectors.into_iter().for_each(interrupts::free_vector);
+    }
+    Ok(registers)
+}
+
+/// Starts the MANA driver over its mapped registers.
+pub fn finish_mana(registers: MmioRegion, name: String) -> Result<Box<dyn NetDevice>, KernelError> {
     let config = ManaConfig {
         name: name.clone(),
         hwc_msix_index: 0,

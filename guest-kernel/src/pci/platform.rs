@@ -135,9 +135,9 @@ fn choose_access() -> (PlatformConfig, RootResources) {
     (PlatformConfig::PortIo(ports), root)
 }
 
-impl PciBus<PlatformConfig> {
+impl<A: ConfigAccess> PciBus<A> {
     /// Maps memory BAR `index` of `address` (uncached). Fails for unknown, unassigned or I/O
-    /// BARs.
+    /// BARs. Any bus: the platform's, or a Hyper-V vPCI bus (`hyperv::vpci_vf`).
     pub fn map_bar(&self, address: PciAddress, index: usize) -> Result<MmioRegion, KernelError> {
         let bar = self
             .bar(address, index)
@@ -151,7 +151,9 @@ impl PciBus<PlatformConfig> {
         let len = usize::try_from(bar.size).map_err(|_| bad_value(address, "BAR too large"))?;
         MmioRegion::map(bar.address, len)
     }
+}
 
+impl PciBus<PlatformConfig> {
     /// Enables MSI-X on `address` with table entry `i` delivering kernel vector `vectors[i]`
     /// (vectors come from `crate::interrupts::allocate_vector`). Returns the table so the
     /// driver can mask and unmask entries.

@@ -30,4 +30,4 @@ pub use data_path::{DataPathCounters, Pairing, SyntheticCause, VfEvent, pair};
 pub use device::{Negotiated, Netvsc, NetvscConfig, NetvscCounters, VfAssociation};
 pub use error::{Layer, NetvscError, Step};
 pub use rndis::OffloadSupport;
-pub use vmbus_channel::{VmbusChannelControl, VmbusNetvscChannel};
+pub use vmbus_channel::{AdapterCounters, VmbusChannelControl, VmbusNetvscChannel};

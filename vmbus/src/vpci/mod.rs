@@ -18,35 +18,20 @@
 //! The host side is behind [`VpciPort`] (the channel's rings plus a bounded wait); every wait
 //! ends at a deadline taken from the port's clock and after a bounded number of steps.
 //!
-//! # The kernel's part (a thin hook; not written yet)
-//! * **Channel**: open the offer with interface [`crate::guid::interface::VPCI`] (one per VF,
-//!   offered by the host about 1 s after netvsc's VF association) with small rings, and
-//!   implement [`VpciPort`] over the `Channel` and the VMBus client (waits on the SINT, rescind
-//!   from the client's events) — what `tandem_conformance::vpci_host::GuestVpciPort` does in
-//!   the tests.
-//! * **MMIO**: the config window (2 pages) and the BARs come from the memory ranges in the
-//!   `_CRS` of the VMBus ACPI device's ancestor `\_SB.VMOD` (HID "VMBus"), parsed from the DSDT;
-//!   [`place_bars`] carves BARs from such a range. The window is a `RegisterIo` over an
-//!   uncached mapping of it.
-//! * **PCI layer**: each function is one more PCI function for `guest-kernel/src/pci`: its
-//!   `ConfigAccess` for the vPCI segment maps (device, function) to the wslot and calls
-//!   [`VpciBus::config_read32`] / `config_write*`, so capability walk, BAR sizing and the MSI-X
-//!   table work unchanged; BARs are placed with [`place_bars`], written to the BAR registers
-//!   and reported with [`VpciBus::assign_resources`] before memory decoding is enabled.
-//! * **Interrupts**: per MSI-X entry, [`VpciBus::create_interrupt`] with the CPU vector and the
-//!   target VP, the returned address/data programmed into the entry; on unmask the kernel also
-//!   issues the HvRetargetDeviceInterrupt hypercall naming the target VPs (Linux
-//!   `hv_arch_irq_unmask`), since Hyper-V remaps device interrupts itself.
-//! * **Removal**: on [`VpciEvent::Eject`] the glue asks netvsc for the synthetic data path,
-//!   waits (bounded) for its completion, stops the VF driver and detaches it from the bond, then
-//!   calls [`VpciBus::complete_eject`]; on [`VpciEvent::Rescinded`] the same without the
-//!   acknowledgement, then the channel is closed.
+//! # The kernel's part
+//! In `guest-kernel`: `hyperv::vmbus_hub` (the shared client; `HubVpciPort` is this module's
+//! [`VpciPort`] over a channel), `hyperv::vpci_vf` (which bus carries netvsc's associated VF,
+//! pairing by serial and MAC, the function as a PCI function through [`VpciBus::config_read32`]
+//! and friends, the EJECT order: data path back to synthetic, driver stopped, then
+//! [`VpciBus::complete_eject`]), `acpi` (the VMBus `_CRS` ranges from the DSDT) and
+//! `net::hyperv` (channels, MMIO, MSI-X with CREATE_INTERRUPT and HvRetargetDeviceInterrupt,
+//! the MANA driver). `docs/hyperv.md` describes the whole path.
 //!
-//! Verified here: everything above the hook — this module's tests against a scripted host
-//! (EJECT, malformed messages, old protocol versions, silence) and the conformance tests
-//! against OpenVMM's `vpci` server with `gdma` behind it (negotiation, D0, relations, config
-//! window, resources, MSI-X interrupts, D3/D0, MANA over the placed BAR0, rescind). Not
-//! verified: the `_CRS` parsing, the retarget hypercall and a real Hyper-V host.
+//! Verified here: this module's tests against a scripted host (EJECT, malformed messages, old
+//! protocol versions, silence) and the conformance tests against OpenVMM's `vpci` server with
+//! `gdma` behind it (negotiation, D0, relations, config window, resources, MSI-X interrupts,
+//! D3/D0, MANA over the placed BAR0, rescind); the kernel's part against fakes in its host
+//! tests. Not verified: a real Hyper-V host (the retarget hypercall, a real DSDT).
 
 pub mod protocol;
 #[cfg(test)]
