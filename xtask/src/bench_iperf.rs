@@ -1222,6 +1222,15 @@ fn raw_ceiling(
     let mut flood = None;
     if direction == Direction::In {
         qemu.wait_for_line("iperf: raw receive", BOOT_TIMEOUT)?;
+        // The VF's link may come up after the app started (the lab PF brings it up): a flood
+        // before that is lost and the ceiling would read 0.
+        let announced = qemu
+            .serial_lines()
+            .iter()
+            .any(|line| line.contains(ANNOUNCED_LINE));
+        if !announced {
+            qemu.wait_for_line(ANNOUNCED_LINE, BOOT_TIMEOUT)?;
+        }
         let tap = if path.paths == NetPaths::Vf {
             TAP_VF
         } else {
