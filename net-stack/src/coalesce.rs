@@ -415,14 +415,24 @@ struct Template {
 const TEMPLATE_WORDS: usize = (ETHERNET_HEADER + IPV6_HEADER + 60).div_ceil(8);
 
 /// The `index`th header word of `frame`, bytes at or past `end` read as zero.
+///
+/// Whole words are loaded at once and a partial one byte by byte: copying a variable-length
+/// part into an array would call `memcpy` for every word, which costs more than the rest of
+/// the comparison under an emulated CPU.
 fn header_word(frame: &[u8], index: usize, end: usize) -> u64 {
     let start = index * 8;
-    let mut bytes = [0u8; 8];
-    let stop = end.min(start + 8).min(frame.len());
-    if let Some(part) = frame.get(start..stop) {
-        bytes[..part.len()].copy_from_slice(part);
+    if start + 8 <= end
+        && let Some(Ok(bytes)) = frame.get(start..start + 8).map(<[u8; 8]>::try_from)
+    {
+        return u64::from_be_bytes(bytes);
     }
-    u64::from_be_bytes(bytes)
+    let stop = end.min(start + 8).min(frame.len());
+    let part = frame.get(start..stop).unwrap_or_default();
+    let word = part
+        .iter()
+        .fold(0u64, |word, &byte| word << 8 | u64::from(byte));
+    // The bytes read sit at the top of the word, as in the frame; the rest are zero.
+    word.checked_shl(8 * (8 - part.len() as u32)).unwrap_or(0)
 }
 
 impl Template {

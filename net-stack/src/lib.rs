@@ -32,7 +32,9 @@ mod segmentation;
 mod slab;
 mod stack;
 
-pub use bond::{AttachRejected, Bond, BondConfig, BondStats, PathCounters, PathId, PathStats};
+pub use bond::{
+    AttachRejected, Bond, BondConfig, BondStats, PathCounters, PathId, PathStats, ReceiveTimings,
+};
 pub use coalesce::{CoalesceStats, coalesce_batches};
 pub use config::{Ipv4Mode, Ipv6Static, NetConfig};
 pub use error::Error;

@@ -233,6 +233,8 @@ struct StackCounters {
     announcement_frames: u64,
     receive_ns: u64,
     receive_device_ns: u64,
+    egress_ns: u64,
+    idle_ns: u64,
 }
 
 /// A snapshot of the stack's counters.
@@ -271,6 +273,10 @@ pub struct NetStats {
     /// The part of `receive_ns` spent before smoltcp: device reads, the bond's checks, the
     /// duplicate window, coalescing, the copies into the receive queue.
     pub receive_device_ns: u64,
+    /// Time in smoltcp's egress (while receiving bulk data: the ACKs) and the transmit flush.
+    pub egress_ns: u64,
+    /// Time [`NetStack::wait`] slept (waiting for an interrupt or a deadline).
+    pub idle_ns: u64,
 }
 
 /// The network stack. See the module documentation.
@@ -588,7 +594,8 @@ impl NetStack {
         self.raw_burst_progressed = false;
         let now_ns = self.platform.now_ns();
         let now = instant(now_ns);
-        let mut did_work = self.bond.poll(now_ns);
+        let platform = &*self.platform;
+        let mut did_work = self.bond.poll_timed(now_ns, &|| platform.now_ns());
         let receiving = self.bond.pending_rx() > 0;
         if receiving {
             let polled_ns = self.platform.now_ns();
@@ -636,9 +643,9 @@ impl NetStack {
             }
         }
 
+        let received_ns = self.platform.now_ns();
         if receiving {
             // From the start of this poll: the bond's device reads, then smoltcp's ingress.
-            let received_ns = self.platform.now_ns();
             self.counters.receive_ns += received_ns.saturating_sub(now_ns);
         }
         while self
@@ -649,6 +656,7 @@ impl NetStack {
             did_work = true;
         }
         self.bond.flush();
+        self.counters.egress_ns += self.platform.now_ns().saturating_sub(received_ns);
         did_work |= self.process_dhcp();
         did_work |= self.maintain_sockets(now_ns);
         did_work
@@ -687,7 +695,9 @@ impl NetStack {
         if deadline.is_some_and(|deadline| deadline <= self.platform.now_ns()) {
             return;
         }
+        let started_ns = self.platform.now_ns();
         self.platform.wait_for_event(deadline);
+        self.counters.idle_ns += self.platform.now_ns().saturating_sub(started_ns);
     }
 
     /// Runs the event loop: poll, then `app`, then wait when nothing happened; until `app`
@@ -855,6 +865,36 @@ impl NetStack {
         let socket = self.sockets.get_mut::<tcp::Socket>(handle);
         match socket.recv_slice(buffer) {
             Ok(read) => Ok(read),
+            Err(tcp::RecvError::Finished) => Err(Error::PeerClosed),
+            Err(tcp::RecvError::InvalidState) => match socket.state() {
+                TcpState::SynSent | TcpState::SynReceived => Ok(0),
+                _ => Err(Error::Closed),
+            },
+        }
+    }
+
+    /// Lends received data in place, without copying it out: `consume` sees the oldest
+    /// received bytes (a contiguous part of them; call again for more) and returns how many of
+    /// them it used, which are then gone from the stream. Returns that count; `Ok(0)` and the
+    /// errors as [`NetStack::tcp_read`]. For applications that parse, checksum or discard data
+    /// where it lies: each copy of a received byte costs as much as the rest of receiving it
+    /// under an emulated CPU.
+    pub fn tcp_read_with(
+        &mut self,
+        stream: &TcpStream,
+        consume: impl FnOnce(&[u8]) -> usize,
+    ) -> Result<usize> {
+        let handle = match self.live_socket(stream)? {
+            Ok(handle) => handle,
+            Err(peer_finished) => return Err(Self::ended(peer_finished)),
+        };
+        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+        let result = socket.recv(|data| {
+            let used = consume(data).min(data.len());
+            (used, used)
+        });
+        match result {
+            Ok(used) => Ok(used),
             Err(tcp::RecvError::Finished) => Err(Error::PeerClosed),
             Err(tcp::RecvError::InvalidState) => match socket.state() {
                 TcpState::SynSent | TcpState::SynReceived => Ok(0),
@@ -1175,6 +1215,8 @@ impl NetStack {
             announcement_frames: self.counters.announcement_frames,
             receive_ns: self.counters.receive_ns,
             receive_device_ns: self.counters.receive_device_ns,
+            egress_ns: self.counters.egress_ns,
+            idle_ns: self.counters.idle_ns,
         }
     }
 

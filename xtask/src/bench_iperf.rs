@@ -161,10 +161,13 @@ fn guest_launch_with(
     if !cmdline_extra.is_empty() {
         cmdline = format!("{cmdline} {cmdline_extra}");
     }
+    // Named threads ("CPU 0/TCG"): the bench tells the vCPU's CPU time from the I/O thread's.
     let mut builder = QemuBuilder::new(label, accel)
         .kernel(elf)
         .memory(memory)
-        .cmdline(cmdline);
+        .cmdline(cmdline)
+        .arg("-name")
+        .arg("tandem-iperf,debug-threads=on");
     for netdev in machine.netdevs {
         builder = builder.netdev(netdev);
     }
@@ -576,6 +579,10 @@ pub struct RunSample {
     pub active: Option<String>,
     /// What the guest reported about receiving over the test, when it did.
     pub receive: Option<ReceiveReport>,
+    /// On-CPU ns of QEMU's vCPU thread per frame the guest received, over the client's run.
+    pub vcpu_ns_per_frame: Option<f64>,
+    /// The same for QEMU's other threads (device emulation, tap I/O).
+    pub io_ns_per_frame: Option<f64>,
 }
 
 /// The receive figures of the app's `iperf: test done: ...` line.
@@ -592,7 +599,24 @@ pub struct ReceiveReport {
     pub device_ns_per_frame: u64,
     /// Segments merged and the merged frames they made (`rx_merged=S/F`).
     pub merged: (u64, u64),
+    /// Guest ns per delivered frame by stage (`rx_stage_ns=`, see [`STAGE_NAMES`]), when the
+    /// app reported them.
+    pub stages: Option<[u64; STAGES]>,
 }
+
+/// Stages of the app's `rx_stage_ns=` field, in order.
+pub const STAGE_NAMES: [&str; STAGES] = [
+    "housekeep",
+    "driver",
+    "checks",
+    "coalesce",
+    "smoltcp in",
+    "egress",
+    "idle",
+    "wall",
+];
+/// Fields of `rx_stage_ns=`.
+pub const STAGES: usize = 8;
 
 /// The receive figures of a done line; `None` when it has none.
 pub fn parse_receive_report(line: &str) -> Option<ReceiveReport> {
@@ -608,7 +632,77 @@ pub fn parse_receive_report(line: &str) -> Option<ReceiveReport> {
         ns_per_frame: number("rx_ns_per_frame=")?,
         device_ns_per_frame: number("rx_device_ns_per_frame=")?,
         merged: (segments.parse().ok()?, frames.parse().ok()?),
+        stages: field("rx_stage_ns=").and_then(|text| {
+            let values: Vec<u64> = text
+                .split('/')
+                .map(str::parse)
+                .collect::<std::result::Result<_, _>>()
+                .ok()?;
+            values.try_into().ok()
+        }),
     })
+}
+
+/// Per-frame receive cost by stage for the `in` rows (medians over the runs), with what the
+/// wall time per frame leaves for the rest (the app reading its sockets, the loop).
+pub fn format_stages(rows: &[BenchRow]) -> String {
+    let mut text = format!("{:<20} {:>7}", "path (in)", "streams");
+    for name in STAGE_NAMES {
+        text.push_str(&format!(" {name:>10}"));
+    }
+    text.push_str(&format!(
+        " {:>10} {:>10} {:>10}\n",
+        "rest", "vCPU cpu", "I/O cpu"
+    ));
+    for row in rows.iter().filter(|row| row.direction == Direction::In) {
+        let reports: Vec<[u64; STAGES]> = row
+            .samples
+            .iter()
+            .filter_map(|sample| sample.receive.and_then(|report| report.stages))
+            .collect();
+        if reports.is_empty()
+            && row
+                .samples
+                .iter()
+                .all(|sample| sample.vcpu_ns_per_frame.is_none())
+        {
+            continue;
+        }
+        let medians: Vec<f64> = (0..STAGES)
+            .map(|stage| {
+                let values: Vec<f64> = reports.iter().map(|report| report[stage] as f64).collect();
+                median(&values).unwrap_or(0.0)
+            })
+            .collect();
+        text.push_str(&format!("{:<20} {:>7}", row.path.name, row.streams));
+        for value in &medians {
+            text.push_str(&format!(" {value:>10.0}"));
+        }
+        let accounted: f64 = medians[..STAGES - 1].iter().sum();
+        let cpu = |value: fn(&RunSample) -> Option<f64>| {
+            let values: Vec<f64> = row.samples.iter().filter_map(value).collect();
+            median(&values).map_or("n/a".to_string(), |ns| format!("{ns:.0}"))
+        };
+        text.push_str(&format!(
+            " {:>10.0} {:>10} {:>10}\n",
+            medians[STAGES - 1] - accounted,
+            cpu(|sample| sample.vcpu_ns_per_frame),
+            cpu(|sample| sample.io_ns_per_frame)
+        ));
+    }
+    text.push_str(
+        "Guest ns per frame the drivers delivered, medians of the runs: housekeep = device \
+         polls and path choice; driver = inside the drivers' receive (descriptors, buffers, \
+         doorbell); checks = the bond's checks and duplicate window; coalesce = coalescing and \
+         the copy into the receive queue (checks and coalesce are timed on every 8th frame); \
+         smoltcp in = smoltcp's ingress; egress = smoltcp's egress (ACKs) and the transmit \
+         flush; idle = waiting for interrupts; wall = the test's duration per frame; rest = wall \
+         minus the stages (the app reading its sockets, the event loop). The stages are guest \
+         clock time, which runs on while the host runs other work; vCPU cpu / I/O cpu = on-CPU ns \
+         of QEMU's vCPU thread / its other threads (device emulation, tap) per frame, which \
+         does not.\n",
+    );
+    text
 }
 
 /// One table row: a path, a direction and a stream count, with every run's sample.
@@ -758,6 +852,31 @@ fn qemu_cpu_ticks(qemu: &Qemu) -> Result<u64> {
     cpu_ticks_from_stat(&stat).ok_or_else(|| invalid_data(format!("{path}: unexpected format")))
 }
 
+/// On-CPU nanoseconds of QEMU's vCPU threads (named `CPU n/...`) and of all its other
+/// threads so far (`/proc/<pid>/task/*/schedstat`): unlike wall time, not inflated when the
+/// host runs other work.
+fn qemu_thread_cpu_ns(qemu: &Qemu) -> Result<(u64, u64)> {
+    let tasks = format!("/proc/{}/task", qemu.pid());
+    let entries = std::fs::read_dir(&tasks).map_err(|error| Error::io(&tasks, error))?;
+    let (mut vcpu, mut other) = (0, 0);
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        let Some(ns) = std::fs::read_to_string(path.join("schedstat"))
+            .ok()
+            .and_then(|text| text.split_whitespace().next()?.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if comm.starts_with("CPU ") {
+            vcpu += ns;
+        } else {
+            other += ns;
+        }
+    }
+    Ok((vcpu, other))
+}
+
 /// Puts the guest's serial tail into a timeout's message.
 fn with_diagnostics(qemu: &Qemu, error: Error) -> Error {
     if let Error::Timeout {
@@ -838,6 +957,7 @@ impl BenchGuest {
         };
         let done_before = done_lines().len();
         let ticks_before = qemu_cpu_ticks(&self.vm.qemu)?;
+        let threads_before = qemu_thread_cpu_ns(&self.vm.qemu)?;
         let started = Instant::now();
         let outcome = run_client(
             BENCH_GUEST,
@@ -847,6 +967,11 @@ impl BenchGuest {
         )?;
         let wall = started.elapsed().as_secs_f64();
         let ticks = qemu_cpu_ticks(&self.vm.qemu)?.saturating_sub(ticks_before);
+        let threads_after = qemu_thread_cpu_ns(&self.vm.qemu)?;
+        let thread_cpu_ns = (
+            threads_after.0.saturating_sub(threads_before.0),
+            threads_after.1.saturating_sub(threads_before.1),
+        );
         let summary = parse_json_summary(&outcome.stdout).map_err(|error| {
             invalid_data(format!(
                 "{error}\n{outcome}\n{}",
@@ -874,12 +999,20 @@ impl BenchGuest {
             .get(done_before..)
             .and_then(<[_]>::last)
             .and_then(|line| parse_receive_report(line));
+        // Over the client's run (connection set-up included) per frame of the test.
+        let per_frame = |ns: u64| {
+            receive
+                .filter(|report| report.frames > 0)
+                .map(|report| ns as f64 / report.frames as f64)
+        };
         Ok(RunSample {
             gbits: summary.received_bits_per_second / 1e9,
             retransmits: summary.retransmits,
             qemu_cpu_percent: ticks as f64 / hz / wall * 100.0,
             active,
             receive,
+            vcpu_ns_per_frame: per_frame(thread_cpu_ns.0),
+            io_ns_per_frame: per_frame(thread_cpu_ns.1),
         })
     }
 }
@@ -910,7 +1043,8 @@ fn measure_all(elf: &Path, runs: usize, only: Option<NetPaths>) -> Result<()> {
                     let sample = guest.measure(direction, streams)?;
                     eprintln!(
                         "xtask: {} {} x{streams} run {run}/{runs}: {:.3} Gbit/s, retransmits {}, \
-                         QEMU CPU {:.0} %, bond path {}, receive {:?}",
+                         QEMU CPU {:.0} %, bond path {}, vCPU {:.0} / I/O {:.0} ns per frame, \
+                         receive {:?}",
                         path.name,
                         direction.name(),
                         sample.gbits,
@@ -919,6 +1053,8 @@ fn measure_all(elf: &Path, runs: usize, only: Option<NetPaths>) -> Result<()> {
                             .map_or("n/a".to_string(), |count| count.to_string()),
                         sample.qemu_cpu_percent,
                         sample.active.as_deref().unwrap_or("-"),
+                        sample.vcpu_ns_per_frame.unwrap_or(f64::NAN),
+                        sample.io_ns_per_frame.unwrap_or(f64::NAN),
                         sample.receive
                     );
                     samples.push(sample);
@@ -934,6 +1070,8 @@ fn measure_all(elf: &Path, runs: usize, only: Option<NetPaths>) -> Result<()> {
     }
     println!("--- bench iperf (TCG, 1 vCPU, tap; {runs} runs per row) ---");
     print!("{}", format_table(&rows, memory));
+    println!("--- receive cost per frame by stage (host to guest) ---");
+    print!("{}", format_stages(&rows));
     println!(
         "--- raw-frame ceiling (1514-byte frames, no TCP/IP: the host floods the guest for `in`, \
          the guest sends pre-built frames for `out`) ---"
@@ -962,18 +1100,54 @@ fn measure_all(elf: &Path, runs: usize, only: Option<NetPaths>) -> Result<()> {
             };
             for streams in [1, PARALLEL_STREAMS] {
                 let stack = stack_rate(&rows, path, direction, streams);
+                let gbits = raw.gbits;
+                // Host→guest only: per frame received, both sides count the same frames.
+                let cpu = match (raw.vcpu_ns_per_frame, direction) {
+                    (Some(raw_ns), Direction::In) => {
+                        let stack_ns = stack_vcpu_ns(&rows, path, streams);
+                        format!(
+                            "; vCPU {raw_ns:.0} ns/frame raw, {stack_ns:.0} with TCP = {:.0} % \
+                             by CPU",
+                            if stack_ns > 0.0 {
+                                raw_ns / stack_ns * 100.0
+                            } else {
+                                0.0
+                            }
+                        )
+                    }
+                    _ => String::new(),
+                };
                 println!(
-                    "{:<20} {:>3} x{streams} {raw:>7.3} Gbit/s raw ({} NIC); iperf {stack:.3} \
-                     Gbit/s = {:.0} % of the ceiling",
+                    "{:<20} {:>3} x{streams} {gbits:>7.3} Gbit/s raw ({} NIC); iperf {stack:.3} \
+                     Gbit/s = {:.0} % of the ceiling{cpu}",
                     path.name,
                     direction.name(),
                     if path.on_vf { "VF" } else { "virtio" },
-                    if raw > 0.0 { stack / raw * 100.0 } else { 0.0 }
+                    if gbits > 0.0 {
+                        stack / gbits * 100.0
+                    } else {
+                        0.0
+                    }
                 );
             }
         }
     }
     Ok(())
+}
+
+/// The median vCPU ns per received frame of the host→guest runs on `path` with `streams`.
+fn stack_vcpu_ns(rows: &[BenchRow], path: &BenchPath, streams: u32) -> f64 {
+    rows.iter()
+        .filter(|row| row.path == *path && row.direction == Direction::In && row.streams == streams)
+        .filter_map(|row| {
+            let values: Vec<f64> = row
+                .samples
+                .iter()
+                .filter_map(|sample| sample.vcpu_ns_per_frame)
+                .collect();
+            median(&values)
+        })
+        .fold(0.0, f64::max)
 }
 
 /// The median iperf rate measured on `path` in `direction` with `streams` streams.
@@ -1008,7 +1182,12 @@ while time.time() < end:
 /// Raw-frame ceiling of `path` in `direction`: boots the app with `iperf.raw=tx` (out) or with
 /// `iperf.raw=rx` while the host floods the path's tap (in), and takes the median of the
 /// guest's per-second rate lines (partial seconds left out).
-fn raw_ceiling(elf: &Path, path: BenchPath, memory: &str, direction: Direction) -> Result<f64> {
+fn raw_ceiling(
+    elf: &Path,
+    path: BenchPath,
+    memory: &str,
+    direction: Direction,
+) -> Result<RawCeiling> {
     let taps: &[&str] = match path.paths {
         NetPaths::Virtio => &[TAP_SYNTHETIC],
         NetPaths::Vf => &[TAP_VF],
@@ -1043,6 +1222,15 @@ fn raw_ceiling(elf: &Path, path: BenchPath, memory: &str, direction: Direction) 
     let mut flood = None;
     if direction == Direction::In {
         qemu.wait_for_line("iperf: raw receive", BOOT_TIMEOUT)?;
+        // The VF's link may come up after the app started (the lab PF brings it up): a flood
+        // before that is lost and the ceiling would read 0.
+        let announced = qemu
+            .serial_lines()
+            .iter()
+            .any(|line| line.contains(ANNOUNCED_LINE));
+        if !announced {
+            qemu.wait_for_line(ANNOUNCED_LINE, BOOT_TIMEOUT)?;
+        }
         let tap = if path.paths == NetPaths::Vf {
             TAP_VF
         } else {
@@ -1059,20 +1247,25 @@ fn raw_ceiling(elf: &Path, path: BenchPath, memory: &str, direction: Direction) 
         qemu.wait_for_line(marker, BOOT_TIMEOUT)?;
     }
     let mut rates = Vec::new();
+    let mut frames = 0.0;
+    let mut vcpu_start_ns = None;
     for second in 0..6 {
         let line = qemu.wait_for_line(marker, BOOT_TIMEOUT)?;
-        let gbits = line
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .windows(2)
-            .find(|pair| pair[1] == "Gbit/s")
-            .and_then(|pair| pair[0].parse::<f64>().ok());
-        if second > 0
-            && let Some(gbits) = gbits
-        {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let value_before = |unit: &str| {
+            words
+                .windows(2)
+                .find(|pair| pair[1] == unit)
+                .and_then(|pair| pair[0].parse::<f64>().ok())
+        };
+        if second == 0 {
+            vcpu_start_ns = Some(qemu_thread_cpu_ns(&qemu)?.0);
+        } else if let Some(gbits) = value_before("Gbit/s") {
             rates.push(gbits);
+            frames += value_before("frames/s").unwrap_or(0.0);
         }
     }
+    let vcpu_ns = qemu_thread_cpu_ns(&qemu)?.0;
     if let Some(mut flood) = flood {
         let _ = flood.kill();
         let _ = flood.wait();
@@ -1083,7 +1276,22 @@ fn raw_ceiling(elf: &Path, path: BenchPath, memory: &str, direction: Direction) 
         path.name,
         direction.name()
     );
-    Ok(median(&rates).unwrap_or(0.0))
+    let vcpu_ns_per_frame = vcpu_start_ns
+        .filter(|_| frames > 0.0)
+        .map(|start| vcpu_ns.saturating_sub(start) as f64 / frames);
+    Ok(RawCeiling {
+        gbits: median(&rates).unwrap_or(0.0),
+        vcpu_ns_per_frame,
+    })
+}
+
+/// A path's raw-frame ceiling in one direction.
+#[derive(Clone, Copy, Debug)]
+struct RawCeiling {
+    /// Median Gbit/s of the measured seconds.
+    gbits: f64,
+    /// On-CPU ns of QEMU's vCPU thread per frame over those seconds.
+    vcpu_ns_per_frame: Option<f64>,
 }
 
 /// `cargo xtask bench iperf [--runs N]`: builds the iperf image, creates the namespace, runs
@@ -1180,7 +1388,10 @@ mod tests {
                 ns_per_frame: 700,
                 device_ns_per_frame: 300,
                 merged: (90, 3),
+                stages: Some([10, 20, 30, 40, 50, 60, 70, 400]),
             }),
+            vcpu_ns_per_frame: Some(3000.0),
+            io_ns_per_frame: Some(1000.0),
         }
     }
 
@@ -1188,7 +1399,8 @@ mod tests {
     fn receive_cost_is_read_from_the_done_line() {
         let line = "iperf: test done: tcp reverse=no streams=1 bytes_received=1 seconds=5.0 \
                     Mbit/s=1.00 bidir=no bytes_sent=0 rx_frames=12 tx_frames=3 \
-                    rx_ns_per_frame=812 rx_device_ns_per_frame=300 rx_merged=400/20";
+                    rx_ns_per_frame=812 rx_device_ns_per_frame=300 rx_merged=400/20 \
+                    rx_stage_ns=1/2/3/4/5/6/7/40";
         assert_eq!(
             parse_receive_report(line),
             Some(ReceiveReport {
@@ -1197,9 +1409,41 @@ mod tests {
                 ns_per_frame: 812,
                 device_ns_per_frame: 300,
                 merged: (400, 20),
+                stages: Some([1, 2, 3, 4, 5, 6, 7, 40]),
             })
         );
         assert_eq!(parse_receive_report("iperf: test done: tcp"), None);
+    }
+
+    #[test]
+    fn stage_table_shows_in_rows_and_what_the_stages_leave_of_the_wall_time() {
+        let rows = [
+            BenchRow {
+                path: BENCH_PATHS[0],
+                direction: Direction::In,
+                streams: 4,
+                samples: vec![sample(2.0, Some(0), "Synthetic")],
+            },
+            BenchRow {
+                path: BENCH_PATHS[0],
+                direction: Direction::Out,
+                streams: 1,
+                samples: vec![sample(2.0, None, "Synthetic")],
+            },
+        ];
+        let table = format_stages(&rows);
+        let lines: Vec<&str> = table
+            .lines()
+            .filter(|line| line.starts_with("VF alone"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{table}");
+        // 10+20+...+70 = 280 of a 400 ns wall time: 120 left for the rest.
+        assert!(
+            lines[0]
+                .trim_end()
+                .ends_with("70        400        120       3000       1000"),
+            "{table}"
+        );
     }
 
     #[test]

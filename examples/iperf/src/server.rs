@@ -87,7 +87,8 @@ pub struct Server {
     listener: TcpListener,
     udp: UdpSocket,
     session: Option<Session>,
-    /// Received data is read into this and discarded.
+    /// Control messages and UDP datagrams are read into this (TCP test data is discarded
+    /// where it lies).
     receive_buffer: Vec<u8>,
     /// Data is sent from this (a fixed pattern; UDP headers are written into its head).
     send_buffer: Vec<u8>,
@@ -171,6 +172,12 @@ struct ReceiveCounters {
     /// Segments that went into merged frames, and those frames.
     segments_merged: u64,
     merged_frames: u64,
+    /// The bond's receive stages, smoltcp's egress and the idle time (`NetStats`).
+    timings: net_stack::ReceiveTimings,
+    egress_ns: u64,
+    idle_ns: u64,
+    /// When these were taken (the stack's clock).
+    at_ns: u64,
 }
 
 impl ReceiveCounters {
@@ -183,25 +190,42 @@ impl ReceiveCounters {
             sent_frames: stats.bond.total.bond.tx_frames,
             segments_merged: stats.bond.coalesce.segments_merged,
             merged_frames: stats.bond.coalesce.merged_frames,
+            timings: stats.bond.receive_timings,
+            egress_ns: stats.egress_ns,
+            idle_ns: stats.idle_ns,
+            at_ns: stack.now_ns(),
         }
     }
 
-    /// `rx_frames=N tx_frames=M rx_ns_per_frame=T rx_device_ns_per_frame=D rx_merged=S/F`
-    /// over the time since `start`.
+    /// `rx_frames=N tx_frames=M rx_ns_per_frame=T rx_device_ns_per_frame=D rx_merged=S/F
+    /// rx_stage_ns=H/D/C/G/S/E/I/W` over the time since `start`; the stages are per frame:
+    /// housekeeping, driver, checks and duplicate window, coalescing, smoltcp's ingress,
+    /// egress, idle, and the wall time.
     fn since(&self, start: &ReceiveCounters) -> String {
         let frames = self.frames.saturating_sub(start.frames);
         let receive_ns = self.receive_ns.saturating_sub(start.receive_ns);
         let device_ns = self
             .receive_device_ns
             .saturating_sub(start.receive_device_ns);
+        let per_frame =
+            |now: u64, then: u64| now.saturating_sub(then).checked_div(frames).unwrap_or(0);
+        let (now, then) = (&self.timings, &start.timings);
         format!(
             "rx_frames={frames} tx_frames={} rx_ns_per_frame={} rx_device_ns_per_frame={} \
-             rx_merged={}/{}",
+             rx_merged={}/{} rx_stage_ns={}/{}/{}/{}/{}/{}/{}/{}",
             self.sent_frames.saturating_sub(start.sent_frames),
             receive_ns.checked_div(frames).unwrap_or(0),
             device_ns.checked_div(frames).unwrap_or(0),
             self.segments_merged.saturating_sub(start.segments_merged),
-            self.merged_frames.saturating_sub(start.merged_frames)
+            self.merged_frames.saturating_sub(start.merged_frames),
+            per_frame(now.housekeeping_ns, then.housekeeping_ns),
+            per_frame(now.driver_ns, then.driver_ns),
+            per_frame(now.checks_ns, then.checks_ns),
+            per_frame(now.coalesce_ns, then.coalesce_ns),
+            per_frame(receive_ns.saturating_sub(device_ns), 0),
+            per_frame(self.egress_ns, start.egress_ns),
+            per_frame(self.idle_ns, start.idle_ns),
+            per_frame(self.at_ns, start.at_ns),
         )
     }
 }
@@ -837,7 +861,7 @@ impl Server {
             log::debug!("iperf: session {}: omit period over", session.number);
         }
         self.receive_udp(stack, test, now);
-        receive_tcp(stack, test, &mut self.receive_buffer);
+        receive_tcp(stack, test);
         if test.roles_pending_until_ns.is_some() {
             test.detect_roles(now);
         }
@@ -970,7 +994,7 @@ impl Server {
         if matches!(session.phase, Phase::Running) {
             // What already arrived belongs to the test.
             self.receive_udp(stack, test, now);
-            receive_tcp(stack, test, &mut self.receive_buffer);
+            receive_tcp(stack, test);
         }
         for stream in &mut test.streams {
             stream.end_ns = now;
@@ -1260,7 +1284,7 @@ fn start_test(test: &mut Test, now: u64) {
 }
 
 /// Reads everything available on receiving TCP streams (discarded, counted).
-fn receive_tcp(stack: &mut NetStack, test: &mut Test, buffer: &mut [u8]) {
+fn receive_tcp(stack: &mut NetStack, test: &mut Test) {
     for stream in &mut test.streams {
         if stream.sender || stream.finished {
             continue;
@@ -1269,7 +1293,8 @@ fn receive_tcp(stack: &mut NetStack, test: &mut Test, buffer: &mut [u8]) {
             continue;
         };
         loop {
-            match stack.tcp_read(tcp, buffer) {
+            // Discarded where it lies: copying it out first would double the cost per byte.
+            match stack.tcp_read_with(tcp, <[u8]>::len) {
                 Ok(0) => break,
                 Ok(read) => {
                     stream.bytes += read as u64;

@@ -288,6 +288,11 @@ pub fn start_vf(vf: PciAddress) -> Result<Box<dyn NetDevice>, KernelError> {
     };
     let config = Config {
         name: name.clone(),
+        // Room for a few bursts (2 MiB of buffers): when the ring fills, QEMU's igb queues
+        // what the tap delivers and receives it on the vCPU thread at our next RDT write,
+        // serialised with the guest's own work, instead of on its I/O thread alongside it
+        // (`bench iperf` -P 4: driver stage 3.3 → 1.1 µs of guest time per frame).
+        rx_ring_size: 1024,
         ..Config::default()
     };
     let mut driver =
