@@ -40,6 +40,8 @@ pub struct WireCounters {
     pub to_guest_vf_dropped: u64,
     /// Peer frames left in a removed VF's queue (lost).
     pub vf_queue_discarded: u64,
+    /// Peer frames the VF's device took from its queue (into a guest receive buffer).
+    pub vf_taken: u64,
     /// Frames the guest sent through netvsp.
     pub from_guest_synthetic: u64,
     /// Bytes the guest sent through netvsp.
@@ -269,6 +271,7 @@ impl Queue for WireQueue {
     fn poll_ready(&mut self, cx: &mut Context<'_>, pool: &mut dyn BufferAccess) -> Poll<()> {
         if self.receives {
             let mut state = self.wire.0.lock().unwrap();
+            let mut taken = 0;
             if let Some(port) = state.port(self.side) {
                 while !self.rx_avail.is_empty() && !port.to_guest.is_empty() {
                     let id = self.rx_avail.pop_front().expect("checked non-empty");
@@ -279,11 +282,15 @@ impl Queue for WireQueue {
                     };
                     pool.write_packet(id, &metadata, &frame);
                     self.rx_done.push_back(id);
+                    if matches!(self.side, SideKey::Vf(_)) {
+                        taken += 1;
+                    }
                 }
                 if self.rx_done.is_empty() {
                     port.waker = Some(cx.waker().clone());
                 }
             }
+            state.counters.vf_taken += taken;
         }
         if self.rx_done.is_empty() {
             Poll::Pending
