@@ -37,16 +37,21 @@
 //!   target VP, the returned address/data programmed into the entry; on unmask the kernel also
 //!   issues the HvRetargetDeviceInterrupt hypercall naming the target VPs (Linux
 //!   `hv_arch_irq_unmask`), since Hyper-V remaps device interrupts itself.
-//! * **Removal**: on [`VpciEvent::Eject`] the glue asks netvsc for the synthetic data path,
-//!   waits (bounded) for its completion, stops the VF driver and detaches it from the bond, then
-//!   calls [`VpciBus::complete_eject`]; on [`VpciEvent::Rescinded`] the same without the
-//!   acknowledgement, then the channel is closed.
+//! * **Removal**: on [`VpciEvent::Eject`] the glue makes the VF read as link-down to the bond
+//!   (Linux's NETDEV_GOING_DOWN: the bond moves transmit to netvsc and asks the host for the
+//!   synthetic data path) while the VF is still received from; once netvsc's switch completed
+//!   and the VF went quiet (bounded), it detaches the VF from the bond, stops its driver and
+//!   calls [`VpciBus::complete_eject`]; on [`VpciEvent::Rescinded`] it detaches at once (the
+//!   function is gone), then closes the channel. A hot-added vPCI offer waits until the
+//!   previous VF is released: the host may reuse the rescinded channel's relid.
 //!
 //! Verified here: everything above the hook — this module's tests against a scripted host
 //! (EJECT, malformed messages, old protocol versions, silence) and the conformance tests
 //! against OpenVMM's `vpci` server with `gdma` behind it (negotiation, D0, relations, config
-//! window, resources, MSI-X interrupts, D3/D0, MANA over the placed BAR0, rescind). Not
-//! verified: the `_CRS` parsing, the retarget hypercall and a real Hyper-V host.
+//! window, resources, MSI-X interrupts, D3/D0, MANA over the placed BAR0, rescind), and the
+//! removal sequence above end to end with netvsp, the bond and a TCP stream
+//! (`conformance/tests/conformance/hyperv_vf.rs`). Not verified: the `_CRS` parsing, the
+//! retarget hypercall and a real Hyper-V host.
 
 pub mod protocol;
 #[cfg(test)]
