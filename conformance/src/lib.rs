@@ -7,11 +7,15 @@
 //! agree on every address. [`synic::SynicBridge`] / [`synic::BridgePort`] carry SynIC messages
 //! and events between our `vmbus::VmbusClient` and `vmbus_server`; [`vmbus_host::VmbusHost`]
 //! runs the server with netvsp offered on it (reused by the netvsc and vPCI tests);
-//! [`vpci_host::GdmaOnVpci`] offers a MANA emulator behind OpenVMM's vPCI server on it.
+//! [`vpci_host::GdmaOnVpci`] offers a MANA emulator behind OpenVMM's vPCI server on it;
+//! [`vf_host`] makes that netvsp's virtual function, and [`wire::Wire`] puts netvsp's and the
+//! VF's endpoints on one simulated wire steered by netvsp's data-path switch.
 
 pub mod dma;
 pub mod synic;
+pub mod vf_host;
 pub mod vmbus_host;
 pub mod vpci_host;
+pub mod wire;
 
 pub use dma::GuestDma;

@@ -86,8 +86,24 @@ impl VmbusHost {
 
     /// Offers a netvsp NIC with `endpoint` (e.g. `NullEndpoint`) as a netvsc channel.
     pub fn offer_nic(&mut self, endpoint: Box<dyn Endpoint>, instance_id: Guid, mac: [u8; 6]) {
+        self.offer_nic_with_vf(endpoint, instance_id, mac, None);
+    }
+
+    /// Like [`VmbusHost::offer_nic`], with a virtual function behind the NIC (netvsp then
+    /// announces it with VF association messages and asks it to expose itself to the guest).
+    pub fn offer_nic_with_vf(
+        &mut self,
+        endpoint: Box<dyn Endpoint>,
+        instance_id: Guid,
+        mac: [u8; 6],
+        virtual_function: Option<Box<dyn netvsp::VirtualFunction>>,
+    ) {
         let source = VmTaskDriverSource::new(SingleDriverBackend::new(self.driver.clone()));
-        let nic = Nic::builder().build(&source, instance_id, endpoint, MacAddress::from(mac), 0);
+        let mut builder = Nic::builder();
+        if let Some(virtual_function) = virtual_function {
+            builder = builder.virtual_function(virtual_function);
+        }
+        let nic = builder.build(&source, instance_id, endpoint, MacAddress::from(mac), 0);
         let control = self.server.control();
         let handle = futures::executor::block_on(offer_channel(&self.driver, &*control, nic))
             .expect("netvsp offer accepted by vmbus_server");

@@ -12,15 +12,18 @@ use std::time::{Duration, Instant};
 use chipset_device::mmio::{ExternallyManagedMmioIntercepts, MmioIntercept};
 use closeable_mutex::CloseableMutex;
 use gdma::{GdmaDevice, VportConfig};
+use guestmem::GuestMemory;
 use guid::Guid;
 use net_backend::Endpoint;
 use net_device::RegisterIo;
+use pal_async::DefaultDriver;
 use pal_async::task::Spawn;
 use pci_core::msi::MsiConnection;
 use vmbus::hypervisor::ChannelEvents;
 use vmbus::packet::{IncomingPacket, OutgoingPacket};
 use vmbus::vpci::VpciPort;
 use vmbus::{Channel, ClientEvent, Error, VmbusClient};
+use vmbus_server::VmbusServerControl;
 use vmcore::vm_task::{SingleDriverBackend, VmTaskDriverSource};
 use vmcore::vpci_msi::VpciInterruptMapper;
 use vpci::bus::{VpciBusConfig, VpciBusDevice};
@@ -53,13 +56,33 @@ impl GdmaOnVpci {
         mac: [u8; 6],
         endpoint: Box<dyn Endpoint>,
     ) -> GdmaOnVpci {
-        let source = VmTaskDriverSource::new(SingleDriverBackend::new(host.driver().clone()));
+        futures::executor::block_on(Self::offer_on(
+            host.driver().clone(),
+            host.dma().memory().clone(),
+            host.control(),
+            instance_id,
+            mac,
+            endpoint,
+        ))
+    }
+
+    /// [`GdmaOnVpci::offer`] from within the host's executor (e.g. netvsp's
+    /// `VirtualFunction::guest_ready_for_device`), where blocking on the server would deadlock.
+    pub async fn offer_on(
+        driver: DefaultDriver,
+        memory: GuestMemory,
+        control: Arc<VmbusServerControl>,
+        instance_id: Guid,
+        mac: [u8; 6],
+        endpoint: Box<dyn Endpoint>,
+    ) -> GdmaOnVpci {
+        let source = VmTaskDriverSource::new(SingleDriverBackend::new(driver));
         let interrupts = TestVpciInterruptController::new();
         let connection = MsiConnection::new();
         connection.connect(interrupts.signal_msi());
         let device = GdmaDevice::new(
             &source,
-            host.dma().memory().clone(),
+            memory,
             &connection.target(),
             vec![VportConfig {
                 mac_address: mac.into(),
@@ -79,11 +102,9 @@ impl GdmaOnVpci {
             VpciInterruptMapper::new(interrupts.clone()),
         )
         .expect("gdma is a PCI device");
-        let control = host.control();
-        let handle = futures::executor::block_on(vmbus_channel::simple::offer_simple_device(
-            &source, &*control, channel,
-        ))
-        .expect("vpci offer accepted by vmbus_server");
+        let handle = vmbus_channel::simple::offer_simple_device(&source, &*control, channel)
+            .await
+            .expect("vpci offer accepted by vmbus_server");
         handle.start();
         let revoke: Revoke = Box::new(move || {
             Box::pin(async move {

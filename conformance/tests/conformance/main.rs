@@ -4,6 +4,7 @@
 //! `netvsp`, MANA against `gdma`, vPCI against `vpci`.
 
 mod guest_memory;
+mod hyperv_vf;
 mod mana;
 mod netvsc;
 mod vmbus_control;

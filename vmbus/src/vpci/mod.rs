@@ -30,8 +30,12 @@
 //! Verified here: this module's tests against a scripted host (EJECT, malformed messages, old
 //! protocol versions, silence) and the conformance tests against OpenVMM's `vpci` server with
 //! `gdma` behind it (negotiation, D0, relations, config window, resources, MSI-X interrupts,
-//! D3/D0, MANA over the placed BAR0, rescind); the kernel's part against fakes in its host
-//! tests. Not verified: a real Hyper-V host (the retarget hypercall, a real DSDT).
+//! D3/D0, MANA over the placed BAR0, rescind); the removal sequence end to end with netvsp, a
+//! VF on vPCI, the bond and a TCP stream (`conformance/tests/conformance/hyperv_vf.rs`: EJECT
+//! read as link-down first, so the VF is still received from until netvsc's switch back
+//! completed and the VF went quiet; a hot-added vPCI offer waits until the previous VF is
+//! released, because the host may reuse the rescinded relid); the kernel's part against fakes
+//! in its host tests. Not verified: a real Hyper-V host (the retarget hypercall, a real DSDT).
 
 pub mod protocol;
 #[cfg(test)]
