@@ -138,7 +138,6 @@ fn set_up_function(vf: &GdmaOnVpci, bus: &mut Bus) -> BarIo {
     assert_eq!((control & 0x7ff) + 1, 64, "64 MSI-X vectors");
     let table = config.read32(msix + 4);
     assert_eq!(table & 7, 4, "the MSI-X table is in BAR4");
-    drop(config);
     let table_io = vf.bar(bars[4].address, bars[4].len as usize);
     for (entry, vector) in VECTORS.iter().enumerate() {
         let mapping = bus
@@ -178,7 +177,6 @@ fn vpci_client_negotiates_enters_d0_and_reads_the_function_through_the_window() 
     let config = bus.config_space(0).unwrap();
     assert_eq!(config.read16(0), 0x1414);
     assert_eq!(config.read8(0x0b), 2, "class code through the window");
-    drop(config);
     assert_eq!(bus.counters().malformed, 0);
     assert_eq!(bus.counters().stray_completions, 0);
 }
