@@ -1608,3 +1608,227 @@ fn merged_transfer_stays_exact_across_a_vf_detach_mid_transfer() {
     assert_eq!(stats.vf_detaches, 1);
     assert_eq!(stats.coalesce.refused_malformed, 0);
 }
+
+/// A TCP segment from the client (10.0.2.100) to the guest, built by hand.
+fn client_segment(repr: &TcpRepr<'_>) -> Vec<u8> {
+    let source = Ipv4Address::new(10, 0, 2, 100);
+    let ip = Ipv4Repr {
+        src_addr: source,
+        dst_addr: guest_ip(),
+        next_header: IpProtocol::Tcp,
+        payload_len: repr.buffer_len(),
+        hop_limit: 64,
+    };
+    let ethernet = EthernetRepr {
+        src_addr: EthernetAddress(CLIENT_MAC.0),
+        dst_addr: EthernetAddress(GUEST_MAC.0),
+        ethertype: EthernetProtocol::Ipv4,
+    };
+    let mut frame = vec![0u8; 14 + ip.buffer_len() + repr.buffer_len()];
+    let mut ethernet_frame = EthernetFrame::new_unchecked(&mut frame[..]);
+    ethernet.emit(&mut ethernet_frame);
+    let mut ip_packet = Ipv4Packet::new_unchecked(ethernet_frame.payload_mut());
+    ip.emit(&mut ip_packet, &ChecksumCapabilities::default());
+    repr.emit(
+        &mut TcpPacket::new_unchecked(ip_packet.payload_mut()),
+        &source.into(),
+        &guest_ip().into(),
+        &ChecksumCapabilities::default(),
+    );
+    frame
+}
+
+/// What the client learns from one of the guest's frames.
+enum GuestFrame {
+    /// The reply to the guest's ARP request.
+    ArpRequest(Vec<u8>),
+    /// A TCP segment's header fields.
+    Tcp {
+        syn: bool,
+        seq: u32,
+        ack: u32,
+        window: u16,
+        window_scale: Option<u8>,
+    },
+    Other,
+}
+
+fn parse_guest_frame(frame: &[u8]) -> GuestFrame {
+    use smoltcp::wire::{ArpOperation, ArpPacket, ArpRepr};
+    let Ok(ethernet) = EthernetFrame::new_checked(frame) else {
+        return GuestFrame::Other;
+    };
+    match ethernet.ethertype() {
+        EthernetProtocol::Arp => {
+            let Ok(ArpRepr::EthernetIpv4 {
+                operation: ArpOperation::Request,
+                source_hardware_addr,
+                source_protocol_addr,
+                target_protocol_addr,
+                ..
+            }) = ArpRepr::parse(&ArpPacket::new_unchecked(ethernet.payload()))
+            else {
+                return GuestFrame::Other;
+            };
+            let reply = ArpRepr::EthernetIpv4 {
+                operation: ArpOperation::Reply,
+                source_hardware_addr: EthernetAddress(CLIENT_MAC.0),
+                source_protocol_addr: target_protocol_addr,
+                target_hardware_addr: source_hardware_addr,
+                target_protocol_addr: source_protocol_addr,
+            };
+            let mut bytes = vec![0u8; 14 + reply.buffer_len()];
+            let mut out = EthernetFrame::new_unchecked(&mut bytes[..]);
+            EthernetRepr {
+                src_addr: EthernetAddress(CLIENT_MAC.0),
+                dst_addr: source_hardware_addr,
+                ethertype: EthernetProtocol::Arp,
+            }
+            .emit(&mut out);
+            reply.emit(&mut ArpPacket::new_unchecked(out.payload_mut()));
+            GuestFrame::ArpRequest(bytes)
+        }
+        EthernetProtocol::Ipv4 => {
+            let Ok(ip) = Ipv4Packet::new_checked(ethernet.payload()) else {
+                return GuestFrame::Other;
+            };
+            let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else {
+                return GuestFrame::Other;
+            };
+            let Ok(repr) = TcpRepr::parse(
+                &tcp,
+                &ip.src_addr().into(),
+                &ip.dst_addr().into(),
+                &ChecksumCapabilities::ignored(),
+            ) else {
+                return GuestFrame::Other;
+            };
+            GuestFrame::Tcp {
+                syn: repr.control == TcpControl::Syn,
+                seq: repr.seq_number.0 as u32,
+                ack: repr.ack_number.map_or(0, |ack| ack.0 as u32),
+                window: repr.window_len,
+                window_scale: repr.window_scale,
+            }
+        }
+        _ => GuestFrame::Other,
+    }
+}
+
+/// A sender like OpenVMM's consomme (user-mode NAT): it always fills the whole window the guest
+/// last advertised, in 1460-byte segments (1460 ≡ 4 mod 8, the unit of a 256 KiB buffer's
+/// window), and never retransmits, trusting a lossless link. Any byte the guest drops after
+/// advertising room for it leaves a hole that never fills: the transfer stalls for good while
+/// segments keep arriving.
+#[test]
+fn a_sender_that_never_retransmits_gets_every_byte_through_a_full_window() {
+    const TOTAL: usize = 2 * MIB;
+    const CLIENT_ISN: u32 = 1000;
+    let clock = Rc::new(Cell::new(0));
+    let (mut stack, control) = lone_stack(&clock);
+    let listener = stack.tcp_listen_with(5201, TcpOptions::bulk()).unwrap();
+    let syn = TcpRepr {
+        src_port: 40000,
+        dst_port: 5201,
+        control: TcpControl::Syn,
+        seq_number: TcpSeqNumber(CLIENT_ISN as i32),
+        ack_number: None,
+        window_len: 65535,
+        window_scale: Some(7),
+        max_seg_size: Some(1460),
+        sack_permitted: false,
+        sack_ranges: [None, None, None],
+        timestamp: None,
+        payload: &[],
+    };
+    control.inject_rx(&client_segment(&syn));
+    let data = pattern(TOTAL, 7);
+    let mut guest_isn = None;
+    let mut shift = 0u8;
+    // The window's right edge as the sender knows it: latest acknowledgement + window.
+    let mut edge = 0u32;
+    let mut next = CLIENT_ISN + 1;
+    let mut sent = 0usize;
+    let mut stream = None;
+    let mut received = Vec::with_capacity(TOTAL);
+    let mut buffer = vec![0u8; 31_000];
+    let mut rounds = 0;
+    while received.len() < TOTAL && rounds < 20_000 {
+        rounds += 1;
+        stack.poll();
+        for frame in control.take_tx() {
+            match parse_guest_frame(&frame) {
+                GuestFrame::ArpRequest(reply) => control.inject_rx(&reply),
+                GuestFrame::Tcp {
+                    syn: true,
+                    seq,
+                    ack,
+                    window,
+                    window_scale,
+                } => {
+                    // The SYN-ACK: complete the handshake (its window is never scaled).
+                    guest_isn = Some(TcpSeqNumber(seq.wrapping_add(1) as i32));
+                    shift = window_scale.unwrap_or(0);
+                    edge = ack.wrapping_add(u32::from(window));
+                    control.inject_rx(&client_segment(&TcpRepr {
+                        control: TcpControl::None,
+                        seq_number: TcpSeqNumber(next as i32),
+                        ack_number: guest_isn,
+                        window_scale: None,
+                        max_seg_size: None,
+                        ..syn
+                    }));
+                }
+                GuestFrame::Tcp {
+                    syn: false,
+                    ack,
+                    window,
+                    ..
+                } => {
+                    edge = ack.wrapping_add(u32::from(window) << shift);
+                }
+                GuestFrame::Other => {}
+            }
+        }
+        if let Some(guest_isn) = guest_isn {
+            // The whole window at once, as consomme does.
+            while sent < TOTAL && (edge.wrapping_sub(next) as i32) > 0 {
+                let len = 1460.min(edge.wrapping_sub(next) as usize).min(TOTAL - sent);
+                control.inject_rx(&client_segment(&TcpRepr {
+                    control: TcpControl::None,
+                    seq_number: TcpSeqNumber(next as i32),
+                    ack_number: Some(guest_isn),
+                    window_scale: None,
+                    max_seg_size: None,
+                    payload: &data[sent..sent + len],
+                    ..syn
+                }));
+                next = next.wrapping_add(len as u32);
+                sent += len;
+                // The guest takes each segment as it arrives and acknowledges it at once; the
+                // acknowledgement reaches the sender only next round (the link's latency),
+                // after the rest of the burst.
+                stack.poll();
+            }
+        }
+        if stream.is_none() {
+            stream = stack.accept(&listener);
+        }
+        // A reader slower than the link, so the window fills, reading chunks that reopen the
+        // window by 21 full segments and a short one (31 000 = 21 × 1460 + 340).
+        if let Some(stream) = &stream
+            && rounds % 16 == 0
+        {
+            let n = stack.tcp_read(stream, &mut buffer).unwrap_or(0);
+            received.extend_from_slice(&buffer[..n]);
+        }
+        clock.set(clock.get() + MS);
+    }
+    assert_eq!(
+        received.len(),
+        TOTAL,
+        "stalled after {} of {TOTAL} bytes ({sent} sent, {rounds} rounds)",
+        received.len()
+    );
+    assert!(received == data, "the bytes arrived changed");
+}

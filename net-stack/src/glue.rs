@@ -15,6 +15,8 @@
 //!   when the interface is created while the path (and its offloads) can change at any time, so
 //!   the bond decides per frame: the active NIC completes checksums and segments large frames
 //!   when it offers that, the bond does it in software otherwise.
+//! * Every outgoing TCP segment advertises one window unit less than smoltcp chose, so the
+//!   window edge a peer sees never moves backwards ([`crate::window_edge`]).
 
 use alloc::vec::Vec;
 
@@ -58,7 +60,13 @@ impl TxToken for BondTxToken<'_> {
     where
         F: FnOnce(&mut [u8]) -> R,
     {
-        self.paths.transmit_with(len, self.segment_size, f)
+        // Before the bond computes the checksums (see `window_edge` for why).
+        self.paths
+            .transmit_with(len, self.segment_size, |frame: &mut [u8]| {
+                let result = f(frame);
+                crate::window_edge::hold_back_one_unit(frame);
+                result
+            })
     }
 
     fn set_meta(&mut self, meta: PacketMeta) {

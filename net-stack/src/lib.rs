@@ -31,6 +31,7 @@ pub mod glue;
 mod segmentation;
 mod slab;
 mod stack;
+mod window_edge;
 
 pub use bond::{
     AttachRejected, Bond, BondConfig, BondStats, PathCounters, PathId, PathStats, ReceiveTimings,
