@@ -232,14 +232,14 @@ impl Synic {
         })
     }
 
-    /// Calls the hypervisor through the hypercall page; returns RAX.
+    /// Calls the hypervisor through the hypercall page; returns RAX. The stub follows the TLFS
+    /// x64 convention: control in RCX, input in RDX, output in R8, status in RAX, the volatile
+    /// registers of the C ABI clobbered.
     fn hypercall(&self, control: u64, input: u64, output: u64) -> u64 {
         let stub = self.hypercall_page.0.as_ptr() as u64;
         let rax: u64;
-        // SAFETY: `stub` is the hypercall page the hypervisor filled (enabled and verified in
-        // `enable`, kept until drop) and executable in our tables. The stub follows the TLFS
-        // x64 convention: control in RCX, input in RDX, output in R8, status in RAX, the
-        // volatile registers of the C ABI clobbered. Slow-call GPAs name pages we own.
+        // SAFETY: `stub` is the hypervisor-filled, executable hypercall page (verified in
+        // `enable`, kept until drop); slow-call GPAs name pages we own.
         unsafe {
             asm!(
                 "call {stub}",
