@@ -8,13 +8,14 @@
 
 use crate::guid::Guid;
 use crate::hypervisor::{ChannelEvents, EventSignal, HvStatus, HypervisorPort};
+use crate::packet::OutgoingPacket;
 use crate::protocol::{
     self, AllOffersDelivered, CloseChannel, GpaRange, GpadlBody, GpadlCreated, GpadlHeader,
     GpadlTeardown, GpadlTorndown, InitiateContact, MAX_MESSAGE_SIZE, MessageType, OfferChannel,
     OpenChannel, OpenResult, RelIdReleased, RescindChannelOffer, UnloadResponse, Version,
     VersionResponse, VersionResponse2, VmbusMessage,
 };
-use crate::ring::{PAGE_SIZE, RingMemory};
+use crate::ring::{PAGE_SIZE, ReadStatus, RingGeometry, RingMemory, RingReader, RingWriter};
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -315,6 +316,30 @@ impl FakeHost {
             PageListMemory::new(gpadl.pfns.clone()),
             open.downstream_page_offset as usize * PAGE_SIZE,
         ))
+    }
+
+    /// Every packet waiting in open channel `relid`'s guest → host ring, read (and consumed) as
+    /// the host would.
+    pub fn read_outgoing(&self, relid: u32) -> Vec<Vec<u8>> {
+        let (mut memory, downstream) = self.channel_memory(relid).expect("channel is open");
+        let geometry = RingGeometry::new(0, downstream).expect("valid ring geometry");
+        let mut reader = RingReader::new(&mut memory, geometry).expect("ring readable");
+        let mut packets = Vec::new();
+        let mut bytes = Vec::new();
+        while let ReadStatus::Packet { .. } = reader.read(&mut memory, &mut bytes).expect("ring") {
+            packets.push(bytes.clone());
+        }
+        packets
+    }
+
+    /// Writes `packet` into open channel `relid`'s host → guest ring, as the host would (the
+    /// guest is not signalled: see [`FakeHost::raise_event`]).
+    pub fn write_incoming(&self, relid: u32, packet: &OutgoingPacket<'_>) {
+        let (mut memory, downstream) = self.channel_memory(relid).expect("channel is open");
+        let total = memory.len();
+        let geometry = RingGeometry::new(downstream, total - downstream).expect("valid geometry");
+        let mut writer = RingWriter::new(&mut memory, geometry).expect("ring writable");
+        writer.write(&mut memory, packet).expect("room in the ring");
     }
 
     /// Relids the guest released, closed; GPADLs it tore down.

@@ -364,7 +364,6 @@ mod tests {
         self, GpaRange, IncomingKind, NetvscChannel, OutgoingPacket, VmbusNetvscChannel,
     };
     use vmbus::guid::interface;
-    use vmbus::ring::{ReadStatus, RingGeometry, RingReader, RingWriter};
     use vmbus::testing::{FakeHost, FakeHostConfig, FakeHostPort, offer_message};
     use vmbus::{ClientConfig, OpenParams};
 
@@ -401,28 +400,6 @@ mod tests {
         (host, adapter, dma)
     }
 
-    /// What the host reads from `relid`'s outgoing ring.
-    fn host_reads(host: &FakeHost, relid: u32) -> Vec<Vec<u8>> {
-        let (mut memory, downstream) = host.channel_memory(relid).unwrap();
-        let mut reader =
-            RingReader::new(&mut memory, RingGeometry::new(0, downstream).unwrap()).unwrap();
-        let mut packets = Vec::new();
-        let mut bytes = Vec::new();
-        while let ReadStatus::Packet { .. } = reader.read(&mut memory, &mut bytes).unwrap() {
-            packets.push(bytes.clone());
-        }
-        packets
-    }
-
-    /// Writes `packet` into `relid`'s incoming ring as the host.
-    fn host_writes(host: &FakeHost, relid: u32, packet: &vmbus::OutgoingPacket<'_>) {
-        let (mut memory, downstream) = host.channel_memory(relid).unwrap();
-        let total = memory.len();
-        let geometry = RingGeometry::new(downstream, total - downstream).unwrap();
-        let mut writer = RingWriter::new(&mut memory, geometry).unwrap();
-        writer.write(&mut memory, packet).unwrap();
-    }
-
     #[test]
     fn netvsc_packets_cross_both_rings_through_the_generic_adapter() {
         let (host, mut adapter, _dma) = adapter();
@@ -449,13 +426,12 @@ mod tests {
                 })
                 .unwrap()
         );
-        let sent = host_reads(&host, RELID);
+        let sent = host.read_outgoing(RELID);
         assert_eq!(sent.len(), 2);
         let first = vmbus::IncomingPacket::parse(&sent[0]).unwrap();
         assert_eq!(first.transaction_id, 7);
         assert_eq!(&first.payload[..9], b"nvsp init");
-        host_writes(
-            &host,
+        host.write_incoming(
             RELID,
             &vmbus::OutgoingPacket::completion(7, &[&[2, 0, 0, 0, 1, 0, 0, 0]]),
         );
@@ -547,8 +523,7 @@ mod tests {
         port.wait(start + 1_000_000_000);
         assert_eq!(port.now_ns(), start, "the vPCI signal was kept for it");
         // A vPCI packet arrives through the port.
-        host_writes(
-            &host,
+        host.write_incoming(
             VPCI_RELID,
             &vmbus::OutgoingPacket::in_band(0, false, &[&[1, 2, 3, 4, 0, 0, 0, 0]]),
         );
@@ -557,7 +532,7 @@ mod tests {
         assert_eq!(&received.payload[..4], &[1, 2, 3, 4]);
         port.send(&vmbus::OutgoingPacket::in_band(9, true, &[&[7; 8]]))
             .unwrap();
-        assert_eq!(host_reads(&host, VPCI_RELID).len(), 1);
+        assert_eq!(host.read_outgoing(VPCI_RELID).len(), 1);
         // The vPCI rescind, seen by netvsc's pump, is the vPCI port's only.
         host.rescind(VPCI_RELID);
         assert!(!adapter.try_receive(&mut packet).unwrap());

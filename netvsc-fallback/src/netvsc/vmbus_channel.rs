@@ -260,7 +260,6 @@ mod tests {
     use net_device::heap_dma::HeapDmaAllocator;
     use std::collections::BTreeSet;
     use vmbus::guid::interface;
-    use vmbus::ring::{ReadStatus, RingGeometry, RingReader, RingWriter};
     use vmbus::testing::{FakeHost, FakeHostConfig, FakeHostPort, offer_message};
     use vmbus::{
         ChannelEvents, ClientConfig, ClientEvent, GpaDirectRange, HypervisorPort, OpenParams,
@@ -357,28 +356,6 @@ mod tests {
         (host, VmbusNetvscChannel::new(channel, control), dma)
     }
 
-    /// What the host reads from our outgoing ring.
-    fn host_reads(host: &FakeHost) -> Vec<Vec<u8>> {
-        let (mut memory, downstream) = host.channel_memory(RELID).unwrap();
-        let mut reader =
-            RingReader::new(&mut memory, RingGeometry::new(0, downstream).unwrap()).unwrap();
-        let mut packets = Vec::new();
-        let mut bytes = Vec::new();
-        while let ReadStatus::Packet { .. } = reader.read(&mut memory, &mut bytes).unwrap() {
-            packets.push(bytes.clone());
-        }
-        packets
-    }
-
-    /// Writes `packet` into our incoming ring as the host.
-    fn host_writes(host: &FakeHost, packet: &vmbus::OutgoingPacket<'_>) {
-        let (mut memory, downstream) = host.channel_memory(RELID).unwrap();
-        let total = memory.len();
-        let geometry = RingGeometry::new(downstream, total - downstream).unwrap();
-        let mut writer = RingWriter::new(&mut memory, geometry).unwrap();
-        writer.write(&mut memory, packet).unwrap();
-    }
-
     #[test]
     fn gpa_direct_packets_carry_every_range_the_driver_gives() {
         let (host, mut adapter, _dma) = adapter();
@@ -404,7 +381,7 @@ mod tests {
                 })
                 .unwrap()
         );
-        let sent = host_reads(&host);
+        let sent = host.read_outgoing(RELID);
         assert_eq!(sent.len(), 1);
         let packet = vmbus::IncomingPacket::parse(&sent[0]).unwrap();
         assert_eq!(packet.transaction_id, 8);
@@ -420,8 +397,8 @@ mod tests {
     fn host_packets_arrive_in_the_driver_s_shapes_and_gpa_direct_ones_are_counted_drops() {
         let (host, mut adapter, _dma) = adapter();
         let pfns = [1u64];
-        host_writes(
-            &host,
+        host.write_incoming(
+            RELID,
             &vmbus::OutgoingPacket {
                 kind: vmbus::OutgoingKind::GpaDirect(&[GpaDirectRange {
                     byte_count: 8,
@@ -443,8 +420,8 @@ mod tests {
                 byte_offset: 4096,
             },
         ];
-        host_writes(
-            &host,
+        host.write_incoming(
+            RELID,
             &vmbus::OutgoingPacket {
                 kind: vmbus::OutgoingKind::TransferPages {
                     set_id: 0xcafe,
@@ -455,8 +432,8 @@ mod tests {
                 payload: &[&[1, 0, 0, 0, 0, 0, 0, 0]],
             },
         );
-        host_writes(
-            &host,
+        host.write_incoming(
+            RELID,
             &vmbus::OutgoingPacket::completion(7, &[&[2, 0, 0, 0, 1, 0, 0, 0]]),
         );
         let mut packet = IncomingPacket::default();
@@ -520,7 +497,7 @@ mod tests {
             .unwrap()
             .set_interrupt_mask(true)
             .unwrap();
-        host_writes(&host, &vmbus::OutgoingPacket::in_band(2, false, &[&[5; 8]]));
+        host.write_incoming(RELID, &vmbus::OutgoingPacket::in_band(2, false, &[&[5; 8]]));
         let before = adapter.now_ns();
         adapter.wait(before + 1_000_000_000);
         assert_eq!(adapter.now_ns(), before);
