@@ -369,7 +369,8 @@ pub fn parse_memory_resources(template: &[u8]) -> Vec<MemoryRange> {
             } else {
                 max.saturating_sub(min).saturating_add(1)
             };
-            if len != 0 && max >= min {
+            // A range must end inside the address space: its users carve it with plain adds.
+            if len != 0 && max >= min && min.checked_add(len - 1).is_some() {
                 ranges.push(MemoryRange { start: min, len });
             }
         }
@@ -754,6 +755,23 @@ mod tests {
         for cut in 0..aml.len() {
             let _ = vmbus_mmio_ranges(&aml[..cut]);
         }
+    }
+
+    #[test]
+    fn memory_ranges_past_the_end_of_the_address_space_are_refused() {
+        let mut overflowing = vec![0x8a, 43, 0, 0, 0x0c, 0x03];
+        for value in [0, u64::MAX - 0xfff, u64::MAX, 0, 0x2000] {
+            overflowing.extend_from_slice(&value.to_le_bytes());
+        }
+        let mut template = overflowing;
+        template.extend(qword_memory(0xf800_0000, 0x1000));
+        assert_eq!(
+            parse_memory_resources(&template),
+            vec![MemoryRange {
+                start: 0xf800_0000,
+                len: 0x1000
+            }]
+        );
     }
 
     #[test]

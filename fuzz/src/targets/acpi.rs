@@ -1,5 +1,5 @@
-//! Target `acpi`: RSDP, RSDT/XSDT entry lists, MCFG (ECAM windows), FADT and the `_S5_`
-//! package in the DSDT, from hostile table bytes.
+//! Target `acpi`: RSDP, RSDT/XSDT entry lists, MCFG (ECAM windows), FADT, the `_S5_` package
+//! and the VMBus device's `_CRS` memory ranges in the DSDT, from hostile table bytes.
 
 use guest_kernel::acpi;
 
@@ -36,6 +36,21 @@ fn run(input: &mut Input, steps: &mut Steps) -> Outcome {
     }
     let _ = acpi::parse_fadt(table);
     let _ = acpi::find_s5_sleep_types(table);
+    for ranges in [
+        acpi::parse_memory_resources(table),
+        acpi::vmbus_mmio_ranges(table),
+    ] {
+        // Every memory descriptor takes at least 3 bytes of the input.
+        check(ranges.len() <= table.len() / 3, || {
+            format!("{} ranges from {} bytes", ranges.len(), table.len())
+        })?;
+        for range in ranges {
+            check(
+                range.len != 0 && range.start.checked_add(range.len - 1).is_some(),
+                || format!("empty or overflowing MMIO range {range:?} accepted"),
+            )?;
+        }
+    }
     // Well-formed tables still parse.
     let mut mcfg = vec![0u8; 44];
     mcfg.extend_from_slice(&0xb000_0000u64.to_le_bytes());
@@ -46,6 +61,11 @@ fn run(input: &mut Input, steps: &mut Steps) -> Outcome {
     check(
         acpi::find_s5_sleep_types(b"\x08_S5_\x12\x06\x04\x0a\x05\x0a\x05\x00\x00") == Some((5, 5)),
         || "good _S5_ rejected".to_string(),
+    )?;
+    let ranges = acpi::vmbus_mmio_ranges(&vmbus_dsdt());
+    check(
+        ranges.len() == 1 && ranges[0].start == 0xf800_0000 && ranges[0].len == 0x0400_0000,
+        || format!("good VMBus _CRS read as {ranges:?}"),
     )
 }
 
@@ -63,6 +83,30 @@ fn rsdp(revision: u8, rsdt: u32, xsdt: u64) -> Vec<u8> {
     let sum = bytes.iter().fold(0u8, |sum, byte| sum.wrapping_add(*byte));
     bytes[32] = bytes[32].wrapping_sub(sum);
     bytes
+}
+
+/// A DSDT holding `Device(VMBS) { Name(_HID, "VMBus"); Name(_CRS, ResourceTemplate() {
+/// QWordMemory(0xf800_0000, 64 MiB) }) }`, as Hyper-V describes VMBus's MMIO.
+fn vmbus_dsdt() -> Vec<u8> {
+    let mut descriptor = vec![0x8a, 43, 0, 0, 0x0c, 0x03];
+    for value in [0u64, 0xf800_0000, 0xfbff_ffff, 0, 0x0400_0000] {
+        descriptor.extend_from_slice(&value.to_le_bytes());
+    }
+    descriptor.extend_from_slice(&[0x79, 0]);
+    // Buffer(ByteConst size) { descriptor }: 2 size bytes + 48 data bytes, PkgLength of 1 byte.
+    let mut crs = b"\x08_CRS\x11".to_vec();
+    crs.push((2 + descriptor.len() + 1) as u8);
+    crs.extend_from_slice(&[0x0a, descriptor.len() as u8]);
+    crs.extend_from_slice(&descriptor);
+    let mut body = b"VMBS\x08_HID\x0dVMBus\0".to_vec();
+    body.extend_from_slice(&crs);
+    // Device: 0x5b 0x82, then a 2-byte PkgLength (the body is longer than 62 bytes).
+    let total = body.len() + 2;
+    let mut dsdt = b"DSDT".to_vec();
+    dsdt.resize(36, 0);
+    dsdt.extend_from_slice(&[0x5b, 0x82, 0x40 | (total & 0xf) as u8, (total >> 4) as u8]);
+    dsdt.extend_from_slice(&body);
+    dsdt
 }
 
 fn seeds() -> Vec<Vec<u8>> {
@@ -88,6 +132,7 @@ fn seeds() -> Vec<Vec<u8>> {
     mcfg.extend_from_slice(&0xb000_0000u64.to_le_bytes());
     mcfg.extend_from_slice(&[0, 0, 0, 0xff, 0, 0, 0, 0]);
     vec![
+        with_rsdp(rsdp(2, 0, 0), &vmbus_dsdt()),
         with_rsdp(rsdp(2, 0x7fe_0000, 0x7fe_0100), &xsdt),
         with_rsdp(rsdp(0, 0x7fe_0000, 0), &xsdt[..44]),
         with_rsdp(rsdp(2, 0, 0), &fadt),
@@ -99,7 +144,7 @@ fn seeds() -> Vec<Vec<u8>> {
 /// The registration.
 pub const TARGET: Target = Target {
     name: "acpi",
-    about: "RSDP, RSDT/XSDT, MCFG, FADT, DSDT _S5_ from hostile table bytes",
+    about: "RSDP, RSDT/XSDT, MCFG, FADT, DSDT _S5_ and VMBus _CRS from hostile table bytes",
     default_cases: 200_000,
     max_input_len: 1024,
     memory_bound: 128 * 1024,
