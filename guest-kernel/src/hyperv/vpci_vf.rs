@@ -14,10 +14,16 @@
 //! once at bring-up: empty (link down) until a VF is paired, then the VF itself.
 //!
 //! Removal: on EJECT (or the association withdrawn, or the function vanishing) the slot reports
-//! the VF gone, so the bond leaves it on its next evaluation; the hook asks netvsc for the
-//! synthetic data path and waits (bounded, across polls) until the host confirmed it; only
-//! then is the driver stopped and EJECTION_COMPLETE sent. A rescinded vPCI channel means the
-//! VF is gone at once (no acknowledgement). Everything here is sans-IO over
+//! the VF's link down and refuses to transmit, so the bond moves transmit to synthetic on its
+//! next evaluation, while the VF's receive path keeps delivering into the bond (frames the
+//! host steered to it before the switch are still in its queue: dropping them costs TCP a
+//! retransmission timeout). The hook asks netvsc for the synthetic data path and waits
+//! (bounded by [`LEAVE_TIMEOUT_NS`], across polls) until the host confirmed it and the VF
+//! delivered nothing for [`DRAIN_QUIET_NS`]; only then is the driver stopped, its interrupts
+//! deleted and its resources released (DELETE_INTERRUPT, RELEASE_RESOURCES, answers awaited
+//! across polls for at most [`RELEASE_TIMEOUT_NS`]) and EJECTION_COMPLETE sent (Linux
+//! `hv_eject_device_work` order). A rescinded vPCI channel means the VF is gone at once
+//! (nothing is sent on it). Everything here is sans-IO over
 //! [`VfPlatform`] and [`SyntheticSide`], so host tests drive it with fakes; the kernel
 //! implements the platform in `net::hyperv`.
 
@@ -47,6 +53,16 @@ pub type SharedVpciBus<P, W> = Rc<RefCell<VpciBus<P, W>>>;
 /// Longest wait for the host to confirm the synthetic data path before a VF is let go anyway
 /// (OpenHCL gives the guest 10 s for the whole eject; Linux waits for the completion too).
 pub const LEAVE_TIMEOUT_NS: u64 = 2_000_000_000;
+
+/// After the host confirmed the synthetic data path, how long a leaving VF must deliver
+/// nothing (with the bond having asked it for frames) before it is stopped: frames steered to
+/// it just before the switch may still be on their way into its queue.
+pub const DRAIN_QUIET_NS: u64 = 10_000_000;
+
+/// Longest wait for the host's answers to DELETE_INTERRUPT and RELEASE_RESOURCES before the
+/// EJECTION_COMPLETE goes out anyway (Linux does not wait at all; OpenHCL gives the guest 10 s
+/// for the whole eject).
+pub const RELEASE_TIMEOUT_NS: u64 = 500_000_000;
 
 fn vpci_error(step: &'static str, error: impl ToString) -> KernelError {
     KernelError::HyperV {
@@ -371,6 +387,12 @@ pub struct HookCounters {
     pub leave_timeouts: u64,
     /// VFs lost to a rescinded vPCI channel.
     pub rescinds: u64,
+    /// Frames a leaving VF delivered to the bond after it was told to leave.
+    pub drained_frames: u64,
+    /// Functions let go with DELETE_INTERRUPT + RELEASE_RESOURCES.
+    pub releases: u64,
+    /// Releases whose answers did not all arrive within [`RELEASE_TIMEOUT_NS`].
+    pub release_timeouts: u64,
 }
 
 /// The slot's shared state.
@@ -382,6 +404,10 @@ struct SlotState {
     idle_capabilities: Capabilities,
     /// Counters of VFs that left, so the slot's counters only grow.
     retired: Stats,
+    /// Frames the VFs delivered through the slot (the drain watches it).
+    delivered: u64,
+    /// Calls of `receive` on a VF (a round with nothing delivered proves the queue empty).
+    receive_rounds: u64,
 }
 
 fn add_stats(total: &mut Stats, more: &Stats) {
@@ -435,7 +461,11 @@ impl NetDevice for VfSlot {
     fn link_state(&self) -> LinkState {
         let state = self.state.borrow();
         match &state.device {
-            Some(_) if state.leaving => LinkState::Gone,
+            // Down, not gone: the bond keeps receiving from it while it drains.
+            Some(device) if state.leaving => match device.link_state() {
+                LinkState::Gone => LinkState::Gone,
+                _ => LinkState::Down,
+            },
             Some(device) => device.link_state(),
             None => LinkState::Down,
         }
@@ -448,10 +478,14 @@ impl NetDevice for VfSlot {
     }
 
     fn receive(&mut self, budget: usize, sink: &mut dyn FnMut(&[u8], RxMeta)) -> usize {
-        match self.state.borrow_mut().device.as_mut() {
-            Some(device) => device.receive(budget, sink),
-            None => 0,
-        }
+        let mut state = self.state.borrow_mut();
+        let Some(device) = state.device.as_mut() else {
+            return 0;
+        };
+        let delivered = device.receive(budget, sink);
+        state.delivered += delivered as u64;
+        state.receive_rounds += 1;
+        delivered
     }
 
     fn can_transmit(&self) -> bool {
@@ -518,8 +552,39 @@ struct ActiveVf {
     relid: u32,
     wslot: u32,
     serial: u32,
-    /// Set once it must go: when, and whether the host waits for EJECTION_COMPLETE.
-    leaving: Option<(u64, bool)>,
+    /// Set once it must go.
+    leaving: Option<Leaving>,
+}
+
+/// A VF on its way out.
+#[derive(Clone, Copy, Debug)]
+struct Leaving {
+    /// When it was told to go.
+    since: u64,
+    /// The host waits for EJECTION_COMPLETE.
+    acknowledge: bool,
+    /// The slot's delivered frames then.
+    delivered_at_start: u64,
+    /// Once the host confirmed the synthetic path: the last time the VF delivered (the
+    /// confirmation at first), and the slot's delivered frames and receive rounds then.
+    quiet: Option<Quiet>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Quiet {
+    since: u64,
+    delivered: u64,
+    rounds: u64,
+}
+
+/// A stopped function whose DELETE_INTERRUPT/RELEASE_RESOURCES answers are awaited.
+#[derive(Clone, Copy, Debug)]
+struct Release {
+    relid: u32,
+    wslot: u32,
+    since: u64,
+    /// EJECTION_COMPLETE follows the answers.
+    acknowledge: bool,
 }
 
 /// The Hyper-V VF state machine (see the module docs).
@@ -529,6 +594,8 @@ pub struct VfHook<F: VfPlatform> {
     active: Option<ActiveVf>,
     /// (relid, wslot) pairs that failed or did not pair: not retried until they change.
     refused: Vec<(u32, u32)>,
+    /// Functions being released.
+    releasing: Vec<Release>,
     slot: Rc<RefCell<SlotState>>,
     counters: HookCounters,
 }
@@ -543,12 +610,15 @@ impl<F: VfPlatform> VfHook<F> {
             mac,
             idle_capabilities: capabilities,
             retired: Stats::default(),
+            delivered: 0,
+            receive_rounds: 0,
         }));
         let hook = VfHook {
             platform,
             buses: Vec::new(),
             active: None,
             refused: Vec::new(),
+            releasing: Vec::new(),
             slot: slot.clone(),
             counters: HookCounters::default(),
         };
@@ -573,13 +643,14 @@ impl<F: VfPlatform> VfHook<F> {
     /// and a leaving VF's progress. Called on every poll of the synthetic NIC.
     pub fn step(&mut self, synthetic: &mut dyn SyntheticSide, now_ns: u64) {
         while let Some(event) = synthetic.take_vf_event() {
+            let leaving = self.start_leaving(now_ns, false);
             if let VfEvent::Withdrawn { serial_number } = event
                 && let Some(active) = self.active.as_mut()
                 && active.serial == serial_number
                 && active.leaving.is_none()
             {
                 log::info!("hyperv: VF serial {serial_number} withdrawn by the host");
-                active.leaving = Some((now_ns, false));
+                active.leaving = Some(leaving);
             }
         }
         while let Some(offer) = self.platform.take_vpci_offer() {
@@ -593,8 +664,9 @@ impl<F: VfPlatform> VfHook<F> {
         }
         self.service_buses(now_ns);
         self.progress_leaving(synthetic, now_ns);
+        self.progress_releases(now_ns);
         if self.active.is_none() {
-            self.pair(synthetic);
+            self.pair(synthetic, now_ns);
         }
     }
 
@@ -611,20 +683,37 @@ impl<F: VfPlatform> VfHook<F> {
                     VpciEvent::Eject { wslot } => match active {
                         Some(active) if active.wslot == wslot => {
                             log::info!("hyperv: EJECT of the VF (wslot {wslot:#x})");
+                            let leaving = match active.leaving {
+                                Some(leaving) => leaving,
+                                None => self.start_leaving(now_ns, true),
+                            };
                             if let Some(active) = self.active.as_mut() {
-                                let since = active.leaving.map_or(now_ns, |(since, _)| since);
-                                active.leaving = Some((since, true));
+                                active.leaving = Some(Leaving {
+                                    acknowledge: true,
+                                    ..leaving
+                                });
                             }
                         }
-                        // Not in use: acknowledge at once.
-                        _ => self.complete_eject(index, wslot),
+                        _ => match self
+                            .releasing
+                            .iter_mut()
+                            .find(|release| release.relid == relid && release.wslot == wslot)
+                        {
+                            // Acknowledged once the release is answered.
+                            Some(release) => release.acknowledge = true,
+                            // Not in use: acknowledge at once.
+                            None => self.complete_eject(index, wslot),
+                        },
                     },
                     VpciEvent::FunctionVanished { wslot } => {
-                        if let (Some(_), Some(active)) = (active, self.active.as_mut())
+                        if let Some(active) = active
                             && active.wslot == wslot
                             && active.leaving.is_none()
                         {
-                            active.leaving = Some((now_ns, false));
+                            let leaving = self.start_leaving(now_ns, false);
+                            if let Some(active) = self.active.as_mut() {
+                                active.leaving = Some(leaving);
+                            }
                         }
                     }
                     VpciEvent::FunctionArrived { wslot } => {
@@ -641,6 +730,8 @@ impl<F: VfPlatform> VfHook<F> {
                     self.counters.rescinds += 1;
                     self.drop_vf(true);
                 }
+                // The host is gone: nothing to wait for, nobody to acknowledge to.
+                self.releasing.retain(|release| release.relid != relid);
                 let closed = self.buses.remove(index);
                 self.refused.retain(|&(known, _)| known != relid);
                 self.platform.close_bus(&closed.offer, closed.bus);
@@ -657,39 +748,149 @@ impl<F: VfPlatform> VfHook<F> {
         }
     }
 
+    fn start_leaving(&self, now_ns: u64, acknowledge: bool) -> Leaving {
+        Leaving {
+            since: now_ns,
+            acknowledge,
+            delivered_at_start: self.slot.borrow().delivered,
+            quiet: None,
+        }
+    }
+
+    /// A leaving VF: transmit is off (the slot reads down), the host is asked for the
+    /// synthetic path; the VF is let go once the host confirmed it and the VF's receive queue
+    /// stayed empty for [`DRAIN_QUIET_NS`], or at [`LEAVE_TIMEOUT_NS`].
     fn progress_leaving(&mut self, synthetic: &mut dyn SyntheticSide, now_ns: u64) {
         let Some(active) = self.active else { return };
-        let Some((since, acknowledge)) = active.leaving else {
+        let Some(mut leaving) = active.leaving else {
             return;
         };
-        self.slot.borrow_mut().leaving = true;
+        let (delivered, rounds, device_gone) = {
+            let mut slot = self.slot.borrow_mut();
+            slot.leaving = true;
+            let device_gone = slot
+                .device
+                .as_ref()
+                .is_some_and(|device| device.link_state() == LinkState::Gone);
+            (slot.delivered, slot.receive_rounds, device_gone)
+        };
         let back = synthetic.data_path() == HostPath::Synthetic;
-        let timed_out = now_ns.saturating_sub(since) >= LEAVE_TIMEOUT_NS;
-        if !back && !timed_out {
-            // Repeats are harmless: netvsc sends only when nothing is on the way.
-            synthetic.request_synthetic();
-            return;
-        }
-        if !back {
+        let timed_out = now_ns.saturating_sub(leaving.since) >= LEAVE_TIMEOUT_NS;
+        if !timed_out {
+            if !back {
+                // Repeats are harmless: netvsc sends only when nothing is on the way.
+                synthetic.request_synthetic();
+                return;
+            }
+            let quiet = match leaving.quiet {
+                Some(quiet) if quiet.delivered == delivered => quiet,
+                // Confirmed just now, or the VF still delivered: the quiet time starts again.
+                _ => Quiet {
+                    since: now_ns,
+                    delivered,
+                    rounds,
+                },
+            };
+            leaving.quiet = Some(quiet);
+            if let Some(active) = self.active.as_mut() {
+                active.leaving = Some(leaving);
+            }
+            // A VF that reads as removed is not received from any more: nothing to drain.
+            let drained = device_gone
+                || (rounds > quiet.rounds && now_ns.saturating_sub(quiet.since) >= DRAIN_QUIET_NS);
+            if !drained {
+                return;
+            }
+        } else if !back {
             self.counters.leave_timeouts += 1;
             log::warn!(
                 "hyperv: no synthetic data path confirmed within {} ms; letting the VF go",
                 LEAVE_TIMEOUT_NS / 1_000_000
             );
+        } else {
+            log::warn!(
+                "hyperv: the VF still received {} ms after it was told to leave; letting it go",
+                LEAVE_TIMEOUT_NS / 1_000_000
+            );
         }
+        let drained_frames = delivered.saturating_sub(leaving.delivered_at_start);
+        self.counters.drained_frames += drained_frames;
+        log::info!(
+            "hyperv: VF drained ({drained_frames} frame(s) received while leaving, {} ms)",
+            now_ns.saturating_sub(leaving.since) / 1_000_000
+        );
         self.drop_vf(false);
-        if acknowledge
-            && let Some(index) = self
+        self.let_function_go(active.relid, active.wslot, leaving.acknowledge, now_ns);
+    }
+
+    /// A stopped function: its interrupts deleted and its resources released, EJECTION_COMPLETE
+    /// once the host answered (if it ejected the function), then its BAR space given back.
+    fn let_function_go(&mut self, relid: u32, wslot: u32, acknowledge: bool, now_ns: u64) {
+        let Some(index) = self.buses.iter().position(|open| open.offer.relid == relid) else {
+            return;
+        };
+        let released = self.buses[index].bus.borrow_mut().release_function(wslot);
+        match released {
+            Ok(_) => {
+                self.counters.releases += 1;
+                self.releasing.push(Release {
+                    relid,
+                    wslot,
+                    since: now_ns,
+                    acknowledge,
+                });
+            }
+            Err(error) => {
+                log::warn!("hyperv: vPCI release of wslot {wslot:#x}: {error}");
+                if acknowledge {
+                    self.complete_eject(index, wslot);
+                }
+            }
+        }
+        let offer = self.buses[index].offer;
+        self.platform.function_stopped(&offer, wslot);
+    }
+
+    /// Released functions whose answers all arrived (or did not within the bound): the
+    /// EJECTION_COMPLETE the host waits for.
+    fn progress_releases(&mut self, now_ns: u64) {
+        let mut index = 0;
+        while index < self.releasing.len() {
+            let release = self.releasing[index];
+            let Some(bus_index) = self
                 .buses
                 .iter()
-                .position(|open| open.offer.relid == active.relid)
-        {
-            self.complete_eject(index, active.wslot);
+                .position(|open| open.offer.relid == release.relid)
+            else {
+                self.releasing.remove(index);
+                continue;
+            };
+            let awaiting = self.buses[bus_index].bus.borrow().awaiting(release.wslot);
+            if awaiting > 0 {
+                if now_ns.saturating_sub(release.since) < RELEASE_TIMEOUT_NS {
+                    index += 1;
+                    continue;
+                }
+                self.counters.release_timeouts += 1;
+                log::warn!(
+                    "hyperv: {awaiting} vPCI release answer(s) for wslot {:#x} missing after {} ms",
+                    release.wslot,
+                    RELEASE_TIMEOUT_NS / 1_000_000
+                );
+                self.buses[bus_index]
+                    .bus
+                    .borrow_mut()
+                    .stop_awaiting(release.wslot);
+            }
+            self.releasing.remove(index);
+            if release.acknowledge {
+                self.complete_eject(bus_index, release.wslot);
+            }
         }
     }
 
     /// Takes the VF out of the slot: stopped (no DMA in flight), or marked gone when the host
-    /// already took it.
+    /// already took it (then its BAR space is given back at once: nothing is released).
     fn drop_vf(&mut self, gone: bool) {
         let Some(active) = self.active.take() else {
             return;
@@ -711,17 +912,18 @@ impl<F: VfPlatform> VfHook<F> {
         }
         slot.leaving = false;
         drop(slot);
-        if let Some(open) = self
-            .buses
-            .iter()
-            .find(|open| open.offer.relid == active.relid)
+        if gone
+            && let Some(open) = self
+                .buses
+                .iter()
+                .find(|open| open.offer.relid == active.relid)
         {
             let offer = open.offer;
             self.platform.function_stopped(&offer, active.wslot);
         }
     }
 
-    fn pair(&mut self, synthetic: &mut dyn SyntheticSide) {
+    fn pair(&mut self, synthetic: &mut dyn SyntheticSide, now_ns: u64) {
         let Some(association) = synthetic.association().filter(|known| known.allocated) else {
             return;
         };
@@ -734,6 +936,9 @@ impl<F: VfPlatform> VfHook<F> {
                     function.serial_number == serial
                         && !function.ejecting
                         && !self.refused.contains(&(open.offer.relid, function.wslot))
+                        && !self.releasing.iter().any(|release| {
+                            (release.relid, release.wslot) == (open.offer.relid, function.wslot)
+                        })
                 })
                 .map(|function| (open.offer, open.bus.clone(), function.wslot))
         });
@@ -746,6 +951,10 @@ impl<F: VfPlatform> VfHook<F> {
                 self.counters.start_failures += 1;
                 self.refused.push((offer.relid, wslot));
                 log::warn!("hyperv: VF serial {serial} (wslot {wslot:#x}) not started: {error}");
+                // Whatever the failed start got from the host (interrupts) goes back.
+                if bus.borrow().interrupts_of(wslot) > 0 {
+                    self.let_function_go(offer.relid, wslot, false, now_ns);
+                }
                 return;
             }
         };
@@ -764,7 +973,7 @@ impl<F: VfPlatform> VfHook<F> {
                 synthetic.mac()
             );
             device.stop();
-            self.platform.function_stopped(&offer, wslot);
+            self.let_function_go(offer.relid, wslot, false, now_ns);
             return;
         }
         log::info!(

@@ -6,8 +6,11 @@
 //! function QUERY_RESOURCE_REQUIREMENTS, BAR placement, ASSIGNED_RESOURCES(2), then the PCI
 //! layer's ordinary work (capability walk, BAR sizing, MSI-X table) through [`ConfigSpace`],
 //! with each MSI-X entry's address/data from CREATE_INTERRUPT(2). Removal: EJECT → the owner
-//! stops using the function → [`VpciBus::complete_eject`] (EJECTION_COMPLETE); a rescinded
-//! channel makes every function unusable at once.
+//! stops using the function → [`VpciBus::release_function`] (DELETE_INTERRUPT for every
+//! interrupt created, then RELEASE_RESOURCES, Linux `hv_eject_device_work` order; the answers
+//! are collected by [`VpciBus::poll`] without blocking) → [`VpciBus::complete_eject`]
+//! (EJECTION_COMPLETE); a rescinded channel makes every function unusable at once and nothing
+//! is sent on it.
 //!
 //! Config space is reached through a two-page MMIO window the guest picks (on Hyper-V: carved
 //! from the `_CRS` of the VMBus ACPI device's ancestor `\_SB.VMOD`, like the BARs): page 0
@@ -57,6 +60,8 @@ pub const MAX_FUNCTIONS: usize = 256;
 const MAX_WAIT_STEPS: u32 = 1_000_000;
 /// Most packets one [`VpciBus::poll`] drains.
 const MAX_PACKETS_PER_POLL: usize = 64;
+/// Most interrupt mappings remembered for deletion (MANA uses one per queue plus one).
+const MAX_INTERRUPTS: usize = 256;
 
 /// The channel under a vPCI bus and a way to wait for it.
 pub trait VpciPort {
@@ -147,6 +152,26 @@ pub struct VpciCounters {
     pub stray_completions: u64,
     /// INVALIDATE_BLOCK and other messages this client does not act on.
     pub ignored: u64,
+    /// DELETE_INTERRUPTs sent by [`VpciBus::release_function`].
+    pub interrupts_deleted: u64,
+    /// RELEASE_RESOURCES sent by [`VpciBus::release_function`].
+    pub resources_released: u64,
+    /// Completions of those that arrived.
+    pub releases_answered: u64,
+    /// Of those, the ones with a failure status (logged; the function is let go anyway).
+    pub releases_refused: u64,
+    /// Of those, the ones the owner stopped waiting for ([`VpciBus::stop_awaiting`]) or that
+    /// were still unanswered after the request timeout.
+    pub releases_unanswered: u64,
+}
+
+/// A DELETE_INTERRUPT or RELEASE_RESOURCES whose completion has not arrived yet.
+#[derive(Clone, Copy, Debug)]
+struct Awaited {
+    transaction: u64,
+    what: &'static str,
+    wslot: u32,
+    sent_ns: u64,
 }
 
 /// Where the bus is.
@@ -172,6 +197,10 @@ pub struct VpciBus<P: VpciPort, W: RegisterIo> {
     counters: VpciCounters,
     state: State,
     rescind_reported: bool,
+    /// Interrupts CREATE_INTERRUPT mapped and nobody deleted yet, by wslot, oldest first.
+    interrupts: Vec<(u32, protocol::MsiRemapped)>,
+    /// Release messages sent without blocking, until their completions arrive.
+    awaited: Vec<Awaited>,
     /// The window's slot select and the following config access must not interleave.
     window_lock: spin::Mutex<()>,
 }
@@ -211,6 +240,8 @@ impl<P: VpciPort, W: RegisterIo> VpciBus<P, W> {
             counters: VpciCounters::default(),
             state: State::Ready,
             rescind_reported: false,
+            interrupts: Vec::new(),
+            awaited: Vec::new(),
             window_lock: spin::Mutex::new(()),
         };
         bus.negotiate()?;
@@ -347,12 +378,15 @@ impl<P: VpciPort, W: RegisterIo> VpciBus<P, W> {
             return Some(event);
         }
         if self.is_rescinded() {
+            // Nobody is left to answer.
+            self.awaited.clear();
             if !self.rescind_reported {
                 self.rescind_reported = true;
                 return Some(VpciEvent::Rescinded);
             }
             return None;
         }
+        self.expire_awaited();
         for _ in 0..MAX_PACKETS_PER_POLL {
             match self.receive_one() {
                 Ok(Some(Received::Completion(_))) => self.counters.stray_completions += 1,
@@ -464,7 +498,8 @@ impl<P: VpciPort, W: RegisterIo> VpciBus<P, W> {
         check_status("ASSIGNED_RESOURCES", &reply)
     }
 
-    /// RELEASE_RESOURCES for `wslot` (before giving the BARs' MMIO back).
+    /// RELEASE_RESOURCES for `wslot` (before giving the BARs' MMIO back), waiting for the
+    /// answer. The event loop uses [`VpciBus::release_function`], which does not block.
     pub fn release_resources(&mut self, wslot: u32) -> Result<(), Error> {
         self.function(wslot)?;
         let release = protocol::FunctionMessage {
@@ -537,6 +572,11 @@ impl<P: VpciPort, W: RegisterIo> VpciBus<P, W> {
                     what: "create interrupt reply",
                 }
             })?;
+        // Kept so that letting the function go deletes what was created (the host's table
+        // of mapped interrupts is finite); a function's MSI-X table is small.
+        if self.interrupts.len() < MAX_INTERRUPTS {
+            self.interrupts.push((wslot, reply.interrupt));
+        }
         Ok(MsiMapping {
             address: reply.interrupt.address,
             data: reply.interrupt.data,
@@ -553,7 +593,160 @@ impl<P: VpciPort, W: RegisterIo> VpciBus<P, W> {
             interrupt: mapping.remapped,
         };
         let reply = self.request("DELETE_INTERRUPT", delete.as_bytes())?;
+        if let Some(index) = self
+            .interrupts
+            .iter()
+            .position(|&(known, interrupt)| known == wslot && interrupt == mapping.remapped)
+        {
+            self.interrupts.remove(index);
+        }
         check_status("DELETE_INTERRUPT", &reply)
+    }
+
+    /// Interrupts of `wslot` created and not deleted yet.
+    pub fn interrupts_of(&self, wslot: u32) -> usize {
+        self.interrupts
+            .iter()
+            .filter(|&&(known, _)| known == wslot)
+            .count()
+    }
+
+    /// Lets the host take back what `wslot` was given, once its driver stopped (before
+    /// EJECTION_COMPLETE, or when the VF is let go without an EJECT): DELETE_INTERRUPT for
+    /// every interrupt [`VpciBus::create_interrupt`] mapped, then RELEASE_RESOURCES (Linux
+    /// tears the MSIs down with the driver, then reports the resources released). Each asks
+    /// for a completion but none is waited for here: [`VpciBus::poll`] takes the answers,
+    /// [`VpciBus::awaiting`] tells whether any is still due and [`VpciBus::stop_awaiting`]
+    /// gives up on a silent host. Works on an ejecting function. Returns the messages sent.
+    /// A rescinded channel or a function no longer listed gets nothing (its interrupts are
+    /// forgotten).
+    pub fn release_function(&mut self, wslot: u32) -> Result<usize, Error> {
+        let mut mappings = Vec::new();
+        self.interrupts.retain(|&(known, interrupt)| {
+            if known == wslot {
+                mappings.push(interrupt);
+            }
+            known != wslot
+        });
+        self.ensure_usable()?;
+        if self.is_rescinded() {
+            return Err(Error::VpciBusGone {
+                reason: "channel rescinded",
+            });
+        }
+        if !self
+            .functions
+            .iter()
+            .any(|function| function.wslot == wslot)
+        {
+            return Err(Error::VpciUnknownFunction { wslot });
+        }
+        let mut sent = 0;
+        for interrupt in mappings {
+            let delete = protocol::DeleteInterrupt {
+                message_type: message::DELETE_INTERRUPT,
+                wslot,
+                interrupt,
+            };
+            self.post("DELETE_INTERRUPT", wslot, delete.as_bytes())?;
+            self.counters.interrupts_deleted += 1;
+            sent += 1;
+        }
+        let release = protocol::FunctionMessage {
+            message_type: message::RELEASE_RESOURCES,
+            wslot,
+        };
+        self.post("RELEASE_RESOURCES", wslot, release.as_bytes())?;
+        self.counters.resources_released += 1;
+        Ok(sent + 1)
+    }
+
+    /// Answers [`VpciBus::release_function`] still waits for, for `wslot`.
+    pub fn awaiting(&self, wslot: u32) -> usize {
+        self.awaited
+            .iter()
+            .filter(|awaited| awaited.wslot == wslot)
+            .count()
+    }
+
+    /// Stops waiting for `wslot`'s answers (a host that does not answer): each is counted
+    /// and logged. Returns how many were given up.
+    pub fn stop_awaiting(&mut self, wslot: u32) -> usize {
+        let before = self.awaited.len();
+        let mut given_up = Vec::new();
+        self.awaited.retain(|awaited| {
+            if awaited.wslot == wslot {
+                given_up.push(*awaited);
+            }
+            awaited.wslot != wslot
+        });
+        for awaited in &given_up {
+            self.unanswered(awaited);
+        }
+        before - self.awaited.len()
+    }
+
+    fn unanswered(&mut self, awaited: &Awaited) {
+        self.counters.releases_unanswered += 1;
+        log::warn!(
+            "vpci: no answer to {} of wslot {:#x}; going on without it",
+            awaited.what,
+            awaited.wslot
+        );
+    }
+
+    /// Sends `payload` asking for a completion that [`VpciBus::poll`] collects later.
+    fn post(&mut self, what: &'static str, wslot: u32, payload: &[u8]) -> Result<(), Error> {
+        let transaction = self.take_transaction();
+        self.port
+            .send(&OutgoingPacket::in_band(transaction, true, &[payload]))?;
+        let sent_ns = self.port.now_ns();
+        self.awaited.push(Awaited {
+            transaction,
+            what,
+            wslot,
+            sent_ns,
+        });
+        Ok(())
+    }
+
+    /// Takes the completion of a posted message, if `transaction` is one.
+    fn take_awaited(&mut self, transaction: u64, payload: &[u8]) -> bool {
+        let Some(index) = self
+            .awaited
+            .iter()
+            .position(|awaited| awaited.transaction == transaction)
+        else {
+            return false;
+        };
+        let awaited = self.awaited.remove(index);
+        self.counters.releases_answered += 1;
+        if let Err(error) = check_status(awaited.what, payload) {
+            self.counters.releases_refused += 1;
+            log::warn!("vpci: wslot {:#x}: {error}", awaited.wslot);
+        }
+        true
+    }
+
+    /// Forgets posted messages older than the request timeout (nobody waits for them any
+    /// more; keeps the list bounded against a silent host).
+    fn expire_awaited(&mut self) {
+        if self.awaited.is_empty() {
+            return;
+        }
+        let now = self.port.now_ns();
+        let timeout_ns = self.timeout_ns;
+        let mut expired = Vec::new();
+        self.awaited.retain(|awaited| {
+            let old = now.saturating_sub(awaited.sent_ns) >= timeout_ns;
+            if old {
+                expired.push(*awaited);
+            }
+            !old
+        });
+        for awaited in &expired {
+            self.unanswered(awaited);
+        }
     }
 
     /// DEVICE_POWER_STATE_CHANGE to D0 (`true`) or D3.
@@ -723,10 +916,13 @@ impl<P: VpciPort, W: RegisterIo> VpciBus<P, W> {
             return Ok(None);
         };
         match packet.kind {
-            IncomingKind::Completion => Ok(Some(Received::Completion((
-                packet.transaction_id,
-                packet.payload.to_vec(),
-            )))),
+            IncomingKind::Completion => {
+                let (transaction, payload) = (packet.transaction_id, packet.payload.to_vec());
+                if self.take_awaited(transaction, &payload) {
+                    return Ok(Some(Received::Handled));
+                }
+                Ok(Some(Received::Completion((transaction, payload))))
+            }
             IncomingKind::InBand => {
                 let payload = packet.payload.to_vec();
                 self.handle_message(&payload);

@@ -570,6 +570,101 @@ fn eject_stops_the_function_and_is_acknowledged_when_asked() {
 }
 
 #[test]
+fn an_ejected_function_deletes_its_interrupts_then_releases_its_resources_without_blocking() {
+    let host = host(&[version::V1_4]);
+    let mut bus = probe(&host).expect("probe");
+    let _ = bus.poll();
+    let first = bus.create_interrupt(0, 0x41, &[0]).unwrap();
+    let second = bus.create_interrupt(0, 0x42, &[0]).unwrap();
+    assert_eq!(bus.interrupts_of(0), 2);
+    host.borrow_mut().send(
+        FunctionMessage {
+            message_type: message::EJECT,
+            wslot: 0,
+        }
+        .as_bytes()
+        .to_vec(),
+    );
+    assert_eq!(bus.poll(), Some(VpciEvent::Eject { wslot: 0 }));
+    let before = host.borrow().seen.len();
+    let waits = host.borrow().waits;
+    assert_eq!(bus.release_function(0), Ok(3));
+    assert_eq!(host.borrow().waits, waits, "nothing waited for");
+    let sent: Vec<(u32, Vec<u8>)> = host.borrow().seen[before..].to_vec();
+    let kinds: Vec<u32> = sent.iter().map(|(kind, _)| *kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            message::DELETE_INTERRUPT,
+            message::DELETE_INTERRUPT,
+            message::RELEASE_RESOURCES
+        ]
+    );
+    // Each DELETE_INTERRUPT carries the host's own record of the mapping, in creation order.
+    for ((_, payload), mapping) in sent.iter().zip([first, second]) {
+        let delete = DeleteInterrupt::read_from_prefix(payload).unwrap().0;
+        assert_eq!(delete.wslot, 0);
+        assert_eq!(
+            (delete.interrupt.address, delete.interrupt.data),
+            (mapping.address, mapping.data)
+        );
+    }
+    assert_eq!(bus.interrupts_of(0), 0);
+    assert_eq!(bus.awaiting(0), 3, "answers not read yet");
+    assert_eq!(bus.poll(), None);
+    assert_eq!(bus.awaiting(0), 0);
+    let counters = bus.counters();
+    assert_eq!(
+        (
+            counters.interrupts_deleted,
+            counters.resources_released,
+            counters.releases_answered,
+            counters.stray_completions
+        ),
+        (2, 1, 3, 0)
+    );
+    bus.complete_eject(0).unwrap();
+    assert_eq!(seen_types(&host).last(), Some(&message::EJECTION_COMPLETE));
+}
+
+#[test]
+fn a_host_that_does_not_answer_the_release_is_given_up_on_and_counted() {
+    let host = host(&[version::V1_4]);
+    let mut bus = probe(&host).expect("probe");
+    let _ = bus.poll();
+    bus.create_interrupt(0, 0x41, &[0]).unwrap();
+    host.borrow_mut().silent = true;
+    assert_eq!(bus.release_function(0), Ok(2));
+    assert_eq!(bus.poll(), None);
+    assert_eq!(bus.awaiting(0), 2);
+    assert_eq!(bus.stop_awaiting(0), 2);
+    assert_eq!(bus.awaiting(0), 0);
+    assert_eq!(bus.counters().releases_unanswered, 2);
+    // Left alone, the answers are forgotten after the request timeout too.
+    assert_eq!(bus.release_function(0), Ok(1));
+    host.borrow_mut().clock += 5 * SECOND;
+    assert_eq!(bus.poll(), None);
+    assert_eq!(bus.awaiting(0), 0);
+    assert_eq!(bus.counters().releases_unanswered, 3);
+}
+
+#[test]
+fn a_rescinded_bus_releases_nothing() {
+    let host = host(&[version::V1_4]);
+    let mut bus = probe(&host).expect("probe");
+    let _ = bus.poll();
+    bus.create_interrupt(0, 0x41, &[0]).unwrap();
+    host.borrow_mut().rescinded = true;
+    let sent = host.borrow().seen.len();
+    assert!(matches!(
+        bus.release_function(0),
+        Err(Error::VpciBusGone { .. })
+    ));
+    assert_eq!(host.borrow().seen.len(), sent);
+    assert_eq!(bus.interrupts_of(0), 0, "forgotten with the bus");
+}
+
+#[test]
 fn relations_changes_report_arrivals_and_vanished_functions() {
     let host = host(&[version::V1_4]);
     let mut bus = probe(&host).expect("probe");

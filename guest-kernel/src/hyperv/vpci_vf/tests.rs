@@ -21,6 +21,12 @@ const MAC: MacAddress = MacAddress([0, 0x15, 0x5d, 1, 2, 3]);
 #[derive(Default)]
 struct HostState {
     seen: Vec<(u32, Vec<u8>)>,
+    /// For each message seen: whether the VF driver had been stopped by then.
+    vf_stopped: Vec<bool>,
+    /// The VF driver of the latest start.
+    vf: Option<Rc<VfRecord>>,
+    /// DELETE_INTERRUPT and RELEASE_RESOURCES are never answered.
+    silent_release: bool,
     to_guest: VecDeque<(bool, u64, Vec<u8>)>,
     config: FakeConfigSpace,
     rescinded: bool,
@@ -58,6 +64,8 @@ impl HostState {
     fn handle(&mut self, transaction: u64, payload: &[u8]) {
         let kind = u32::read_from_prefix(payload).unwrap().0;
         self.seen.push((kind, payload.to_vec()));
+        let stopped = self.vf.as_ref().is_some_and(|vf| vf.stopped.get());
+        self.vf_stopped.push(stopped);
         let reply: Vec<u8> = match kind {
             message::QUERY_PROTOCOL_VERSION => protocol::QueryProtocolVersionReply {
                 status: 0,
@@ -88,6 +96,9 @@ impl HostState {
             .as_bytes()
             .to_vec(),
             message::EJECTION_COMPLETE => return,
+            message::DELETE_INTERRUPT | message::RELEASE_RESOURCES if self.silent_release => {
+                return;
+            }
             _ => 0u32.to_le_bytes().to_vec(),
         };
         self.to_guest.push_back((true, transaction, reply));
@@ -104,6 +115,21 @@ impl HostState {
 
     fn count(&self, kind: u32) -> usize {
         self.seen.iter().filter(|(seen, _)| *seen == kind).count()
+    }
+
+    /// Messages sent since the last CREATE_INTERRUPT2 (the VF's bring-up), with whether the
+    /// driver was stopped when each went out.
+    fn after_bring_up(&self) -> Vec<(u32, bool)> {
+        let start = self
+            .seen
+            .iter()
+            .rposition(|(kind, _)| *kind == message::CREATE_INTERRUPT2)
+            .map_or(0, |last| last + 1);
+        self.seen[start..]
+            .iter()
+            .zip(&self.vf_stopped[start..])
+            .map(|((kind, _), stopped)| (*kind, *stopped))
+            .collect()
     }
 }
 
@@ -240,6 +266,8 @@ fn probe(host: &Host) -> SharedVpciBus<TestPort, TestWindow> {
 struct VfRecord {
     stopped: Cell<bool>,
     gone: Cell<bool>,
+    /// Frames in the VF's receive queue.
+    rx: RefCell<VecDeque<Vec<u8>>>,
 }
 
 struct FakeVf {
@@ -261,8 +289,23 @@ impl NetDevice for FakeVf {
         LinkState::Up
     }
     fn poll(&mut self, _now_ns: u64) {}
-    fn receive(&mut self, _budget: usize, _sink: &mut dyn FnMut(&[u8], RxMeta)) -> usize {
-        0
+    fn receive(&mut self, budget: usize, sink: &mut dyn FnMut(&[u8], RxMeta)) -> usize {
+        assert!(!self.record.stopped.get(), "received from a stopped VF");
+        let mut delivered = 0;
+        while delivered < budget {
+            let Some(frame) = self.record.rx.borrow_mut().pop_front() else {
+                break;
+            };
+            sink(
+                &frame,
+                RxMeta {
+                    checksum_verified: true,
+                    checksum_partial: false,
+                },
+            );
+            delivered += 1;
+        }
+        delivered
     }
     fn can_transmit(&self) -> bool {
         true
@@ -332,6 +375,7 @@ impl VfPlatform for TestPlatform {
         self.msi = interrupt_messages(bus, wslot, &[0x41, 0x42], 0)?;
         let record = Rc::new(VfRecord::default());
         self.records.push(record.clone());
+        self.host.borrow_mut().vf = Some(record.clone());
         Ok(Box::new(FakeVf {
             mac: self.vf_mac,
             record,
@@ -462,52 +506,221 @@ fn a_vf_with_another_mac_is_not_paired_and_not_retried() {
     assert_eq!(hook.platform().stopped_functions, 1);
 }
 
+/// A frame from a peer to the synthetic NIC's MAC, told apart by `index`.
+fn frame(index: u8) -> Vec<u8> {
+    let mut frame = alloc::vec![0u8; 60];
+    frame[..6].copy_from_slice(&MAC.0);
+    frame[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+    frame[12..14].copy_from_slice(&[0x88, 0xb5]);
+    frame[14] = index;
+    frame
+}
+
+/// One receive round of the bond on the slot: the frames it got.
+fn receive_round(slot: &mut VfSlot) -> Vec<Vec<u8>> {
+    let mut frames = Vec::new();
+    slot.receive(64, &mut |frame, _| frames.push(frame.to_vec()));
+    frames
+}
+
+fn queue_on_vf(host: &Host, frames: &[Vec<u8>]) {
+    let vf = host.borrow().vf.clone().expect("a VF was started");
+    vf.rx.borrow_mut().extend(frames.iter().cloned());
+}
+
+/// The release messages of a VF's departure as Linux sends them: the driver stopped first,
+/// one DELETE_INTERRUPT per interrupt created (with the host's mapping), RELEASE_RESOURCES.
+fn assert_released(host: &Host) {
+    let host = host.borrow();
+    let after = host.after_bring_up();
+    let kinds: Vec<u32> = after.iter().map(|(kind, _)| *kind).collect();
+    assert_eq!(
+        &kinds[..3],
+        [
+            message::DELETE_INTERRUPT,
+            message::DELETE_INTERRUPT,
+            message::RELEASE_RESOURCES
+        ]
+    );
+    assert!(
+        after.iter().all(|(_, stopped)| *stopped),
+        "the driver stops before anything is released: {after:?}"
+    );
+    let deleted: Vec<(u64, u32)> = host
+        .seen
+        .iter()
+        .filter(|(kind, _)| *kind == message::DELETE_INTERRUPT)
+        .map(|(_, payload)| {
+            let delete = protocol::DeleteInterrupt::read_from_prefix(payload)
+                .unwrap()
+                .0;
+            assert_eq!(delete.wslot, WSLOT);
+            (delete.interrupt.address, delete.interrupt.data)
+        })
+        .collect();
+    assert_eq!(deleted, [(0xfee0_1000, 0x4041), (0xfee0_1000, 0x4042)]);
+}
+
 #[test]
-fn an_eject_is_acknowledged_only_after_the_host_confirmed_the_synthetic_path() {
+fn an_ejected_vf_is_drained_until_the_switch_is_confirmed_then_released_and_acknowledged() {
     let (host, mut hook, mut slot, mut synthetic) = setup(MAC);
     hook.step(&mut synthetic, 0);
     synthetic.path = HostPath::Vf;
     host.borrow_mut().eject();
     hook.step(&mut synthetic, 10);
-    assert_eq!(slot.link_state(), LinkState::Gone, "the bond leaves the VF");
+    assert_eq!(
+        slot.link_state(),
+        LinkState::Down,
+        "the bond moves transmit off the VF"
+    );
+    assert!(!slot.can_transmit());
     assert_eq!(
         slot.transmit(60, &mut |_| TxMeta::default()),
         Err(DeviceError::Gone)
     );
     assert_eq!(synthetic.requests, 1, "SWITCH_DATA_PATH(synthetic) asked");
-    assert_eq!(host.borrow().count(message::EJECTION_COMPLETE), 0);
+
+    // The host still steers to the VF until it switched: those frames are received.
+    queue_on_vf(&host, &[frame(1), frame(2), frame(3)]);
+    assert_eq!(receive_round(&mut slot), [frame(1), frame(2), frame(3)]);
     hook.step(&mut synthetic, 20);
+    assert_eq!(receive_round(&mut slot), Vec::<Vec<u8>>::new());
+    hook.step(&mut synthetic, 20 + SECOND / 2);
+    assert!(
+        !hook.platform().records[0].stopped.get(),
+        "not confirmed yet"
+    );
+    assert_eq!(host.borrow().after_bring_up(), [], "nothing released yet");
+
+    // Confirmed; one more frame was already on its way into the VF's queue.
+    synthetic.path = HostPath::Synthetic;
+    let confirmed = SECOND;
+    hook.step(&mut synthetic, confirmed);
+    queue_on_vf(&host, &[frame(4)]);
+    assert_eq!(receive_round(&mut slot), [frame(4)]);
+    hook.step(&mut synthetic, confirmed + DRAIN_QUIET_NS);
+    assert!(
+        !hook.platform().records[0].stopped.get(),
+        "the VF delivered: the quiet time starts again"
+    );
+    assert_eq!(receive_round(&mut slot), Vec::<Vec<u8>>::new());
+    hook.step(&mut synthetic, confirmed + 2 * DRAIN_QUIET_NS - 1);
+    assert!(!hook.platform().records[0].stopped.get());
+    hook.step(&mut synthetic, confirmed + 2 * DRAIN_QUIET_NS);
+    assert!(hook.platform().records[0].stopped.get(), "no DMA in flight");
+    assert_released(&host);
     assert_eq!(
         host.borrow().count(message::EJECTION_COMPLETE),
         0,
-        "not yet confirmed"
+        "after the host answered the release"
     );
-    assert!(!hook.platform().records[0].stopped.get());
-    synthetic.path = HostPath::Synthetic;
-    hook.step(&mut synthetic, 30);
-    assert_eq!(host.borrow().count(message::EJECTION_COMPLETE), 1);
-    assert!(hook.platform().records[0].stopped.get(), "no DMA in flight");
+    hook.step(&mut synthetic, confirmed + 2 * DRAIN_QUIET_NS + 1);
+    let kinds: Vec<u32> = host
+        .borrow()
+        .after_bring_up()
+        .iter()
+        .map(|(kind, _)| *kind)
+        .collect();
+    assert_eq!(kinds.last(), Some(&message::EJECTION_COMPLETE));
+    assert_eq!(kinds.len(), 4, "nothing else sent: {kinds:x?}");
     assert_eq!(slot.link_state(), LinkState::Down, "slot empty again");
     assert_eq!(
         slot.stats().tx_frames,
         5,
         "the VF's counters stay in the slot"
     );
-    assert_eq!(hook.counters().ejects_completed, 1);
+    let counters = hook.counters();
+    assert_eq!(
+        (
+            counters.ejects_completed,
+            counters.drained_frames,
+            counters.releases,
+            counters.release_timeouts,
+            counters.leave_timeouts
+        ),
+        (1, 4, 1, 0, 0)
+    );
+    assert_eq!(hook.platform().stopped_functions, 1, "BAR space given back");
 }
 
 #[test]
 fn an_eject_without_confirmation_is_acknowledged_after_the_bounded_wait() {
-    let (host, mut hook, _slot, mut synthetic) = setup(MAC);
+    let (host, mut hook, mut slot, mut synthetic) = setup(MAC);
     hook.step(&mut synthetic, 0);
     synthetic.path = HostPath::Vf;
     host.borrow_mut().eject();
     hook.step(&mut synthetic, 10);
+    queue_on_vf(&host, &[frame(1)]);
     hook.step(&mut synthetic, 10 + LEAVE_TIMEOUT_NS - 1);
-    assert_eq!(host.borrow().count(message::EJECTION_COMPLETE), 0);
+    assert_eq!(
+        receive_round(&mut slot),
+        [frame(1)],
+        "received until the bound"
+    );
+    assert!(!hook.platform().records[0].stopped.get());
+    assert_eq!(host.borrow().after_bring_up(), []);
     hook.step(&mut synthetic, 10 + LEAVE_TIMEOUT_NS);
+    assert!(hook.platform().records[0].stopped.get());
+    assert_released(&host);
+    hook.step(&mut synthetic, 20 + LEAVE_TIMEOUT_NS);
     assert_eq!(host.borrow().count(message::EJECTION_COMPLETE), 1);
     assert_eq!(hook.counters().leave_timeouts, 1);
+}
+
+#[test]
+fn a_host_that_does_not_answer_the_release_gets_its_ejection_complete_after_the_bound() {
+    let (host, mut hook, mut slot, mut synthetic) = setup(MAC);
+    hook.step(&mut synthetic, 0);
+    host.borrow_mut().silent_release = true;
+    host.borrow_mut().eject();
+    // Already on the synthetic path: only the quiet time to wait.
+    hook.step(&mut synthetic, 10);
+    hook.step(&mut synthetic, 10 + DRAIN_QUIET_NS);
+    assert!(
+        !hook.platform().records[0].stopped.get(),
+        "the bond has not asked the VF for frames since the confirmation"
+    );
+    assert_eq!(receive_round(&mut slot), Vec::<Vec<u8>>::new());
+    let released = 20 + DRAIN_QUIET_NS;
+    hook.step(&mut synthetic, released);
+    assert_released(&host);
+    hook.step(&mut synthetic, released + RELEASE_TIMEOUT_NS - 1);
+    assert_eq!(host.borrow().count(message::EJECTION_COMPLETE), 0);
+    hook.step(&mut synthetic, released + RELEASE_TIMEOUT_NS);
+    assert_eq!(host.borrow().count(message::EJECTION_COMPLETE), 1);
+    assert_eq!(hook.counters().release_timeouts, 1);
+}
+
+#[test]
+fn a_withdrawn_association_releases_the_function_and_a_later_eject_is_acknowledged() {
+    let (host, mut hook, mut slot, mut synthetic) = setup(MAC);
+    hook.step(&mut synthetic, 0);
+    synthetic.events.push_back(VfEvent::Withdrawn {
+        serial_number: SERIAL,
+    });
+    synthetic.association = Some(VfAssociation {
+        allocated: false,
+        serial_number: SERIAL,
+    });
+    hook.step(&mut synthetic, 10);
+    assert_eq!(slot.link_state(), LinkState::Down);
+    assert_eq!(receive_round(&mut slot), Vec::<Vec<u8>>::new());
+    hook.step(&mut synthetic, 10 + DRAIN_QUIET_NS);
+    assert_released(&host);
+    assert_eq!(
+        host.borrow().count(message::EJECTION_COMPLETE),
+        0,
+        "no EJECT yet"
+    );
+    host.borrow_mut().eject();
+    hook.step(&mut synthetic, 20 + DRAIN_QUIET_NS);
+    assert_eq!(host.borrow().count(message::EJECTION_COMPLETE), 1);
+    assert_eq!(
+        host.borrow().count(message::RELEASE_RESOURCES),
+        1,
+        "released once"
+    );
+    assert_eq!(hook.counters().ejects_completed, 1);
 }
 
 #[test]
@@ -518,9 +731,35 @@ fn a_rescinded_vpci_channel_takes_the_vf_at_once_without_acknowledgement() {
     hook.step(&mut synthetic, 10);
     assert!(!slot.is_filled());
     assert!(hook.platform().records[0].gone.get());
-    assert_eq!(host.borrow().count(message::EJECTION_COMPLETE), 0);
+    assert_eq!(
+        host.borrow().after_bring_up(),
+        [],
+        "nothing sent to a host gone"
+    );
     assert_eq!(hook.platform().closed, [9]);
     assert_eq!(hook.counters().rescinds, 1);
+    assert_eq!(hook.platform().stopped_functions, 1, "BAR space given back");
+}
+
+#[test]
+fn a_rescind_while_draining_sends_nothing() {
+    let (host, mut hook, mut slot, mut synthetic) = setup(MAC);
+    hook.step(&mut synthetic, 0);
+    synthetic.path = HostPath::Vf;
+    host.borrow_mut().eject();
+    hook.step(&mut synthetic, 10);
+    assert_eq!(receive_round(&mut slot), Vec::<Vec<u8>>::new());
+    host.borrow_mut().rescinded = true;
+    synthetic.path = HostPath::Synthetic;
+    hook.step(&mut synthetic, 20);
+    hook.step(&mut synthetic, 20 + LEAVE_TIMEOUT_NS);
+    assert!(hook.platform().records[0].gone.get());
+    assert_eq!(
+        host.borrow().after_bring_up(),
+        [],
+        "nothing sent to a host gone"
+    );
+    assert_eq!(hook.counters().releases, 0);
 }
 
 #[test]
@@ -692,19 +931,33 @@ mod with_the_bond {
         bond.poll(101 * MS);
         assert_eq!(bond.active_path(), PathId::Vf);
 
-        // EJECT while the host holds its completion back: off the VF at once, the switch back
-        // asked, no EJECTION_COMPLETE yet.
+        // EJECT while the host holds its completion back: transmit off the VF at once, the
+        // switch back asked, no EJECTION_COMPLETE yet; what the host still steers to the VF
+        // reaches the stack.
         switch_host.borrow_mut().hold = true;
         vpci_host.borrow_mut().eject();
+        queue_on_vf(&vpci_host, &[frame(1), frame(2)]);
         bond.poll(200 * MS);
         assert_eq!(bond.active_path(), PathId::Synthetic);
         assert_eq!(switch_host.borrow().requests, [true, false]);
         assert_eq!(vpci_host.borrow().count(message::EJECTION_COMPLETE), 0);
+        queue_on_vf(&vpci_host, &[frame(3)]);
         bond.poll(300 * MS);
         assert_eq!(vpci_host.borrow().count(message::EJECTION_COMPLETE), 0);
-        // The host confirms: the VF is stopped and the eject acknowledged.
+        let received: Vec<Vec<u8>> = core::iter::from_fn(|| bond.pop_rx()).collect();
+        assert_eq!(received, [frame(1), frame(2), frame(3)], "nothing lost");
+        // The host confirms: the VF is drained once more, then stopped, released, and the
+        // eject acknowledged.
         switch_host.borrow_mut().hold = false;
+        queue_on_vf(&vpci_host, &[frame(4)]);
         bond.poll(400 * MS);
+        assert_eq!(bond.pop_rx(), Some(frame(4)));
+        // Frame 4 came after the confirmation: the quiet time counts from the next round.
+        bond.poll(400 * MS + DRAIN_QUIET_NS);
+        assert_eq!(vpci_host.borrow().count(message::RELEASE_RESOURCES), 0);
+        bond.poll(400 * MS + 2 * DRAIN_QUIET_NS);
+        assert_released(&vpci_host);
+        bond.poll(401 * MS + 2 * DRAIN_QUIET_NS);
         assert_eq!(vpci_host.borrow().count(message::EJECTION_COMPLETE), 1);
         assert_eq!(bond.stats().host_data_path, Some(HostPath::Synthetic));
     }
