@@ -7,7 +7,8 @@
 //! the way the kernel would: netvsc's VF association → open the vPCI channel → pair by serial
 //! **and** MAC → start MANA → the bond takes it (its hold-down passes, SWITCH_DATA_PATH to the
 //! VF with a completion awaited); EJECT → bond back to synthetic (SWITCH_DATA_PATH confirmed)
-//! → MANA stopped → EJECTION_COMPLETE.
+//! → MANA stopped → DELETE_INTERRUPT per MSI-X vector and RELEASE_RESOURCES, answered by
+//! OpenVMM's vPCI server → EJECTION_COMPLETE.
 //!
 //! One world, phases in order (each failure names its phase): (1) a verified TCP echo stream
 //! moves onto the VF; (2) 20 cycles of VF removal and re-offer, alternating the host's order
@@ -478,6 +479,9 @@ struct VfInUse {
     /// EJECT received at this time; waiting for the host's synthetic confirmation and then
     /// for the VF to go quiet (see [`VF_DRAIN_NS`]).
     ejecting: Option<Eject>,
+    /// MANA stopped and DELETE_INTERRUPT/RELEASE_RESOURCES sent at this time: waiting
+    /// (bounded) for the vPCI server's answers before EJECTION_COMPLETE.
+    releasing: Option<(u64, u64)>,
     /// EJECTION_COMPLETE sent: waiting for the rescind.
     ejected: bool,
 }
@@ -495,6 +499,13 @@ struct GlueLog {
     last_bring_up_ns: u64,
     /// Guest-clock time from the latest EJECT to its EJECTION_COMPLETE, ns.
     last_eject_ns: u64,
+    /// EJECTION_COMPLETEs sent.
+    ejections_completed: u64,
+    /// DELETE_INTERRUPTs and RELEASE_RESOURCES sent, answered, refused and given up on
+    /// before those EJECTION_COMPLETEs (the vPCI bus's counters).
+    release_messages: (u64, u64, u64, u64),
+    /// Guest-clock time of the latest eject spent waiting for those answers, ns.
+    last_release_ns: u64,
 }
 
 /// The kernel's Hyper-V VF glue, as the module docs describe it.
@@ -585,11 +596,11 @@ impl Glue {
                 if let Some(mut device) = guest.detach_vf() {
                     device.stop();
                 }
-                if let Err(error) = vf.bus.complete_eject(vf.wslot) {
-                    eprintln!("EJECTION_COMPLETE: {error}");
+                // The host's answers are collected by the bus's poll below.
+                if let Err(error) = vf.bus.release_function(vf.wslot) {
+                    eprintln!("vPCI release: {error}");
                 }
-                self.log.last_eject_ns = now - since;
-                vf.ejected = true;
+                vf.releasing = Some((now, since));
                 progress = true;
             }
         }
@@ -627,6 +638,27 @@ impl Glue {
                     }
                 }
                 other => eprintln!("vPCI event ignored: {other:?}"),
+            }
+        }
+        if let Some((released_at, eject_since)) = vf.releasing {
+            let now = guest.now_ns();
+            if vf.bus.awaiting(vf.wslot) == 0 || now - released_at > TIMEOUT_NS {
+                vf.bus.stop_awaiting(vf.wslot);
+                vf.releasing = None;
+                let counters = vf.bus.counters();
+                if let Err(error) = vf.bus.complete_eject(vf.wslot) {
+                    eprintln!("EJECTION_COMPLETE: {error}");
+                }
+                let log = &mut self.log;
+                log.release_messages.0 += counters.interrupts_deleted + counters.resources_released;
+                log.release_messages.1 += counters.releases_answered;
+                log.release_messages.2 += counters.releases_refused;
+                log.release_messages.3 += counters.releases_unanswered;
+                log.last_release_ns = now - released_at;
+                log.ejections_completed += 1;
+                log.last_eject_ns = now - eject_since;
+                vf.ejected = true;
+                progress = true;
             }
         }
         progress
@@ -735,6 +767,7 @@ impl Glue {
             attached: false,
             going_down: Rc::new(Cell::new(false)),
             ejecting: None,
+            releasing: None,
             ejected: false,
         };
         match pairing {
@@ -1440,6 +1473,26 @@ fn hyperv_vf_path_end_to_end_with_netvsp_vpci_and_gdma_on_one_wire() {
     let offers = world.glue.log.vpci_offers;
     assert_eq!(offers, 1 + CYCLES as u64, "one vPCI offer per VF arrival");
     assert_eq!(world.glue.log.ejects, CYCLES as u64);
+    // Each EJECTION_COMPLETE came after a DELETE_INTERRUPT per MSI-X vector and a
+    // RELEASE_RESOURCES, all answered with success by OpenVMM's vPCI server.
+    let log = &world.glue.log;
+    let per_eject = VECTORS.len() as u64 + 1;
+    assert_eq!(log.ejections_completed, CYCLES as u64);
+    assert_eq!(
+        log.release_messages,
+        (
+            per_eject * log.ejections_completed,
+            per_eject * log.ejections_completed,
+            0,
+            0
+        ),
+        "(sent, answered, refused, unanswered) release messages"
+    );
+    eprintln!(
+        "vPCI release before EJECTION_COMPLETE: {} messages answered, last wait {:.2} ms",
+        log.release_messages.1,
+        log.last_release_ns as f64 / 1e6
+    );
 
     // Phase 3: the vPCI channel rescinded mid-traffic (no EJECT).
     world.phase = "3 (vPCI rescind mid-traffic)".into();
