@@ -25,18 +25,21 @@
 //! In `guest-kernel`: `hyperv::vmbus_hub` (the shared client; `HubVpciPort` is this module's
 //! [`VpciPort`] over a channel), `hyperv::vpci_vf` (which bus carries netvsc's associated VF,
 //! pairing by serial and MAC, the function as a PCI function through [`VpciBus::config_read32`]
-//! and friends, the EJECT order: data path back to synthetic, driver stopped, then
-//! [`VpciBus::complete_eject`]), `acpi` (the VMBus `_CRS` ranges from the DSDT) and
-//! `net::hyperv` (channels, MMIO, MSI-X with CREATE_INTERRUPT and HvRetargetDeviceInterrupt,
-//! the MANA driver). `docs/hyperv.md` describes the whole path.
+//! and friends, the EJECT order: data path back to synthetic while the VF is still received
+//! from, driver stopped, [`VpciBus::release_function`], then [`VpciBus::complete_eject`]),
+//! `acpi` (the VMBus `_CRS` ranges from the DSDT) and `net::hyperv` (channels, MMIO, MSI-X
+//! with CREATE_INTERRUPT and HvRetargetDeviceInterrupt, the MANA driver). `docs/hyperv.md`
+//! describes the whole path.
 //!
-//! Verified here: this module's tests against a scripted host (EJECT, malformed messages, old
-//! protocol versions, silence) and the conformance tests against OpenVMM's `vpci` server with
+//! Verified here: this module's tests against a scripted host (EJECT, the release of an
+//! ejected function and a host that does not answer it, malformed messages, old protocol
+//! versions, silence) and the conformance tests against OpenVMM's `vpci` server with
 //! `gdma` behind it (negotiation, D0, relations, config window, resources, MSI-X interrupts,
 //! D3/D0, MANA over the placed BAR0, rescind); the removal sequence end to end with netvsp, a
 //! VF on vPCI, the bond and a TCP stream (`conformance/tests/conformance/hyperv_vf.rs`: EJECT
 //! read as link-down first, so the VF is still received from until netvsc's switch back
-//! completed and the VF went quiet; a hot-added vPCI offer waits until the previous VF is
+//! completed and the VF went quiet, every DELETE_INTERRUPT and RELEASE_RESOURCES answered by
+//! the server before EJECTION_COMPLETE; a hot-added vPCI offer waits until the previous VF is
 //! released, because the host may reuse the rescinded relid); the kernel's part against fakes
 //! in its host tests. Not verified: a real Hyper-V host (the retarget hypercall, a real DSDT).
 
