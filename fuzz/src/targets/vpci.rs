@@ -4,8 +4,10 @@
 //! and unknown transaction ids, the wrong packet kind, silence, a busy ring, a broken ring or a
 //! rescind — through bring-up (version negotiation, FDO_D0_ENTRY, BUS_RELATIONS(2)) and a
 //! steady state of resource queries, BAR placement, ASSIGNED_RESOURCES, CREATE/DELETE_INTERRUPT,
-//! power changes, config-window accesses, host messages (relations with any count, EJECT,
-//! unknown types, truncated) and EJECTION_COMPLETE.
+//! power changes, config-window accesses, the kernel's presentation of a function to its PCI
+//! layer (`guest_kernel::hyperv::vpci_vf::present_function`: enumeration and BAR sizing through
+//! the window), host messages (relations with any count, EJECT, unknown types, truncated) and
+//! EJECTION_COMPLETE.
 //!
 //! A model of the host's side decides, for every packet the client takes, what the client must
 //! do with it (apply it, count it as malformed, stray or ignored), and for every call whether it
@@ -16,6 +18,8 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::Rc;
 
+use guest_kernel::hyperv::vpci_vf::{SharedVpciBus, present_function, wslot_address};
+use guest_kernel::pci::AddressRange;
 use net_device::RegisterIo;
 use vmbus::vpci::protocol::{
     self, AssignedResources, BusRelations, CreateInterruptReply, DeviceDescription,
@@ -40,11 +44,14 @@ const WINDOW_PHYS: u64 = 0xf800_0000;
 const MMIO_START: u64 = 0x1_0000_0000;
 /// Bytes of that MMIO.
 const MMIO_LEN: u64 = 0x10_0000;
-/// wslots the host's messages and the operations name (0 and 0x21 exist behind the window,
-/// 0x1234_5678 cannot be a wslot at all).
-const WSLOTS: [u32; 5] = [0, 0x21, 8, 0xff, 0x1234_5678];
+/// wslots the host's messages and the operations name (0 and 1 exist behind the window; 0x21
+/// is function 1 of device 1, which the PCI layer never finds without a multi-function
+/// function 0; 0x1234_5678 cannot be a wslot at all).
+const WSLOTS: [u32; 5] = [0, 1, 0x21, 0xff, 0x1234_5678];
 /// Functions the host really has (config space behind the window): (wslot, serial).
-const DEVICES: [(u32, u32); 2] = [(0, 7), (0x21, 9)];
+const DEVICES: [(u32, u32); 2] = [(0, 7), (1, 9)];
+/// MMIO below 4 GiB the kernel's presentation places BARs in (the VMBus `_CRS` on Hyper-V).
+const LOW_MMIO_START: u64 = 0xfe00_0000;
 /// The BAR size masks the honest host reports: BAR0 64-bit 8 KiB, BAR4 64-bit 4 KiB.
 const HONEST_MASKS: [u32; 6] = [0xffff_e00c, 0xffff_ffff, 0, 0, 0xffff_f00c, 0xffff_ffff];
 /// Largest payload of a hostile packet.
@@ -277,9 +284,30 @@ fn config_of(wslot: u32) -> Box<[u32; 1024]> {
     let mut config = Box::new([0u32; 1024]);
     config[0] = 0x00ba_1414 ^ (wslot << 16);
     config[1] = 0x0010_0000;
-    config[4] = 0x4;
-    config[8] = 0x4;
+    config[4] = 0xc;
+    config[8] = 0xc;
     config
+}
+
+/// What config dword `index` holds after a write of `width` bytes at `offset` (only its low two
+/// bits matter): the bytes written, and of a BAR only the bits its size lets the device decode
+/// (what BAR sizing reads back; the low halves' type bits are read-only).
+fn written(index: usize, old: u32, offset: usize, width: usize, value: u32) -> u32 {
+    let shift = (offset % 4) * 8;
+    let lanes = if width == 4 {
+        u32::MAX
+    } else {
+        ((1u32 << (width * 8)) - 1) << shift
+    };
+    let merged = (old & !lanes) | ((value << shift) & lanes);
+    match index {
+        4 | 8 => {
+            let mask = HONEST_MASKS[index - 4];
+            (merged & mask & !0xf) | (mask & 0xf)
+        }
+        5..=9 => merged & HONEST_MASKS[index - 4],
+        _ => merged,
+    }
 }
 
 fn relations_message(second: bool, functions: &[(u32, u32)]) -> Vec<u8> {
@@ -785,14 +813,8 @@ impl Window<'_> {
             .iter_mut()
             .find(|device| device.wslot == selected)
         {
-            let shift = (offset % 4) * 8;
-            let mask = if width == 4 {
-                u32::MAX
-            } else {
-                ((1u32 << (width * 8)) - 1) << shift
-            };
             let slot = &mut device.config[index];
-            *slot = (*slot & !mask) | ((value << shift) & mask);
+            *slot = written(index, *slot, offset, width, value);
         }
     }
 }
@@ -844,6 +866,7 @@ impl RegisterIo for Window<'_> {
 }
 
 type Bus<'a> = VpciBus<Port<'a>, Window<'a>>;
+type SharedBus<'a> = SharedVpciBus<Port<'a>, Window<'a>>;
 
 fn figures(counters: &VpciCounters) -> [(&'static str, u64); 7] {
     [
@@ -864,6 +887,8 @@ struct Progress {
     probed: bool,
     /// ASSIGNED_RESOURCES(2) succeeded for a function.
     assigned: bool,
+    /// The kernel presented a function to its PCI layer (enumerated, BARs placed, assigned).
+    presented: bool,
     /// CREATE_INTERRUPT(2) succeeded.
     interrupt: bool,
     /// A config read through the window succeeded.
@@ -976,9 +1001,10 @@ fn check_request<T>(
     })
 }
 
-/// Checks BAR placements: inside the range, naturally aligned powers of two, no overlap.
-fn check_placements(masks: &[u32; 6], bars: &[BarPlacement; 6]) -> Outcome {
-    let end = MMIO_START + MMIO_LEN;
+/// Checks BAR placements: inside `[start, start + MMIO_LEN)`, naturally aligned powers of two,
+/// no overlap.
+fn check_placements(masks: &[u32; 6], bars: &[BarPlacement; 6], start: u64) -> Outcome {
+    let end = start + MMIO_LEN;
     for (index, bar) in bars.iter().enumerate() {
         if bar.len == 0 {
             continue;
@@ -993,7 +1019,7 @@ fn check_placements(masks: &[u32; 6], bars: &[BarPlacement; 6]) -> Outcome {
             )
         })?;
         check(
-            bar.address >= MMIO_START && bar.address.checked_add(bar.len).is_some_and(|e| e <= end),
+            bar.address >= start && bar.address.checked_add(bar.len).is_some_and(|e| e <= end),
             || {
                 format!(
                     "BAR{index} at {:#x}+{:#x} outside the range",
@@ -1024,11 +1050,16 @@ fn read_below(host: &Shared<'_>, bound: usize) -> usize {
 }
 
 /// QUERY_RESOURCE_REQUIREMENTS, BAR placement and ASSIGNED_RESOURCES(2) for `wslot`.
-fn resources(bus: &mut Bus<'_>, host: &Shared<'_>, wslot: u32, progress: &mut Progress) -> Outcome {
+fn resources(
+    bus: &SharedBus<'_>,
+    host: &Shared<'_>,
+    wslot: u32,
+    progress: &mut Progress,
+) -> Outcome {
     let usable = host.borrow().model.usable(wslot);
     let requests = host.borrow().requests;
     let start = begin(host);
-    let result = bus.resource_requirements(wslot);
+    let result = bus.borrow_mut().resource_requirements(wslot);
     end(host, start, requests)?;
     check_request(
         "QUERY_RESOURCE_REQUIREMENTS",
@@ -1055,17 +1086,17 @@ fn resources(bus: &mut Bus<'_>, host: &Shared<'_>, wslot: u32, progress: &mut Pr
     let Ok(bars) = vmbus::vpci::place_bars(&masks, MMIO_START, MMIO_LEN) else {
         return Ok(());
     };
-    check_placements(&masks, &bars)?;
+    check_placements(&masks, &bars, MMIO_START)?;
     let usable = host.borrow().model.usable(wslot);
     let requests = host.borrow().requests;
     let start = begin(host);
-    let result = bus.assign_resources(wslot, &bars);
+    let result = bus.borrow_mut().assign_resources(wslot, &bars);
     end(host, start, requests)?;
     check_request("ASSIGNED_RESOURCES", host, usable, start.0, &result)?;
     if result.is_ok() {
         let host = host.borrow();
         let answer = host.answers.last().expect("answered");
-        let expected_type = if bus.version() >= version::V1_2 {
+        let expected_type = if bus.borrow().version() >= version::V1_2 {
             message::ASSIGNED_RESOURCES2
         } else {
             message::ASSIGNED_RESOURCES
@@ -1094,7 +1125,7 @@ fn resources(bus: &mut Bus<'_>, host: &Shared<'_>, wslot: u32, progress: &mut Pr
 
 /// CREATE_INTERRUPT(2) for `wslot`, then maybe DELETE_INTERRUPT.
 fn interrupts(
-    bus: &mut Bus<'_>,
+    bus: &SharedBus<'_>,
     host: &Shared<'_>,
     wslot: u32,
     progress: &mut Progress,
@@ -1116,11 +1147,13 @@ fn interrupts(
         (vector, processors)
     };
     let arguments_valid = (1..=32).contains(&processors.len())
-        && (bus.version() >= version::V1_2 || processors.iter().all(|&cpu| cpu < 64));
+        && (bus.borrow().version() >= version::V1_2 || processors.iter().all(|&cpu| cpu < 64));
     let usable = host.borrow().model.usable(wslot) && arguments_valid;
     let requests = host.borrow().requests;
     let start = begin(host);
-    let result = bus.create_interrupt(wslot, vector, &processors);
+    let result = bus
+        .borrow_mut()
+        .create_interrupt(wslot, vector, &processors);
     end(host, start, requests)?;
     check_request("CREATE_INTERRUPT", host, usable, start.0, &result)?;
     let Ok(mapping) = result else {
@@ -1143,7 +1176,7 @@ fn interrupts(
         let usable = host.borrow().model.usable(wslot);
         let requests = host.borrow().requests;
         let start = begin(host);
-        let result = bus.delete_interrupt(wslot, &mapping);
+        let result = bus.borrow_mut().delete_interrupt(wslot, &mapping);
         end(host, start, requests)?;
         check_request("DELETE_INTERRUPT", host, usable, start.0, &result)?;
         if let Some(answer) = host.borrow().answers.last() {
@@ -1156,9 +1189,64 @@ fn interrupts(
     Ok(())
 }
 
+/// The kernel's presentation of `wslot` (`guest_kernel::hyperv::vpci_vf::present_function`):
+/// QUERY_RESOURCE_REQUIREMENTS, the PCI layer's enumeration and BAR sizing through the
+/// window, placement in MMIO below 4 GiB, ASSIGNED_RESOURCES(2).
+fn present(bus: &SharedBus<'_>, host: &Shared<'_>, wslot: u32, progress: &mut Progress) -> Outcome {
+    let (usable, uncertain, enumerable) = {
+        let host = host.borrow();
+        (
+            host.model.usable(wslot),
+            host.rescinded || host.broken,
+            // Found by the PCI layer's scan: a function 0 behind the window.
+            host.device(wslot).is_some() && wslot < 0x20,
+        )
+    };
+    let mmio = AddressRange::from_start_size(LOW_MMIO_START, MMIO_LEN).expect("valid range");
+    let requests = host.borrow().requests;
+    let start = begin(host);
+    let result = present_function(bus, wslot, mmio);
+    end(host, start, requests)?;
+    let host_state = host.borrow();
+    let verdicts: Vec<Verdict> = host_state.answers.iter().map(|a| a.verdict).collect();
+    let expected = usable && enumerable && verdicts == [Verdict::Good, Verdict::Good];
+    check(
+        result.is_ok() == expected || (uncertain && result.is_err()),
+        || {
+            format!(
+                "present_function({wslot:#x}): {:?}, usable {usable}, enumerable {enumerable}, answers {verdicts:?}",
+                result.as_ref().err()
+            )
+        },
+    )?;
+    if !usable {
+        check(host_state.sent.len() == start.0, || {
+            "presenting an unusable function sent a request".into()
+        })?;
+    }
+    let Ok(presented) = result else {
+        return Ok(());
+    };
+    check(presented.address == wslot_address(wslot), || {
+        format!("presented at {:?}", presented.address)
+    })?;
+    check_placements(&HONEST_MASKS, &presented.bars, LOW_MMIO_START)?;
+    let answer = host_state.answers.last().expect("answered");
+    let (assigned, _) =
+        AssignedResources::read_from_prefix(&answer.request).map_err(|_| "short request")?;
+    for (index, bar) in presented.bars.iter().enumerate() {
+        check(
+            assigned.mmio_resources[index] == protocol::memory_descriptor(bar.address, bar.len),
+            || format!("BAR{index} of the presented function described wrongly to the host"),
+        )?;
+    }
+    progress.presented = true;
+    Ok(())
+}
+
 /// A config access through the window (bus calls and the `ConfigSpace` register block).
 fn config_access(
-    bus: &mut Bus<'_>,
+    bus: &SharedBus<'_>,
     host: &Shared<'_>,
     wslot: u32,
     progress: &mut Progress,
@@ -1181,18 +1269,25 @@ fn config_access(
     let in_page = offset.is_multiple_of(width) && offset + width <= 0x1000;
     let before = host.borrow().config_value(wslot, offset & !3);
     let result: Result<Option<u32>, Error> = match access {
-        0 => bus.config_read32(wslot, offset).map(Some),
-        1 => bus.config_write32(wslot, offset, value).map(|()| None),
+        0 => bus.borrow().config_read32(wslot, offset).map(Some),
+        1 => bus
+            .borrow()
+            .config_write32(wslot, offset, value)
+            .map(|()| None),
         2 => bus
+            .borrow()
             .config_write16(wslot, offset, value as u16)
             .map(|()| None),
-        3 => bus.config_write8(wslot, offset, value as u8).map(|()| None),
+        3 => bus
+            .borrow()
+            .config_write8(wslot, offset, value as u8)
+            .map(|()| None),
         // The register block the PCI layer walks: reads of a gone function are all-ones.
-        4 => match bus.config_space(wslot) {
+        4 => match bus.borrow().config_space(wslot) {
             Ok(space) => Ok(Some(u32::from(space.read16(offset & !1)))),
             Err(error) => Err(error),
         },
-        _ => match bus.config_space(wslot) {
+        _ => match bus.borrow().config_space(wslot) {
             Ok(space) => Ok(Some(u32::from(space.read8(offset)))),
             Err(error) => Err(error),
         },
@@ -1250,16 +1345,10 @@ fn config_access(
         Ok(None) => {
             let after = host.borrow().config_value(wslot, offset & !3);
             if host.borrow().device(wslot).is_some() {
-                let shift = (offset % 4) * 8;
-                let mask = if width == 4 {
-                    u32::MAX
-                } else {
-                    ((1u32 << (width * 8)) - 1) << shift
-                };
-                check(
-                    after == (before & !mask) | ((value << shift) & mask),
-                    || format!("config write at {offset:#x} left {after:#x}"),
-                )?;
+                let expected = written(offset / 4, before, offset, width, value);
+                check(after == expected, || {
+                    format!("config write at {offset:#x} left {after:#x}, not {expected:#x}")
+                })?;
             }
         }
         Err(_) => {
@@ -1372,40 +1461,41 @@ fn drive(input: &mut Input, steps: &mut Steps) -> Result<Progress, String> {
             })?;
         }
     }
-    let Ok(mut bus) = probed else {
+    let Ok(bus) = probed else {
         return Ok(progress);
     };
+    let bus: SharedBus<'_> = Rc::new(RefCell::new(bus));
     progress.probed = true;
-    check_model(&bus, &host)?;
-    let mut before = bus.counters();
+    check_model(&bus.borrow(), &host)?;
+    let mut before = bus.borrow().counters();
     let mut events: Vec<VpciEvent> = Vec::new();
 
     for _ in 0..MAX_OPERATIONS {
         if host.borrow().input.is_empty() {
             break;
         }
-        let operation = read_below(&host, 16);
+        let operation = read_below(&host, 17);
         if tracing() {
             println!("vpci: operation {operation}");
         }
         match operation {
             0 | 1 => {
                 let wslot = pick_wslot(&host);
-                resources(&mut bus, &host, wslot, &mut progress)?;
+                resources(&bus, &host, wslot, &mut progress)?;
             }
             2 => {
                 let wslot = pick_wslot(&host);
-                interrupts(&mut bus, &host, wslot, &mut progress)?;
+                interrupts(&bus, &host, wslot, &mut progress)?;
             }
             3 | 4 => {
                 let wslot = pick_wslot(&host);
-                config_access(&mut bus, &host, wslot, &mut progress)?;
+                config_access(&bus, &host, wslot, &mut progress)?;
             }
             5 => {
                 let start = begin(&host);
                 let requests = host.borrow().requests;
                 for _ in 0..1 + read_below(&host, 4) {
-                    if let Some(event) = bus.poll() {
+                    if let Some(event) = bus.borrow_mut().poll() {
                         events.push(event);
                     }
                 }
@@ -1449,7 +1539,7 @@ fn drive(input: &mut Input, steps: &mut Steps) -> Result<Progress, String> {
                     (known, known)
                 };
                 let sent_before = host.borrow().sent.len();
-                let result = bus.complete_eject(wslot);
+                let result = bus.borrow_mut().complete_eject(wslot);
                 // A broken ring may fail the acknowledgement (the function then stays known).
                 let uncertain = host.borrow().broken;
                 check(
@@ -1483,7 +1573,7 @@ fn drive(input: &mut Input, steps: &mut Steps) -> Result<Progress, String> {
                 let usable = host.borrow().model.usable(wslot);
                 let requests = host.borrow().requests;
                 let start = begin(&host);
-                let result = bus.set_power(wslot, d0);
+                let result = bus.borrow_mut().set_power(wslot, d0);
                 end(&host, start, requests)?;
                 check_request("DEVICE_POWER_STATE_CHANGE", &host, usable, start.0, &result)?;
             }
@@ -1492,7 +1582,7 @@ fn drive(input: &mut Input, steps: &mut Steps) -> Result<Progress, String> {
                 let usable = host.borrow().model.usable(wslot);
                 let requests = host.borrow().requests;
                 let start = begin(&host);
-                let result = bus.release_resources(wslot);
+                let result = bus.borrow_mut().release_resources(wslot);
                 end(&host, start, requests)?;
                 check_request("RELEASE_RESOURCES", &host, usable, start.0, &result)?;
             }
@@ -1503,7 +1593,7 @@ fn drive(input: &mut Input, steps: &mut Steps) -> Result<Progress, String> {
                 let stopped = host.borrow().model.stopped;
                 let requests = host.borrow().requests;
                 let start = begin(&host);
-                let result = bus.stop();
+                let result = bus.borrow_mut().stop();
                 end(&host, start, requests)?;
                 let mut host_state = host.borrow_mut();
                 let answered = host_state.answers.last().map(|answer| answer.verdict);
@@ -1518,6 +1608,10 @@ fn drive(input: &mut Input, steps: &mut Steps) -> Result<Progress, String> {
                     check(result.is_err(), || "a stopped bus stopped again".into())?;
                 }
             }
+            16 => {
+                let wslot = pick_wslot(&host);
+                present(&bus, &host, wslot, &mut progress)?;
+            }
             _ => {
                 // Completions for nothing and packets of the wrong kind.
                 let count = 1 + read_below(&host, 3);
@@ -1525,8 +1619,8 @@ fn drive(input: &mut Input, steps: &mut Steps) -> Result<Progress, String> {
             }
         }
         steps.observe(calls(&host))?;
-        check_model(&bus, &host)?;
-        let after = bus.counters();
+        check_model(&bus.borrow(), &host)?;
+        let after = bus.borrow().counters();
         monotonic("vpci", &figures(&before), &figures(&after))?;
         before = after;
     }
@@ -1537,7 +1631,7 @@ fn drive(input: &mut Input, steps: &mut Steps) -> Result<Progress, String> {
     // A broken ring is noticed by one poll and reported by the next: stop after two idle ones.
     let mut idle = 0;
     for _ in 0..MAX_DRAIN_POLLS {
-        match bus.poll() {
+        match bus.borrow_mut().poll() {
             Some(event) => {
                 idle = 0;
                 events.push(event);
@@ -1558,7 +1652,7 @@ fn drive(input: &mut Input, steps: &mut Steps) -> Result<Progress, String> {
     }
     end(&host, start, requests)?;
     steps.observe(calls(&host))?;
-    check_model(&bus, &host)?;
+    check_model(&bus.borrow(), &host)?;
     let host_state = host.borrow();
     let gone = host_state.rescinded || host_state.broken;
     if !gone {
@@ -1577,8 +1671,11 @@ fn drive(input: &mut Input, steps: &mut Steps) -> Result<Progress, String> {
         .iter()
         .filter(|event| matches!(event, VpciEvent::Eject { .. }))
         .count() as u64;
-    check(ejects == bus.counters().ejects, || {
-        format!("{ejects} EJECT events for {} EJECTs", bus.counters().ejects)
+    check(ejects == bus.borrow().counters().ejects, || {
+        format!(
+            "{ejects} EJECT events for {} EJECTs",
+            bus.borrow().counters().ejects
+        )
     })?;
     Ok(progress)
 }
@@ -1598,22 +1695,26 @@ fn seeds() -> Vec<Vec<u8>> {
     };
     // resources(0): op 0, wslot index 0, honest answers for both requests.
     let resources = [0u8, 0, 0, 0];
-    // interrupts(0x21): op 2, wslot index 1, vector 0x41, one processor (0), cpu 0, answer,
+    // interrupts(1): op 2, wslot index 1, vector 0x41, one processor (0), cpu 0, answer,
     // then delete (0) with an honest answer.
     let interrupt = [2u8, 1, 0x11, 0, 0, 0, 0, 0];
-    // config read32 of 0x21 at dword 0: op 3, wslot 1, offset kind 0, dword 0, access 0, value.
+    // config read32 of wslot 1 at dword 0: op 3, wslot 1, offset kind 0, dword 0, access 0, value.
     let config = [3u8, 1, 0, 0, 0, 0, 0, 0, 0];
-    // EJECT of 0x21, four polls (two arrivals from the probe, then the EJECT),
-    // EJECTION_COMPLETE of 0x21 (honest: nothing to answer).
+    // EJECT of wslot 1, four polls (two arrivals from the probe, then the EJECT),
+    // EJECTION_COMPLETE of wslot 1 (honest: nothing to answer).
     let eject = [8u8, 1, 5, 3, 10, 1, 0];
+    // The kernel's presentation of wslot 0: op 16, wslot 0, honest answers for both requests.
+    let present = [16u8, 0, 0, 0];
     let mut full = bring_up(0, 1);
     full.extend_from_slice(&resources);
+    full.extend_from_slice(&present);
     full.extend_from_slice(&interrupt);
     full.extend_from_slice(&config);
     full.extend_from_slice(&eject);
     // At 1.1 (BUS_RELATIONS, ASSIGNED_RESOURCES, CREATE_INTERRUPT with a processor mask).
     let mut old = bring_up(3, 4);
     old.extend_from_slice(&resources);
+    old.extend_from_slice(&present);
     old.extend_from_slice(&interrupt);
     old.extend_from_slice(&config);
     old.extend_from_slice(&eject);
@@ -1631,7 +1732,7 @@ fn seeds() -> Vec<Vec<u8>> {
 pub const TARGET: Target = Target {
     name: "vpci",
     about: "vPCI client vs a host whose every answer and message comes from the input, bring-up to EJECT",
-    default_cases: 30_000,
+    default_cases: 100_000,
     max_input_len: 1024,
     memory_bound: 1 << 20,
     // Port calls (sends, receives, waits): per operation at most three requests of
@@ -1659,6 +1760,7 @@ mod tests {
                     Progress {
                         probed: true,
                         assigned: true,
+                        presented: true,
                         interrupt: true,
                         config_read: true,
                         eject_completed: true,
