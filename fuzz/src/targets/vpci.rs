@@ -23,8 +23,8 @@ use guest_kernel::pci::AddressRange;
 use net_device::RegisterIo;
 use vmbus::vpci::protocol::{
     self, AssignedResources, BusRelations, CreateInterruptReply, DeviceDescription,
-    DeviceDescription2, FunctionMessage, MsiRemapped, PnpId, QueryProtocolVersionReply,
-    ResourceRequirementsReply, message, status, version,
+    DeviceDescription2, FunctionMessage, MsiRemapped, PnpId, QueryProtocolVersion,
+    QueryProtocolVersionReply, ResourceRequirementsReply, message, status, version,
 };
 use vmbus::vpci::{BarPlacement, MAX_FUNCTIONS, VpciBus, VpciCounters, VpciEvent, VpciPort};
 use vmbus::{Error, IncomingKind, IncomingPacket, OutgoingPacket, PacketError};
@@ -90,18 +90,22 @@ struct Model {
 impl Model {
     /// Classifies an in-band host message exactly as the protocol says it must be handled.
     fn message(&mut self, payload: &[u8]) {
-        let Some(message_type) = word(payload, 0) else {
+        let Ok((message_type, _)) = u32::read_from_prefix(payload) else {
             self.counters.malformed += 1;
             return;
         };
         match message_type {
             message::BUS_RELATIONS | message::BUS_RELATIONS2 => self.relations(payload),
             message::EJECT => {
-                let Some(wslot) = word(payload, 4) else {
+                let Ok((eject, _)) = FunctionMessage::read_from_prefix(payload) else {
                     self.counters.malformed += 1;
                     return;
                 };
-                match self.known.iter_mut().find(|known| known.wslot == wslot) {
+                match self
+                    .known
+                    .iter_mut()
+                    .find(|known| known.wslot == eject.wslot)
+                {
                     Some(known) if !known.ejecting => {
                         known.ejecting = true;
                         self.counters.ejects += 1;
@@ -115,27 +119,32 @@ impl Model {
     }
 
     fn relations(&mut self, payload: &[u8]) {
-        let (Some(message_type), Some(count)) = (word(payload, 0), word(payload, 4)) else {
+        let Ok((header, entries)) = BusRelations::read_from_prefix(payload) else {
             self.counters.malformed += 1;
             return;
         };
-        let entry_len = if message_type == message::BUS_RELATIONS2 {
+        let second = header.message_type == message::BUS_RELATIONS2;
+        let entry_len = if second {
             size_of::<DeviceDescription2>()
         } else {
             size_of::<DeviceDescription>()
         };
-        let count = count as usize;
-        let entries = &payload[8..];
+        let count = header.device_count as usize;
         if count > MAX_FUNCTIONS || count * entry_len > entries.len() {
             self.counters.malformed += 1;
             return;
         }
         let mut listed: Vec<Known> = Vec::new();
-        for index in 0..count {
-            // wslot and serial follow the 12-byte PnP id in both description layouts.
-            let at = index * entry_len + size_of::<PnpId>();
-            let wslot = word(entries, at).expect("checked above");
-            let serial = word(entries, at + 4).expect("checked above");
+        for entry in entries.chunks(entry_len).take(count) {
+            let (wslot, serial) = if second {
+                let (description, _) =
+                    DeviceDescription2::read_from_prefix(entry).expect("length checked");
+                (description.wslot, description.serial_number)
+            } else {
+                let (description, _) =
+                    DeviceDescription::read_from_prefix(entry).expect("length checked");
+                (description.wslot, description.serial_number)
+            };
             if listed.iter().any(|known| known.wslot == wslot) {
                 self.counters.malformed += 1;
                 return;
@@ -169,15 +178,21 @@ impl Model {
     }
 }
 
-/// The little-endian word at `at`, if the bytes hold it.
-fn word(bytes: &[u8], at: usize) -> Option<u32> {
-    let bytes = bytes.get(at..at.checked_add(4)?)?;
-    Some(u32::from_le_bytes(bytes.try_into().ok()?))
+/// The first word of a message or completion: its type or status.
+fn first_word(bytes: &[u8]) -> Option<u32> {
+    u32::read_from_prefix(bytes).ok().map(|(value, _)| value)
+}
+
+/// The version a QUERY_PROTOCOL_VERSION asks for.
+fn version_asked(request: &[u8]) -> Option<u32> {
+    QueryProtocolVersion::read_from_prefix(request)
+        .ok()
+        .map(|(query, _)| query.protocol_version)
 }
 
 /// How `reply` answers a request of `message_type` (what the client must conclude from it).
 fn verdict(message_type: u32, reply: &[u8]) -> Verdict {
-    let status = word(reply, 0);
+    let status = first_word(reply);
     let long_enough = |len: usize| reply.len() >= len;
     match message_type {
         message::QUERY_PROTOCOL_VERSION if long_enough(8) => match status {
@@ -385,7 +400,7 @@ impl Host<'_> {
     fn honest_reply(&self, message_type: u32, request: &[u8]) -> Vec<u8> {
         match message_type {
             message::QUERY_PROTOCOL_VERSION => {
-                let asked = word(request, 4).unwrap_or(0);
+                let asked = version_asked(request).unwrap_or(0);
                 QueryProtocolVersionReply {
                     status: if asked <= self.highest_version {
                         status::SUCCESS
@@ -571,7 +586,7 @@ impl Host<'_> {
         for piece in packet.payload {
             payload.extend_from_slice(piece);
         }
-        let message_type = word(&payload, 0).unwrap_or(u32::MAX);
+        let message_type = first_word(&payload).unwrap_or(u32::MAX);
         // 0 (and every read past the input's end) answers honestly.
         let action = self.input.below(32);
         if action == 12 && packet.completion_requested {
@@ -697,7 +712,7 @@ impl Host<'_> {
                     if request.message_type == message::QUERY_PROTOCOL_VERSION
                         && verdict == Verdict::Good
                     {
-                        self.negotiated = word(&request.request, 4);
+                        self.negotiated = version_asked(&request.request);
                     }
                     self.answers.push(Answer {
                         message_type: request.message_type,
@@ -1556,7 +1571,8 @@ fn drive(input: &mut Input, steps: &mut Steps) -> Result<Progress, String> {
                             host_state.sent.len() == sent_before + 1
                                 && last.as_ref().is_some_and(|(kind, _, _, payload)| {
                                     *kind == message::EJECTION_COMPLETE
-                                        && word(payload, 4) == Some(wslot)
+                                        && FunctionMessage::read_from_prefix(payload)
+                                            .is_ok_and(|(complete, _)| complete.wslot == wslot)
                                 }),
                             || "EJECTION_COMPLETE not sent for the ejected function".into(),
                         )?;
