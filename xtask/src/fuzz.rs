@@ -62,3 +62,22 @@ pub fn run_harness(args: &[String]) -> Result<i32> {
         .map_err(|error| Error::io("starting cargo run (fuzz harness)", error))?;
     Ok(status.code().unwrap_or(1))
 }
+
+/// Runs the harness's own unit tests (the generators' checks, e.g. that the `vpci` seeds reach
+/// the assigned state over an honest host) in the harness's release build; returns the exit
+/// code.
+pub fn run_harness_tests() -> Result<i32> {
+    let root = image::workspace_root();
+    let target_dir = image::target_dir()?.join("fuzz");
+    eprintln!("xtask: === fuzz harness unit tests ===");
+    let status = image::cargo()
+        .args(["test", "--release", "--quiet", "--lib", "--manifest-path"])
+        .arg(root.join("fuzz/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .current_dir(&root)
+        .stdin(Stdio::null())
+        .status()
+        .map_err(|error| Error::io("starting cargo test (fuzz harness)", error))?;
+    Ok(status.code().unwrap_or(1))
+}

@@ -254,6 +254,9 @@ fn test() -> Result<i32> {
     if xtask::fuzz::run_harness(&smoke)? != 0 {
         failed.push("fuzz targets");
     }
+    if xtask::fuzz::run_harness_tests()? != 0 {
+        failed.push("fuzz harness unit tests");
+    }
     match xtask::conformance::run(None) {
         Ok(true) => {}
         Ok(false) => failed.push("conformance (OpenVMM in-process)"),

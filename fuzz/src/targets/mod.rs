@@ -19,6 +19,7 @@ mod virtio_net;
 mod vmbus_messages;
 mod vmbus_packet;
 mod vmbus_ring;
+mod vpci;
 
 use crate::engine::Target;
 
@@ -40,6 +41,7 @@ pub static TARGETS: &[Target] = &[
     vmbus_packet::TARGET,
     vmbus_ring::TARGET,
     vmbus_messages::TARGET,
+    vpci::TARGET,
     netvsc::TARGET,
     mana::TARGET,
     coalesce::TARGET,

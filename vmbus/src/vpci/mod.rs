@@ -41,7 +41,9 @@
 //! completed and the VF went quiet, every DELETE_INTERRUPT and RELEASE_RESOURCES answered by
 //! the server before EJECTION_COMPLETE; a hot-added vPCI offer waits until the previous VF is
 //! released, because the host may reuse the rescinded relid); the kernel's part against fakes
-//! in its host tests. Not verified: a real Hyper-V host (the retarget hypercall, a real DSDT).
+//! in its host tests; the fuzz target `vpci` (`fuzz/src/targets/vpci.rs`: every host answer
+//! and message from the input, checked against a model of the host). Not verified: a real
+//! Hyper-V host (the retarget hypercall, a real DSDT).
 
 pub mod protocol;
 #[cfg(test)]
@@ -262,11 +264,15 @@ impl<P: VpciPort, W: RegisterIo> VpciBus<P, W> {
                 wslot: 0,
             };
             let transaction = bus.take_transaction();
-            bus.port.send(&OutgoingPacket::in_band(
+            let start = bus.port.now_ns();
+            bus.send_retrying(
+                "QUERY_BUS_RELATIONS",
                 transaction,
                 false,
-                &[&query.as_bytes()[..4]],
-            ))?;
+                &query.as_bytes()[..4],
+                start,
+                &mut 0,
+            )?;
             bus.wait_until("BUS_RELATIONS", |bus| bus.relations_seen)?;
         }
         log::info!(
@@ -771,29 +777,31 @@ impl<P: VpciPort, W: RegisterIo> VpciBus<P, W> {
     /// EJECTION_COMPLETE for a function the host ejected, once nothing uses it any more (data
     /// path switched back, driver stopped). The function is forgotten.
     pub fn complete_eject(&mut self, wslot: u32) -> Result<(), Error> {
-        let Some(index) = self
-            .functions
-            .iter()
-            .position(|function| function.wslot == wslot && function.ejecting)
-        else {
+        let ejecting = |function: &VpciFunction| function.wslot == wslot && function.ejecting;
+        if !self.functions.iter().any(ejecting) {
             return Err(Error::VpciUnknownFunction { wslot });
-        };
-        self.functions.remove(index);
-        if self.is_rescinded() {
-            // The host took the whole bus back: nobody is left to acknowledge to.
-            return Ok(());
         }
-        let complete = protocol::FunctionMessage {
-            message_type: message::EJECTION_COMPLETE,
-            wslot,
-        };
-        let transaction = self.take_transaction();
-        self.port.send(&OutgoingPacket::in_band(
-            transaction,
-            false,
-            &[complete.as_bytes()],
-        ))?;
-        self.counters.ejections_completed += 1;
+        if !self.is_rescinded() {
+            let complete = protocol::FunctionMessage {
+                message_type: message::EJECTION_COMPLETE,
+                wslot,
+            };
+            let transaction = self.take_transaction();
+            let start = self.port.now_ns();
+            // On failure the function stays known (ejecting), so the acknowledgement can be
+            // tried again: the host waits for it.
+            self.send_retrying(
+                "EJECTION_COMPLETE",
+                transaction,
+                false,
+                complete.as_bytes(),
+                start,
+                &mut 0,
+            )?;
+            self.counters.ejections_completed += 1;
+        }
+        // Else the host took the whole bus back: nobody is left to acknowledge to.
+        self.functions.retain(|function| !ejecting(function));
         Ok(())
     }
 
@@ -834,20 +842,7 @@ impl<P: VpciPort, W: RegisterIo> VpciBus<P, W> {
         let start = self.port.now_ns();
         let deadline = start.saturating_add(self.timeout_ns);
         let mut steps = 0u32;
-        // A full ring drains as the host works: retry until the deadline.
-        loop {
-            match self
-                .port
-                .send(&OutgoingPacket::in_band(transaction, true, &[payload]))
-            {
-                Ok(()) => break,
-                Err(Error::RingFull { .. }) => {
-                    self.step(what, start, deadline, &mut steps)?;
-                    let _ = self.receive_one()?;
-                }
-                Err(error) => return Err(error),
-            }
-        }
+        self.send_retrying(what, transaction, true, payload, start, &mut steps)?;
         loop {
             match self.receive_one()? {
                 Some(Received::Completion((id, payload))) if id == transaction => {
@@ -863,6 +858,35 @@ impl<P: VpciPort, W: RegisterIo> VpciBus<P, W> {
                     }
                     self.step(what, start, deadline, &mut steps)?;
                 }
+            }
+        }
+    }
+
+    /// Sends one packet; while the ring is full (it drains as the host works) waits and handles
+    /// host messages, until `self.timeout_ns` after `start`.
+    fn send_retrying(
+        &mut self,
+        what: &'static str,
+        transaction: u64,
+        completion_requested: bool,
+        payload: &[u8],
+        start: u64,
+        steps: &mut u32,
+    ) -> Result<(), Error> {
+        let deadline = start.saturating_add(self.timeout_ns);
+        loop {
+            let pieces = [payload];
+            let packet = OutgoingPacket::in_band(transaction, completion_requested, &pieces);
+            match self.port.send(&packet) {
+                Ok(()) => return Ok(()),
+                Err(Error::RingFull { .. }) => {
+                    self.step(what, start, deadline, steps)?;
+                    // The packet is not sent yet: no completion can answer it.
+                    if let Some(Received::Completion(_)) = self.receive_one()? {
+                        self.counters.stray_completions += 1;
+                    }
+                }
+                Err(error) => return Err(error),
             }
         }
     }
@@ -1149,7 +1173,15 @@ pub fn place_bars(bar_masks: &[u32; 6], start: u64, len: u64) -> Result<[BarPlac
             full |= 0xffff_ffff_0000_0000;
         }
         if full != 0 {
-            sizes[index] = (!full).wrapping_add(1);
+            let size = (!full).wrapping_add(1);
+            // A device decodes a BAR of a power-of-two size only: a mask with holes (the host's
+            // word, untrusted) would be placed misaligned.
+            if !size.is_power_of_two() {
+                return Err(Error::VpciMalformed {
+                    what: "BAR size mask (size not a power of two)",
+                });
+            }
+            sizes[index] = size;
         }
         index += if is_64 { 2 } else { 1 };
     }

@@ -30,6 +30,8 @@ struct HostState {
     /// Don't send relations with D0 entry (only on QUERY_BUS_RELATIONS).
     relations_only_on_query: bool,
     rescinded: bool,
+    /// The next sends fail as if the ring were full.
+    ring_full_sends: u32,
     clock: u64,
     waits: u32,
 }
@@ -71,6 +73,7 @@ fn host(accepted: &[u32]) -> Host {
         relations2: false,
         relations_only_on_query: false,
         rescinded: false,
+        ring_full_sends: 0,
         clock: 0,
         waits: 0,
     }))
@@ -178,6 +181,13 @@ struct FakePort(Host);
 impl VpciPort for FakePort {
     fn send(&mut self, packet: &OutgoingPacket<'_>) -> Result<(), Error> {
         assert!(matches!(packet.kind, OutgoingKind::InBand));
+        if self.0.borrow().ring_full_sends > 0 {
+            self.0.borrow_mut().ring_full_sends -= 1;
+            return Err(Error::RingFull {
+                needed: 64,
+                free: 0,
+            });
+        }
         let mut payload = Vec::new();
         for piece in packet.payload {
             payload.extend_from_slice(piece);
@@ -753,4 +763,86 @@ fn stop_leaves_d0_and_ends_config_access() {
         bus.config_read32(0, 0),
         Err(Error::VpciBusGone { .. })
     ));
+}
+
+#[test]
+fn a_completion_taken_while_the_ring_is_full_is_counted_as_stray() {
+    // Found by the `vpci` fuzz target: it was dropped without a trace.
+    let host = host(&[version::V1_4]);
+    let mut bus = probe(&host).expect("probe");
+    let strays = bus.counters().stray_completions;
+    host.borrow_mut().complete(0x77, &0u32.to_le_bytes());
+    host.borrow_mut().ring_full_sends = 1;
+    bus.set_power(0, true).expect("sent once the ring drained");
+    assert_eq!(bus.counters().stray_completions, strays + 1);
+    assert_eq!(
+        seen_types(&host).last(),
+        Some(&message::DEVICE_POWER_STATE_CHANGE)
+    );
+}
+
+#[test]
+fn a_bar_mask_with_holes_is_refused_not_placed_misaligned() {
+    // Found by the `vpci` fuzz target: 0xffff_010c sized BAR0 at 0xff00 bytes and placed it
+    // at an address no device decodes.
+    let masks = [0xffff_010c, 0xffff_ffff, 0, 0, 0xffff_f00c, 0xffff_ffff];
+    assert!(matches!(
+        place_bars(&masks, 0x1_0000_0000, 0x10_0000),
+        Err(Error::VpciMalformed { .. })
+    ));
+    let masks = [0xf0f0_0000, 0, 0, 0, 0, 0];
+    assert!(matches!(
+        place_bars(&masks, 0x10_0000, 0x1000_0000),
+        Err(Error::VpciMalformed { .. })
+    ));
+}
+
+#[test]
+fn an_ejection_complete_waits_out_a_full_ring_and_is_not_lost() {
+    // Found by the `vpci` fuzz target: a full ring failed the send after the function was
+    // already forgotten, so the host never got its acknowledgement and none could follow.
+    let host = host(&[version::V1_4]);
+    let mut bus = probe(&host).expect("probe");
+    host.borrow_mut().send(
+        FunctionMessage {
+            message_type: message::EJECT,
+            wslot: 0,
+        }
+        .as_bytes()
+        .to_vec(),
+    );
+    while let Some(event) = bus.poll() {
+        if event == (VpciEvent::Eject { wslot: 0 }) {
+            break;
+        }
+    }
+    host.borrow_mut().ring_full_sends = 2;
+    bus.complete_eject(0).expect("sent once the ring drained");
+    assert_eq!(seen_types(&host).last(), Some(&message::EJECTION_COMPLETE));
+    assert!(bus.functions().is_empty());
+    // A ring that stays full: the acknowledgement fails and can be tried again.
+    host.borrow_mut().functions = vec![function(4, 1)];
+    host.borrow_mut().relations();
+    host.borrow_mut().send(
+        FunctionMessage {
+            message_type: message::EJECT,
+            wslot: 4,
+        }
+        .as_bytes()
+        .to_vec(),
+    );
+    while bus.poll().is_some() {}
+    host.borrow_mut().ring_full_sends = u32::MAX;
+    assert!(matches!(
+        bus.complete_eject(4),
+        Err(Error::Timeout {
+            what: "EJECTION_COMPLETE",
+            ..
+        })
+    ));
+    assert_eq!(bus.functions().len(), 1, "kept for another try");
+    host.borrow_mut().ring_full_sends = 0;
+    bus.complete_eject(4)
+        .expect("acknowledged on the second try");
+    assert_eq!(bus.counters().ejections_completed, 2);
 }
