@@ -55,6 +55,33 @@ pub enum OutgoingPacket<'a> {
     },
 }
 
+impl OutgoingPacket<'_> {
+    /// Bytes the packet takes in a VMBus ring: the 16-byte descriptor, a GPA-direct packet's
+    /// range header and page lists, the payload padded to 8 bytes, and the 8-byte trailer
+    /// (`hyperv-vmbus-netvsc.md` §2.4). Compared with [`NetvscChannel::outgoing_free`].
+    pub fn ring_len(&self) -> usize {
+        const DESCRIPTOR: usize = 16;
+        const TRAILER: usize = 8;
+        let (header, payload) = match *self {
+            OutgoingPacket::InBand { payload, .. } | OutgoingPacket::Completion { payload, .. } => {
+                (DESCRIPTOR, payload)
+            }
+            OutgoingPacket::GpaDirect {
+                ranges, payload, ..
+            } => {
+                // Reserved word and range count, then per range its byte count and offset
+                // followed by one u64 per page.
+                let ranges: usize = ranges
+                    .iter()
+                    .map(|range| 8 + 8 * range.page_numbers.len())
+                    .sum();
+                (DESCRIPTOR + 8 + ranges, payload)
+            }
+        };
+        (header + payload.len()).next_multiple_of(8) + TRAILER
+    }
+}
+
 /// What kind of packet arrived from the host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum IncomingKind {
@@ -103,6 +130,11 @@ pub trait NetvscChannel {
     fn try_send(&mut self, packet: &OutgoingPacket<'_>) -> Result<bool, NetvscError>;
     /// Signals the host if packets written since the last flush need it.
     fn flush(&mut self);
+    /// Bytes free in the guest → host ring right now, to compare with
+    /// [`OutgoingPacket::ring_len`]: a packet that needs no more than this is written by the
+    /// next `try_send`. Only our own sends take room, so the answer stays a lower bound until
+    /// the next send. Errors mean the channel is unusable.
+    fn outgoing_free(&mut self) -> Result<usize, NetvscError>;
     /// Reads the next packet of the host → guest ring into `into`. `Ok(false)` when empty.
     /// Malformed packets are the implementation's to count and skip, or an error if the ring
     /// itself cannot be trusted any more.

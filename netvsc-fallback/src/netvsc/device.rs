@@ -45,6 +45,8 @@ const MAX_QUEUED: usize = 64;
 const MAX_UNSENT_COMPLETIONS: usize = 4096;
 /// Ethernet header length (untagged).
 const ETHERNET_HEADER_LEN: usize = 14;
+/// Most pages of one GPA-direct range: a 64 KiB LSO frame and its RNDIS header, unaligned.
+const MAX_GPA_DIRECT_PAGES: usize = 24;
 
 /// Transaction-id tags (bits 56-63) that route host completions back to what they complete.
 /// Host-initiated transactions use bit 63, which none of ours set.
@@ -84,7 +86,8 @@ pub struct NetvscConfig {
     pub use_send_buffer: bool,
     /// Bytes of the send buffer (a multiple of 4 KiB): 64 sections of netvsp's 6144 bytes.
     pub send_buffer_len: usize,
-    /// GPA-direct transmit slots for MTU-sized frames (used without a send buffer).
+    /// GPA-direct transmit slots for MTU-sized frames: every frame uses them without a send
+    /// buffer; with one, they take the frames that find every section in use.
     pub small_slots: usize,
     /// Transmit slots for LSO frames (allocated only when the host grants LSO).
     pub large_slots: usize,
@@ -136,6 +139,17 @@ pub struct NetvscCounters {
     pub tx_refused: u64,
     /// Frames received during bring-up, before the device was handed out (dropped).
     pub rx_before_ready: u64,
+    /// Frames sent through a send-buffer section.
+    pub tx_via_section: u64,
+    /// Frames sent GPA-direct (from a transmit slot the host reads itself).
+    pub tx_via_gpa_direct: u64,
+    /// Of `tx_via_gpa_direct`: frames that would have taken a section but found every section
+    /// in use.
+    pub tx_section_overflow: u64,
+    /// Frames refused because the guest → host ring lacked room for a data packet.
+    pub tx_refused_ring_full: u64,
+    /// Frames refused because every section and transmit slot they fit was in flight.
+    pub tx_refused_no_buffer: u64,
 }
 
 /// The host's latest VF association message.
@@ -268,6 +282,11 @@ pub struct Netvsc<C: NetvscChannel> {
     rndis_replies: VecDeque<RndisReply>,
     next_request_id: u32,
     pending_flush: bool,
+    /// Bytes free in the guest → host ring when last looked (after our latest send, so never
+    /// more than there is: only our sends take room).
+    ring_room: usize,
+    /// Ring bytes the largest data packet takes (a GPA-direct send of the largest slot).
+    data_packet_ring_len: usize,
     announce: bool,
     data_path: DataPathState,
     stats: Stats,
@@ -357,6 +376,8 @@ impl<C: NetvscChannel> Netvsc<C> {
             rndis_replies: VecDeque::new(),
             next_request_id: 1,
             pending_flush: false,
+            ring_room: 0,
+            data_packet_ring_len: 0,
             announce: false,
             data_path: DataPathState::default(),
             stats: Stats::default(),
@@ -604,7 +625,9 @@ impl<C: NetvscChannel> Netvsc<C> {
     }
 
     fn allocate_transmit_pools(&mut self, dma: &dyn DmaAllocator) -> Result<(), NetvscError> {
-        if self.send_buffer.is_none() {
+        // With a send buffer too: a burst that finds every section in flight goes GPA-direct
+        // from these slots instead of being refused while the ring still has room.
+        {
             let len = self.config.small_slots.max(1) * SMALL_SLOT_SIZE;
             let region = dma
                 .allocate(len, PAGE_SIZE)
@@ -632,7 +655,47 @@ impl<C: NetvscChannel> Netvsc<C> {
                 })?;
             self.large = TxPool::new(region, slot, count, tag::LARGE);
         }
+        self.data_packet_ring_len = self.largest_data_packet_ring_len();
+        self.refresh_ring_room();
         Ok(())
+    }
+
+    /// Ring bytes of the largest data packet this driver sends: GPA-direct from its largest
+    /// slot, the slot starting anywhere in a page (a section send is smaller).
+    fn largest_data_packet_ring_len(&self) -> usize {
+        let largest_slot = [self.small.as_ref(), self.large.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(TxPool::capacity)
+            .max()
+            .unwrap_or(SMALL_SLOT_SIZE);
+        let pages = [0u64; MAX_GPA_DIRECT_PAGES];
+        let page_count = (largest_slot.div_ceil(PAGE_SIZE) + 1).min(MAX_GPA_DIRECT_PAGES);
+        let payload = [0u8; nvsp::MESSAGE_SIZE];
+        OutgoingPacket::GpaDirect {
+            transaction_id: 0,
+            ranges: &[GpaRange {
+                byte_count: largest_slot as u32,
+                byte_offset: 0,
+                page_numbers: &pages[..page_count],
+            }],
+            payload: &payload,
+        }
+        .ring_len()
+    }
+
+    /// Looks at the ring's free bytes again (the host may have read packets since).
+    fn refresh_ring_room(&mut self) {
+        self.ring_room = self.channel.outgoing_free().unwrap_or(0);
+    }
+
+    /// Writes one packet to the ring and keeps `ring_room` a lower bound of what is left.
+    fn send_packet(&mut self, packet: &OutgoingPacket<'_>) -> Result<bool, NetvscError> {
+        let sent = self.channel.try_send(packet);
+        if let Ok(true) = sent {
+            self.refresh_ring_room();
+        }
+        sent
     }
 
     fn initialize_rndis(&mut self) -> Result<(), NetvscError> {
@@ -843,7 +906,7 @@ impl<C: NetvscChannel> Netvsc<C> {
         };
         let deadline = self.deadline();
         loop {
-            if self.channel.try_send(&packet)? {
+            if self.send_packet(&packet)? {
                 self.channel.flush();
                 return Ok(());
             }
@@ -966,7 +1029,7 @@ impl<C: NetvscChannel> Netvsc<C> {
             },
         );
         self.control.pool.give_to_device(slot, 1);
-        let sent = self.channel.try_send(&OutgoingPacket::GpaDirect {
+        let sent = self.send_packet(&OutgoingPacket::GpaDirect {
             transaction_id: transaction(tag::CONTROL, slot),
             ranges: &ranges,
             payload: &payload,
@@ -1036,6 +1099,8 @@ impl<C: NetvscChannel> Netvsc<C> {
             self.pending_flush = false;
             self.channel.flush();
         }
+        // The host reads the ring on its own: what it freed is room for `can_transmit`.
+        self.refresh_ring_room();
         delivered
     }
 
@@ -1094,7 +1159,7 @@ impl<C: NetvscChannel> Netvsc<C> {
                 status: nvsp::status::SUCCESS,
             },
         );
-        match self.channel.try_send(&OutgoingPacket::Completion {
+        match self.send_packet(&OutgoingPacket::Completion {
             transaction_id,
             payload: &payload,
         }) {
@@ -1218,7 +1283,7 @@ impl<C: NetvscChannel> Netvsc<C> {
         }
         if completion_requested {
             // netvsp treats completions of its VF messages as optional; send an empty one.
-            match self.channel.try_send(&OutgoingPacket::Completion {
+            match self.send_packet(&OutgoingPacket::Completion {
                 transaction_id,
                 payload: &[],
             }) {
@@ -1493,7 +1558,7 @@ impl<C: NetvscChannel> Netvsc<C> {
                 },
             },
         );
-        let sent = self.channel.try_send(&OutgoingPacket::InBand {
+        let sent = self.send_packet(&OutgoingPacket::InBand {
             transaction_id: transaction(tag::SWITCH, sequence as usize),
             completion_requested: true,
             payload: &payload,
@@ -1597,28 +1662,46 @@ impl<C: NetvscChannel> Netvsc<C> {
             });
         }
         let needed = rndis::TX_HEADER_LEN + len;
-        let pool_tag = if let Some((pool, _)) = &self.send_buffer
-            && needed <= pool.capacity()
-        {
-            tag::SECTION
-        } else if self
-            .small
+        // Where the frame fits, in order of preference: a section (one copy, the smallest
+        // packet), else a GPA-direct slot of the smallest size that holds it.
+        let fits_section = self
+            .send_buffer
             .as_ref()
-            .is_some_and(|pool| needed <= pool.capacity())
-        {
-            tag::SMALL
-        } else if self
-            .large
-            .as_ref()
-            .is_some_and(|pool| needed <= pool.capacity())
-        {
-            tag::LARGE
-        } else {
+            .is_some_and(|(pool, _)| needed <= pool.capacity());
+        let fits = |pool: &Option<TxPool>| pool.as_ref().is_some_and(|p| needed <= p.capacity());
+        let has_free = |pool: &Option<TxPool>| pool.as_ref().is_some_and(|p| !p.free.is_empty());
+        let fits_small = fits(&self.small);
+        let fits_large = !fits_small && fits(&self.large);
+        if !fits_section && !fits_small && !fits_large {
             return Err(DeviceError::FrameTooLarge {
                 len,
                 max: max_frame,
             });
+        }
+        // Refused before `fill`: a frame the caller hands over is never dropped for lack of
+        // ring room (the host frees room on its own, so look again first).
+        self.refresh_ring_room();
+        if self.ring_room < self.data_packet_ring_len {
+            self.stats.tx_ring_full += 1;
+            self.counters.tx_refused_ring_full += 1;
+            return Err(DeviceError::RingFull);
+        }
+        let section_free = self
+            .send_buffer
+            .as_ref()
+            .is_some_and(|(pool, _)| !pool.free.is_empty());
+        let pool_tag = if fits_section && section_free {
+            tag::SECTION
+        } else if fits_small && has_free(&self.small) {
+            tag::SMALL
+        } else if fits_large && has_free(&self.large) {
+            tag::LARGE
+        } else {
+            self.stats.tx_ring_full += 1;
+            self.counters.tx_refused_no_buffer += 1;
+            return Err(DeviceError::RingFull);
         };
+        let overflow = fits_section && pool_tag != tag::SECTION;
         let mtu = self.mtu;
         let offload = self.offload;
         let pool = match pool_tag {
@@ -1626,10 +1709,7 @@ impl<C: NetvscChannel> Netvsc<C> {
             tag::SMALL => self.small.as_mut().expect("chosen above"),
             _ => self.large.as_mut().expect("chosen above"),
         };
-        let Some(slot) = pool.free.pop() else {
-            self.stats.tx_ring_full += 1;
-            return Err(DeviceError::RingFull);
-        };
+        let slot = pool.free.pop().expect("checked to have a free slot");
         let bytes = pool
             .pool
             .span_mut(slot, 1)
@@ -1667,7 +1747,7 @@ impl<C: NetvscChannel> Netvsc<C> {
                     send_buffer_section_size: total,
                 },
             );
-            self.channel.try_send(&OutgoingPacket::InBand {
+            self.send_packet(&OutgoingPacket::InBand {
                 transaction_id,
                 completion_requested: true,
                 payload: &payload,
@@ -1694,7 +1774,7 @@ impl<C: NetvscChannel> Netvsc<C> {
                     send_buffer_section_size: 0,
                 },
             );
-            self.channel.try_send(&OutgoingPacket::GpaDirect {
+            self.send_packet(&OutgoingPacket::GpaDirect {
                 transaction_id,
                 ranges: &ranges,
                 payload: &payload,
@@ -1710,12 +1790,25 @@ impl<C: NetvscChannel> Netvsc<C> {
                 self.pending_flush = true;
                 self.counters.software_checksums += u64::from(software);
                 self.counters.lso_frames += u64::from(is_lso);
+                if pool_tag == tag::SECTION {
+                    self.counters.tx_via_section += 1;
+                } else {
+                    self.counters.tx_via_gpa_direct += 1;
+                    self.counters.tx_section_overflow += u64::from(overflow);
+                }
                 Ok(())
             }
             Ok(false) => {
+                // The ring had room a moment ago and only we write it: a channel that
+                // misreports its room. The frame is lost; count it with the refusals.
                 pool.pool.take_from_device(slot, 1);
                 pool.free.push(slot);
                 self.stats.tx_ring_full += 1;
+                self.counters.tx_refused_ring_full += 1;
+                warn!(
+                    "{}: ring refused a data packet it had room for",
+                    self.config.name
+                );
                 Err(DeviceError::RingFull)
             }
             Err(error) => {
@@ -1902,13 +1995,15 @@ impl<C: NetvscChannel> NetDevice for Netvsc<C> {
         if self.gone || self.link != LinkState::Up {
             return false;
         }
-        let small = match (&self.send_buffer, &self.small) {
-            (Some((pool, _)), _) | (None, Some(pool)) => !pool.free.is_empty(),
-            (None, None) => false,
-        };
-        // Report room only while a largest (LSO) frame fits too, as virtio-net does: the bond
-        // decides per frame before knowing its size.
-        small && self.large.as_ref().is_none_or(|pool| !pool.free.is_empty())
+        // What `transmit` checks, for a frame of any size: ring room for the largest data
+        // packet, a section or a GPA-direct slot for an MTU frame, and a slot for the largest
+        // (LSO) frame too, as virtio-net does (the bond decides before it knows the size).
+        let free = |pool: Option<&TxPool>| pool.is_some_and(|pool| !pool.free.is_empty());
+        let mtu_frame =
+            free(self.send_buffer.as_ref().map(|(pool, _)| pool)) || free(self.small.as_ref());
+        self.ring_room >= self.data_packet_ring_len
+            && mtu_frame
+            && self.large.as_ref().is_none_or(|pool| !pool.free.is_empty())
     }
 
     fn transmit(

@@ -143,6 +143,8 @@ struct HostState {
     unknown_completions: usize,
     guest_completions: usize,
     ring_full: bool,
+    /// Bytes the guest → host ring reports free (the fake never fills up on its own).
+    ring_free: usize,
     hold_tx_completions: bool,
     held_tx_completions: Vec<u64>,
     rescinded: bool,
@@ -592,6 +594,7 @@ impl FakeNetvscHost {
         let state = Arc::new(Mutex::new(HostState {
             config: Some(config),
             next_gpadl: 1,
+            ring_free: 64 * 1024,
             ..HostState::default()
         }));
         (
@@ -702,6 +705,13 @@ impl FakeNetvscHost {
     /// Makes the guest → host ring report full (or not).
     pub fn set_ring_full(&self, full: bool) {
         self.state().ring_full = full;
+    }
+
+    /// Sets the bytes the guest → host ring has free (64 KiB at start; the host drains it at
+    /// once, so sends never use it up): a packet whose [`OutgoingPacket::ring_len`] is larger
+    /// is refused as by a full ring.
+    pub fn set_ring_free(&self, bytes: usize) {
+        self.state().ring_free = bytes;
     }
 
     /// Holds transmit completions back (or releases them all).
@@ -839,7 +849,7 @@ impl NetvscChannel for FakeChannel {
         if state.rescinded {
             return Err(NetvscError::Rescinded);
         }
-        if state.ring_full {
+        if state.ring_full || packet.ring_len() > state.ring_free {
             return Ok(false);
         }
         match *packet {
@@ -889,6 +899,14 @@ impl NetvscChannel for FakeChannel {
             }
         }
         Ok(true)
+    }
+
+    fn outgoing_free(&mut self) -> Result<usize, NetvscError> {
+        let state = lock(&self.state);
+        if state.rescinded {
+            return Err(NetvscError::Rescinded);
+        }
+        Ok(if state.ring_full { 0 } else { state.ring_free })
     }
 
     fn flush(&mut self) {

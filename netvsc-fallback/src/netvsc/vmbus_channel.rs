@@ -165,6 +165,19 @@ impl<V: VmbusChannelControl> NetvscChannel for VmbusNetvscChannel<V> {
         }
     }
 
+    fn outgoing_free(&mut self) -> Result<usize, NetvscError> {
+        if self.control.is_rescinded(self.relid) {
+            return Err(NetvscError::Rescinded);
+        }
+        let Some(channel) = self.channel.as_mut() else {
+            return Err(NetvscError::Rescinded);
+        };
+        channel
+            .outgoing_free()
+            .map(|free| free as usize)
+            .map_err(channel_error)
+    }
+
     fn flush(&mut self) {
         // vmbus::Channel signals on the empty → non-empty transition of every send.
     }
@@ -361,25 +374,28 @@ mod tests {
         let (host, mut adapter, _dma) = adapter();
         let first = [0x1234u64, 0x1235];
         let second = [0x9000u64];
-        assert!(
-            adapter
-                .try_send(&OutgoingPacket::GpaDirect {
-                    transaction_id: 8,
-                    ranges: &[
-                        GpaRange {
-                            byte_count: 5000,
-                            byte_offset: 16,
-                            page_numbers: &first,
-                        },
-                        GpaRange {
-                            byte_count: 100,
-                            byte_offset: 0,
-                            page_numbers: &second,
-                        },
-                    ],
-                    payload: b"rndis packet",
-                })
-                .unwrap()
+        let packet = OutgoingPacket::GpaDirect {
+            transaction_id: 8,
+            ranges: &[
+                GpaRange {
+                    byte_count: 5000,
+                    byte_offset: 16,
+                    page_numbers: &first,
+                },
+                GpaRange {
+                    byte_count: 100,
+                    byte_offset: 0,
+                    page_numbers: &second,
+                },
+            ],
+            payload: b"rndis packet",
+        };
+        let free_before = adapter.outgoing_free().unwrap();
+        assert!(adapter.try_send(&packet).unwrap());
+        assert_eq!(
+            free_before - adapter.outgoing_free().unwrap(),
+            packet.ring_len(),
+            "ring_len is what the ring gives up"
         );
         let sent = host.read_outgoing(RELID);
         assert_eq!(sent.len(), 1);
