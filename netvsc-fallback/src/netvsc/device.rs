@@ -17,11 +17,11 @@ use super::channel::{
     GpaRange, IncomingKind, IncomingPacket, NetvscChannel, OutgoingPacket, TransferRange,
 };
 use super::data_path::{DataPathCounters, DataPathState, VfEvent};
-use super::error::{Layer, NetvscError, Step};
 use super::nvsp::{self, NdisConfigCapabilities, NvspMessage, NvspVersion};
 use super::rndis::{self, OffloadSupport, RndisMessage};
 use crate::checksum::complete_partial_checksum;
 use crate::dma_memory::{SlotPool, copy_from_region, empty_region};
+use crate::error::{DmaPurpose, Error, Layer, Step};
 
 /// Bytes of a guest page as VMBus counts them.
 const PAGE_SIZE: usize = 4096;
@@ -305,13 +305,13 @@ impl<C: NetvscChannel> Netvsc<C> {
         mut channel: C,
         dma: &dyn DmaAllocator,
         config: NetvscConfig,
-    ) -> Result<Self, (NetvscError, C)> {
+    ) -> Result<Self, (Error, C)> {
         let control_region = match dma.allocate(CONTROL_PAGES * CONTROL_PAGE_SIZE, PAGE_SIZE) {
             Some(region) => region,
             None => {
                 return Err((
-                    NetvscError::OutOfMemory {
-                        what: "RNDIS control pages",
+                    Error::DmaAllocationFailed {
+                        purpose: DmaPurpose::RndisControlPages,
                         len: CONTROL_PAGES * CONTROL_PAGE_SIZE,
                     },
                     channel,
@@ -321,8 +321,8 @@ impl<C: NetvscChannel> Netvsc<C> {
         let receive_len = config.receive_buffer_len.next_multiple_of(PAGE_SIZE);
         let Some(receive_region) = dma.allocate(receive_len, PAGE_SIZE) else {
             return Err((
-                NetvscError::OutOfMemory {
-                    what: "receive buffer",
+                Error::DmaAllocationFailed {
+                    purpose: DmaPurpose::NetvscReceiveBuffer,
                     len: receive_len,
                 },
                 channel,
@@ -413,7 +413,7 @@ impl<C: NetvscChannel> Netvsc<C> {
         channel
     }
 
-    fn initialize(&mut self, dma: &dyn DmaAllocator) -> Result<(), NetvscError> {
+    fn initialize(&mut self, dma: &dyn DmaAllocator) -> Result<(), Error> {
         let name = self.config.name.clone();
         self.negotiate_version()?;
         // §3.2 step 3: MTU and capabilities (v2+); no completion requested, as Linux does.
@@ -470,7 +470,7 @@ impl<C: NetvscChannel> Netvsc<C> {
         Ok(())
     }
 
-    fn negotiate_version(&mut self) -> Result<(), NetvscError> {
+    fn negotiate_version(&mut self) -> Result<(), Error> {
         let versions = self.config.versions.clone();
         for version in versions {
             let message = nvsp::encode(
@@ -494,10 +494,10 @@ impl<C: NetvscChannel> Netvsc<C> {
                 self.config.name, complete.status
             );
         }
-        Err(NetvscError::NoCommonVersion)
+        Err(Error::NoCommonVersion)
     }
 
-    fn set_up_receive_buffer(&mut self) -> Result<(), NetvscError> {
+    fn set_up_receive_buffer(&mut self) -> Result<(), Error> {
         let message = nvsp::encode(
             nvsp::message_type::SEND_RECEIVE_BUFFER,
             &nvsp::SendBuffer {
@@ -512,7 +512,7 @@ impl<C: NetvscChannel> Netvsc<C> {
             _ => None,
         })?;
         if complete.status != nvsp::status::SUCCESS {
-            return Err(NetvscError::Refused {
+            return Err(Error::HostRefused {
                 step: Step::ReceiveBuffer,
                 status: complete.status,
             });
@@ -524,7 +524,7 @@ impl<C: NetvscChannel> Netvsc<C> {
             if ok {
                 Ok(())
             } else {
-                Err(NetvscError::OutOfRange {
+                Err(Error::OutOfRange {
                     layer: Layer::Nvsp,
                     what,
                     value,
@@ -561,12 +561,12 @@ impl<C: NetvscChannel> Netvsc<C> {
         Ok(())
     }
 
-    fn set_up_send_buffer(&mut self, dma: &dyn DmaAllocator) -> Result<(), NetvscError> {
+    fn set_up_send_buffer(&mut self, dma: &dyn DmaAllocator) -> Result<(), Error> {
         let len = self.config.send_buffer_len.next_multiple_of(PAGE_SIZE);
         let region = dma
             .allocate(len, PAGE_SIZE)
-            .ok_or(NetvscError::OutOfMemory {
-                what: "send buffer",
+            .ok_or(Error::DmaAllocationFailed {
+                purpose: DmaPurpose::NetvscSendBuffer,
                 len,
             })?;
         let gpadl = match self.channel.create_gpadl(&region) {
@@ -597,7 +597,7 @@ impl<C: NetvscChannel> Netvsc<C> {
             _ => None,
         })?;
         if complete.status != nvsp::status::SUCCESS {
-            return Err(NetvscError::Refused {
+            return Err(Error::HostRefused {
                 step: Step::SendBuffer,
                 status: complete.status,
             });
@@ -606,7 +606,7 @@ impl<C: NetvscChannel> Netvsc<C> {
         if section_size < rndis::TX_HEADER_LEN + self.mtu + ETHERNET_HEADER_LEN
             || section_size > len
         {
-            return Err(NetvscError::OutOfRange {
+            return Err(Error::OutOfRange {
                 layer: Layer::Nvsp,
                 what: "send buffer section size",
                 value: section_size as u64,
@@ -624,15 +624,15 @@ impl<C: NetvscChannel> Netvsc<C> {
         Ok(())
     }
 
-    fn allocate_transmit_pools(&mut self, dma: &dyn DmaAllocator) -> Result<(), NetvscError> {
+    fn allocate_transmit_pools(&mut self, dma: &dyn DmaAllocator) -> Result<(), Error> {
         // With a send buffer too: a burst that finds every section in flight goes GPA-direct
         // from these slots instead of being refused while the ring still has room.
         {
             let len = self.config.small_slots.max(1) * SMALL_SLOT_SIZE;
             let region = dma
                 .allocate(len, PAGE_SIZE)
-                .ok_or(NetvscError::OutOfMemory {
-                    what: "transmit slots",
+                .ok_or(Error::DmaAllocationFailed {
+                    purpose: DmaPurpose::NetvscTransmitSlots,
                     len,
                 })?;
             self.small = TxPool::new(
@@ -647,12 +647,12 @@ impl<C: NetvscChannel> Netvsc<C> {
                 (rndis::TX_HEADER_LEN + ETHERNET_HEADER_LEN + self.capabilities.max_tso_size)
                     .next_multiple_of(PAGE_SIZE);
             let count = self.config.large_slots.max(1);
-            let region = dma
-                .allocate(slot * count, PAGE_SIZE)
-                .ok_or(NetvscError::OutOfMemory {
-                    what: "LSO transmit slots",
-                    len: slot * count,
-                })?;
+            let region =
+                dma.allocate(slot * count, PAGE_SIZE)
+                    .ok_or(Error::DmaAllocationFailed {
+                        purpose: DmaPurpose::NetvscLsoSlots,
+                        len: slot * count,
+                    })?;
             self.large = TxPool::new(region, slot, count, tag::LARGE);
         }
         self.data_packet_ring_len = self.largest_data_packet_ring_len();
@@ -690,7 +690,7 @@ impl<C: NetvscChannel> Netvsc<C> {
     }
 
     /// Writes one packet to the ring and keeps `ring_room` a lower bound of what is left.
-    fn send_packet(&mut self, packet: &OutgoingPacket<'_>) -> Result<bool, NetvscError> {
+    fn send_packet(&mut self, packet: &OutgoingPacket<'_>) -> Result<bool, Error> {
         let sent = self.channel.try_send(packet);
         if let Ok(true) = sent {
             self.refresh_ring_room();
@@ -698,7 +698,7 @@ impl<C: NetvscChannel> Netvsc<C> {
         sent
     }
 
-    fn initialize_rndis(&mut self) -> Result<(), NetvscError> {
+    fn initialize_rndis(&mut self) -> Result<(), Error> {
         let request_id = self.request_id();
         let message = rndis::build_request(
             rndis::message_type::INITIALIZE,
@@ -713,13 +713,13 @@ impl<C: NetvscChannel> Netvsc<C> {
         self.send_control(&message)?;
         let reply = self.wait_rndis(request_id)?;
         let Some(initialize) = reply.initialize else {
-            return Err(NetvscError::UnexpectedMessage {
+            return Err(Error::UnexpectedMessage {
                 layer: Layer::Rndis,
                 message_type: reply.message_type,
             });
         };
         if initialize.status != rndis::status::SUCCESS {
-            return Err(NetvscError::Refused {
+            return Err(Error::HostRefused {
                 step: Step::RndisReply,
                 status: initialize.status,
             });
@@ -728,7 +728,7 @@ impl<C: NetvscChannel> Netvsc<C> {
         let mac: [u8; 6] =
             mac.get(..6)
                 .and_then(|mac| mac.try_into().ok())
-                .ok_or(NetvscError::Truncated {
+                .ok_or(Error::Truncated {
                     layer: Layer::Rndis,
                     what: "MAC address",
                     len: mac.len(),
@@ -738,7 +738,7 @@ impl<C: NetvscChannel> Netvsc<C> {
         let frame = self.query_oid(rndis::oid::GEN_MAXIMUM_FRAME_SIZE)?;
         let mtu = read_u32(&frame, "maximum frame size")? as usize;
         if !(576..=9216).contains(&mtu) {
-            return Err(NetvscError::OutOfRange {
+            return Err(Error::OutOfRange {
                 layer: Layer::Rndis,
                 what: "maximum frame size",
                 value: mtu as u64,
@@ -765,7 +765,7 @@ impl<C: NetvscChannel> Netvsc<C> {
 
     /// Queries the hardware capabilities and enables what they allow (Linux does the same:
     /// TCP checksum and LSO only when the answer says so).
-    fn negotiate_offloads(&mut self) -> Result<(), NetvscError> {
+    fn negotiate_offloads(&mut self) -> Result<(), Error> {
         let revision = if self.version >= NvspVersion::V5 {
             3
         } else if self.version >= NvspVersion::V4 {
@@ -783,7 +783,7 @@ impl<C: NetvscChannel> Netvsc<C> {
             header.as_bytes(),
         ) {
             Ok(answer) => answer,
-            Err(NetvscError::Refused { status, .. }) => {
+            Err(Error::HostRefused { status, .. }) => {
                 info!(
                     "{}: host reports no offload capabilities ({status:#x})",
                     self.config.name
@@ -817,7 +817,7 @@ impl<C: NetvscChannel> Netvsc<C> {
         let parameters = rndis::offload_parameters(&support, use_lso);
         match self.set_oid(rndis::oid::TCP_OFFLOAD_PARAMETERS, parameters.as_bytes()) {
             Ok(()) => {}
-            Err(NetvscError::Refused { status, .. }) => {
+            Err(Error::HostRefused { status, .. }) => {
                 warn!(
                     "{}: host refused offload parameters ({status:#x})",
                     self.config.name
@@ -848,23 +848,23 @@ impl<C: NetvscChannel> Netvsc<C> {
         id
     }
 
-    fn query_oid(&mut self, oid: u32) -> Result<Vec<u8>, NetvscError> {
+    fn query_oid(&mut self, oid: u32) -> Result<Vec<u8>, Error> {
         self.query_oid_with(oid, &[])
     }
 
-    fn query_oid_with(&mut self, oid: u32, info: &[u8]) -> Result<Vec<u8>, NetvscError> {
+    fn query_oid_with(&mut self, oid: u32, info: &[u8]) -> Result<Vec<u8>, Error> {
         let request_id = self.request_id();
         let message = rndis::build_oid_request(request_id, oid, false, info);
         self.send_control(&message)?;
         let reply = self.wait_rndis(request_id)?;
         if reply.message_type != rndis::message_type::QUERY_COMPLETE {
-            return Err(NetvscError::UnexpectedMessage {
+            return Err(Error::UnexpectedMessage {
                 layer: Layer::Rndis,
                 message_type: reply.message_type,
             });
         }
         if reply.status != rndis::status::SUCCESS {
-            return Err(NetvscError::Refused {
+            return Err(Error::HostRefused {
                 step: Step::RndisReply,
                 status: reply.status,
             });
@@ -872,19 +872,19 @@ impl<C: NetvscChannel> Netvsc<C> {
         Ok(reply.info)
     }
 
-    fn set_oid(&mut self, oid: u32, info: &[u8]) -> Result<(), NetvscError> {
+    fn set_oid(&mut self, oid: u32, info: &[u8]) -> Result<(), Error> {
         let request_id = self.request_id();
         let message = rndis::build_oid_request(request_id, oid, true, info);
         self.send_control(&message)?;
         let reply = self.wait_rndis(request_id)?;
         if reply.message_type != rndis::message_type::SET_COMPLETE {
-            return Err(NetvscError::UnexpectedMessage {
+            return Err(Error::UnexpectedMessage {
                 layer: Layer::Rndis,
                 message_type: reply.message_type,
             });
         }
         if reply.status != rndis::status::SUCCESS {
-            return Err(NetvscError::Refused {
+            return Err(Error::HostRefused {
                 step: Step::RndisReply,
                 status: reply.status,
             });
@@ -893,12 +893,7 @@ impl<C: NetvscChannel> Netvsc<C> {
     }
 
     /// Sends an NVSP request in-band, waiting (bounded) for ring space.
-    fn send_request(
-        &mut self,
-        message: &[u8],
-        completion: bool,
-        step: Step,
-    ) -> Result<(), NetvscError> {
+    fn send_request(&mut self, message: &[u8], completion: bool, step: Step) -> Result<(), Error> {
         let packet = OutgoingPacket::InBand {
             transaction_id: transaction(tag::REQUEST, 0),
             completion_requested: completion,
@@ -912,8 +907,8 @@ impl<C: NetvscChannel> Netvsc<C> {
             }
             self.wait_until(deadline, Step::RingSpace)
                 .map_err(|error| match error {
-                    NetvscError::Timeout { timeout_ms, .. } => {
-                        NetvscError::Timeout { step, timeout_ms }
+                    Error::HostTimeout { timeout_ms, .. } => {
+                        Error::HostTimeout { step, timeout_ms }
                     }
                     other => other,
                 })?;
@@ -928,13 +923,13 @@ impl<C: NetvscChannel> Netvsc<C> {
 
     /// One bounded wait step: services the rings, then sleeps until the host signals or the
     /// deadline passes. Errors once the deadline has passed or the channel is gone.
-    fn wait_until(&mut self, deadline: u64, step: Step) -> Result<(), NetvscError> {
+    fn wait_until(&mut self, deadline: u64, step: Step) -> Result<(), Error> {
         if self.gone || self.channel.is_rescinded() {
             self.gone = true;
-            return Err(NetvscError::Rescinded);
+            return Err(Error::ChannelRescinded);
         }
         if self.channel.now_ns() >= deadline {
-            return Err(NetvscError::Timeout {
+            return Err(Error::HostTimeout {
                 step,
                 timeout_ms: self.config.reply_timeout_ns / 1_000_000,
             });
@@ -948,7 +943,7 @@ impl<C: NetvscChannel> Netvsc<C> {
         &mut self,
         step: Step,
         mut matches: impl FnMut(&NvspMessage) -> Option<T>,
-    ) -> Result<T, NetvscError> {
+    ) -> Result<T, Error> {
         let deadline = self.deadline();
         loop {
             self.service(0, &mut |_, _| {}, false);
@@ -966,7 +961,7 @@ impl<C: NetvscChannel> Netvsc<C> {
         }
     }
 
-    fn wait_rndis(&mut self, request_id: u32) -> Result<RndisReply, NetvscError> {
+    fn wait_rndis(&mut self, request_id: u32) -> Result<RndisReply, Error> {
         let deadline = self.deadline();
         loop {
             self.service(0, &mut |_, _| {}, false);
@@ -986,7 +981,7 @@ impl<C: NetvscChannel> Netvsc<C> {
 
     /// Sends an RNDIS control message GPA-direct from a control page, waiting (bounded) for a
     /// free page and ring space.
-    fn send_control(&mut self, message: &[u8]) -> Result<(), NetvscError> {
+    fn send_control(&mut self, message: &[u8]) -> Result<(), Error> {
         let deadline = self.deadline();
         loop {
             match self.try_send_control(message)? {
@@ -997,9 +992,9 @@ impl<C: NetvscChannel> Netvsc<C> {
     }
 
     /// Sends an RNDIS control message if a control page and ring space are free.
-    fn try_send_control(&mut self, message: &[u8]) -> Result<bool, NetvscError> {
+    fn try_send_control(&mut self, message: &[u8]) -> Result<bool, Error> {
         if message.len() > CONTROL_PAGE_SIZE {
-            return Err(NetvscError::OutOfRange {
+            return Err(Error::OutOfRange {
                 layer: Layer::Rndis,
                 what: "control message length",
                 value: message.len() as u64,
@@ -1112,7 +1107,7 @@ impl<C: NetvscChannel> Netvsc<C> {
         self.link = LinkState::Gone;
     }
 
-    fn set_gone_error(&mut self, error: NetvscError) {
+    fn set_gone_error(&mut self, error: Error) {
         if !self.gone {
             warn!("{}: device gone: {error}", self.config.name);
         }
@@ -1941,10 +1936,10 @@ fn transmit_offload(
     Ok((ppis, true))
 }
 
-fn read_u32(bytes: &[u8], what: &'static str) -> Result<u32, NetvscError> {
+fn read_u32(bytes: &[u8], what: &'static str) -> Result<u32, Error> {
     u32::read_from_prefix(bytes)
         .map(|(value, _)| value)
-        .map_err(|_| NetvscError::Truncated {
+        .map_err(|_| Error::Truncated {
             layer: Layer::Rndis,
             what,
             len: bytes.len(),

@@ -17,9 +17,9 @@ use net_device::{DmaRegion, MacAddress};
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 use super::channel::{IncomingKind, IncomingPacket, NetvscChannel, OutgoingPacket, TransferRange};
-use super::error::NetvscError;
 use super::nvsp::{self, NvspVersion};
 use super::rndis;
+use crate::error::Error;
 use crate::fake::memory::{read_memory, write_memory};
 
 /// Sub-allocations kept for control messages, as netvsp does.
@@ -844,10 +844,10 @@ impl FakeNetvscHost {
 }
 
 impl NetvscChannel for FakeChannel {
-    fn try_send(&mut self, packet: &OutgoingPacket<'_>) -> Result<bool, NetvscError> {
+    fn try_send(&mut self, packet: &OutgoingPacket<'_>) -> Result<bool, Error> {
         let mut state = lock(&self.state);
         if state.rescinded {
-            return Err(NetvscError::Rescinded);
+            return Err(Error::ChannelRescinded);
         }
         if state.ring_full || packet.ring_len() > state.ring_free {
             return Ok(false);
@@ -901,10 +901,10 @@ impl NetvscChannel for FakeChannel {
         Ok(true)
     }
 
-    fn outgoing_free(&mut self) -> Result<usize, NetvscError> {
+    fn outgoing_free(&mut self) -> Result<usize, Error> {
         let state = lock(&self.state);
         if state.rescinded {
-            return Err(NetvscError::Rescinded);
+            return Err(Error::ChannelRescinded);
         }
         Ok(if state.ring_full { 0 } else { state.ring_free })
     }
@@ -913,7 +913,7 @@ impl NetvscChannel for FakeChannel {
         lock(&self.state).signals += 1;
     }
 
-    fn try_receive(&mut self, into: &mut IncomingPacket) -> Result<bool, NetvscError> {
+    fn try_receive(&mut self, into: &mut IncomingPacket) -> Result<bool, Error> {
         let mut state = lock(&self.state);
         match state.to_guest.pop_front() {
             Some(packet) => {
@@ -924,7 +924,7 @@ impl NetvscChannel for FakeChannel {
         }
     }
 
-    fn create_gpadl(&mut self, region: &DmaRegion) -> Result<u32, NetvscError> {
+    fn create_gpadl(&mut self, region: &DmaRegion) -> Result<u32, Error> {
         let mut state = lock(&self.state);
         let id = state.next_gpadl;
         state.next_gpadl += 1;
@@ -938,14 +938,14 @@ impl NetvscChannel for FakeChannel {
         Ok(id)
     }
 
-    fn teardown_gpadl(&mut self, gpadl: u32) -> Result<(), NetvscError> {
+    fn teardown_gpadl(&mut self, gpadl: u32) -> Result<(), Error> {
         let mut state = lock(&self.state);
         state.gpadl_teardowns += 1;
         state
             .gpadls
             .remove(&gpadl)
             .map(|_| ())
-            .ok_or(NetvscError::Channel {
+            .ok_or(Error::VmbusChannel {
                 what: "unknown GPADL",
             })
     }

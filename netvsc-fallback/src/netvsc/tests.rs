@@ -8,9 +8,8 @@ use net_device::{DeviceError, HostPath, LinkState, NetDevice, RxMeta, TxMeta};
 
 use super::fake_host::{FakeChannel, FakeHostConfig, FakeNetvscHost, FakeTxFrame};
 use super::nvsp::{self, NdisConfigCapabilities, NvspVersion};
-use super::{
-    IncomingKind, IncomingPacket, Netvsc, NetvscConfig, NetvscError, Step, TransferRange, VfEvent,
-};
+use super::{IncomingKind, IncomingPacket, Netvsc, NetvscConfig, Step, TransferRange, VfEvent};
+use crate::Error;
 use crate::checksum::tests::{make_partial, reference_checksum, tcp_ipv4_frame};
 use crate::fake::FakeDmaAllocator;
 
@@ -30,7 +29,7 @@ fn bring_up(
 fn try_bring_up(
     host: FakeHostConfig,
     config: NetvscConfig,
-) -> (FakeNetvscHost, NetvscError, FakeDmaAllocator) {
+) -> (FakeNetvscHost, Error, FakeDmaAllocator) {
     let (host, channel) = FakeNetvscHost::new(host);
     let dma = FakeDmaAllocator::new();
     match Netvsc::new(channel, &dma, config) {
@@ -151,7 +150,7 @@ fn a_host_without_a_common_version_is_refused_and_cleaned_up() {
         ..FakeHostConfig::default()
     };
     let (host, error, dma) = try_bring_up(host_config, NetvscConfig::default());
-    assert_eq!(error, NetvscError::NoCommonVersion);
+    assert_eq!(error, Error::NoCommonVersion);
     assert_eq!(host.init_offers().len(), 5);
     assert!(host.closed());
     assert_eq!(host.gpadls().0, 0, "receive buffer GPADL torn down");
@@ -168,7 +167,7 @@ fn a_host_that_never_answers_fails_within_the_bound() {
     let (host, error, _dma) = try_bring_up(host_config, NetvscConfig::default());
     assert!(matches!(
         error,
-        NetvscError::Timeout {
+        Error::HostTimeout {
             step: Step::Init,
             timeout_ms: 5000
         }
@@ -211,7 +210,7 @@ fn a_receive_buffer_layout_beyond_the_buffer_is_refused() {
         let Err((error, _)) = Netvsc::new(channel, &dma, NetvscConfig::default()) else {
             panic!("accepted {section:?}");
         };
-        assert!(matches!(error, NetvscError::OutOfRange { .. }), "{error:?}");
+        assert!(matches!(error, Error::OutOfRange { .. }), "{error:?}");
         assert_eq!(dma.live_regions(), 0);
     }
 }
