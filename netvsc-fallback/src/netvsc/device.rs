@@ -627,21 +627,15 @@ impl<C: NetvscChannel> Netvsc<C> {
     fn allocate_transmit_pools(&mut self, dma: &dyn DmaAllocator) -> Result<(), Error> {
         // With a send buffer too: a burst that finds every section in flight goes GPA-direct
         // from these slots instead of being refused while the ring still has room.
-        {
-            let len = self.config.small_slots.max(1) * SMALL_SLOT_SIZE;
-            let region = dma
-                .allocate(len, PAGE_SIZE)
-                .ok_or(Error::DmaAllocationFailed {
-                    purpose: DmaPurpose::NetvscTransmitSlots,
-                    len,
-                })?;
-            self.small = TxPool::new(
-                region,
-                SMALL_SLOT_SIZE,
-                self.config.small_slots.max(1),
-                tag::SMALL,
-            );
-        }
+        let small_slots = self.config.small_slots.max(1);
+        let len = small_slots * SMALL_SLOT_SIZE;
+        let region = dma
+            .allocate(len, PAGE_SIZE)
+            .ok_or(Error::DmaAllocationFailed {
+                purpose: DmaPurpose::NetvscTransmitSlots,
+                len,
+            })?;
+        self.small = TxPool::new(region, SMALL_SLOT_SIZE, small_slots, tag::SMALL);
         if self.capabilities.max_tso_size > 0 {
             let slot =
                 (rndis::TX_HEADER_LEN + ETHERNET_HEADER_LEN + self.capabilities.max_tso_size)
