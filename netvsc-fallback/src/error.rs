@@ -1,5 +1,6 @@
-//! The crate's error type: everything that can go wrong while finding, initialising or resetting
-//! the device.
+//! The crate's one error type: everything that can go wrong in virtio-net (finding,
+//! initialising, resetting the device) and in netvsc (malformed host messages, refusals during
+//! negotiation, timeouts, the VMBus channel), each variant with the context to act on it.
 
 use thiserror::Error;
 
@@ -47,9 +48,50 @@ pub enum DmaPurpose {
     TransmitBuffers,
     /// The control command buffer.
     ControlCommand,
+    /// netvsc: the pages RNDIS control messages are sent from.
+    RndisControlPages,
+    /// netvsc: the receive buffer the host writes frames into.
+    NetvscReceiveBuffer,
+    /// netvsc: the send buffer whose sections frames are copied into.
+    NetvscSendBuffer,
+    /// netvsc: the GPA-direct transmit slots for MTU-sized frames.
+    NetvscTransmitSlots,
+    /// netvsc: the GPA-direct transmit slots for LSO frames.
+    NetvscLsoSlots,
 }
 
-/// Why the driver could not parse a capability or bring the device up.
+/// Which netvsc protocol layer a malformed message belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layer {
+    /// A VMBus packet (descriptor, transfer-page header, GPA ranges).
+    Vmbus,
+    /// An NVSP message (the netvsc control protocol).
+    Nvsp,
+    /// An RNDIS message inside a transfer-page range or a send.
+    Rndis,
+}
+
+/// What the netvsc driver was waiting for from its host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// NVSP INIT_COMPLETE for one version.
+    Init,
+    /// Completion of NVSP SEND_NDIS_CONFIG.
+    NdisConfig,
+    /// Completion of NVSP SEND_NDIS_VERSION.
+    NdisVersion,
+    /// NVSP SEND_RECEIVE_BUFFER_COMPLETE.
+    ReceiveBuffer,
+    /// NVSP SEND_SEND_BUFFER_COMPLETE.
+    SendBuffer,
+    /// An RNDIS control reply (INITIALIZE, QUERY or SET completion).
+    RndisReply,
+    /// Room in the guest-to-host ring for a control message.
+    RingSpace,
+}
+
+/// Why a driver of this crate could not parse a capability, bring its device up or keep
+/// talking to its host. virtio-net variants first, then netvsc's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
 pub enum Error {
     /// The capability bytes are shorter than the structure they must hold.
@@ -181,7 +223,7 @@ pub enum Error {
         /// The vector that was refused.
         vector: u16,
     },
-    /// The DMA allocator ran out of memory.
+    /// The DMA allocator ran out of memory (virtio-net or netvsc).
     #[error("DMA allocation of {len} bytes for {purpose:?} failed")]
     DmaAllocationFailed {
         /// What the memory was for.
@@ -205,6 +247,64 @@ pub enum Error {
         /// The size needed (virtio-net header plus largest frame).
         needed: usize,
     },
+    /// netvsc: a host message is shorter than the structure it must hold.
+    #[error("{layer:?} {what}: {len} bytes, need {needed}")]
+    Truncated {
+        /// Protocol layer.
+        layer: Layer,
+        /// Which message or field.
+        what: &'static str,
+        /// Bytes available.
+        len: usize,
+        /// Bytes needed.
+        needed: usize,
+    },
+    /// netvsc: a length, offset, count or identifier the host wrote is out of range.
+    #[error("{layer:?} {what} = {value:#x} out of range")]
+    OutOfRange {
+        /// Protocol layer.
+        layer: Layer,
+        /// Which field.
+        what: &'static str,
+        /// The value found.
+        value: u64,
+    },
+    /// netvsc: a message type the driver does not know or does not expect here.
+    #[error("{layer:?} unexpected message type {message_type:#x}")]
+    UnexpectedMessage {
+        /// Protocol layer.
+        layer: Layer,
+        /// The message type found.
+        message_type: u32,
+    },
+    /// netvsc: the host refused every NVSP version we offer (6.1, 6, 5, 4, 2).
+    #[error("host accepts none of NVSP 6.1, 6, 5, 4, 2")]
+    NoCommonVersion,
+    /// netvsc: the host answered a request with a failure status.
+    #[error("host refused {step:?} with status {status:#x}")]
+    HostRefused {
+        /// The step refused.
+        step: Step,
+        /// The host's status value (NVSP or NDIS status).
+        status: u32,
+    },
+    /// netvsc: a bounded wait for the host ran out.
+    #[error("no answer from the host for {step:?} within {timeout_ms} ms")]
+    HostTimeout {
+        /// The step waited for.
+        step: Step,
+        /// The wait bound in milliseconds.
+        timeout_ms: u64,
+    },
+    /// netvsc: the VMBus channel failed (GPADL refused, ring broken, channel closed).
+    #[error("VMBus channel: {what}")]
+    VmbusChannel {
+        /// What failed.
+        what: &'static str,
+    },
+    /// netvsc: the host rescinded the VMBus channel: the device is gone.
+    #[error("channel rescinded")]
+    ChannelRescinded,
 }
 
 #[cfg(test)]
@@ -338,6 +438,62 @@ mod tests {
                 },
                 "receive buffers of 1024 bytes cannot hold a 1526-byte frame without mergeable buffers",
             ),
+            (
+                Error::DmaAllocationFailed {
+                    purpose: DmaPurpose::NetvscSendBuffer,
+                    len: 393216,
+                },
+                "DMA allocation of 393216 bytes for NetvscSendBuffer failed",
+            ),
+            (
+                Error::Truncated {
+                    layer: Layer::Rndis,
+                    what: "MAC address",
+                    len: 4,
+                    needed: 6,
+                },
+                "Rndis MAC address: 4 bytes, need 6",
+            ),
+            (
+                Error::OutOfRange {
+                    layer: Layer::Nvsp,
+                    what: "send buffer section size",
+                    value: 0x10,
+                },
+                "Nvsp send buffer section size = 0x10 out of range",
+            ),
+            (
+                Error::UnexpectedMessage {
+                    layer: Layer::Vmbus,
+                    message_type: 0x9,
+                },
+                "Vmbus unexpected message type 0x9",
+            ),
+            (
+                Error::NoCommonVersion,
+                "host accepts none of NVSP 6.1, 6, 5, 4, 2",
+            ),
+            (
+                Error::HostRefused {
+                    step: Step::SendBuffer,
+                    status: 2,
+                },
+                "host refused SendBuffer with status 0x2",
+            ),
+            (
+                Error::HostTimeout {
+                    step: Step::Init,
+                    timeout_ms: 5000,
+                },
+                "no answer from the host for Init within 5000 ms",
+            ),
+            (
+                Error::VmbusChannel {
+                    what: "ring corrupt",
+                },
+                "VMBus channel: ring corrupt",
+            ),
+            (Error::ChannelRescinded, "channel rescinded"),
         ];
         for (error, message) in cases {
             assert_eq!(error.to_string(), message);

@@ -13,6 +13,8 @@
 //! **netvsc** ([`netvsc`]): the Hyper-V synthetic NIC, NVSP 6.1 down to 2 and RNDIS over a
 //! VMBus channel, bounds-checking everything the host writes.
 //!
+//! Both report failures as the one [`Error`].
+//!
 //! With the `test-utils` feature (always on in this crate's tests), [`fake`] provides a fake
 //! virtio-net device model and a heap-backed DMA allocator for host tests, and
 //! [`netvsc::fake_host`] a fake netvsc host.
@@ -41,7 +43,7 @@ pub mod fake;
 mod tests;
 
 pub use device::{MsixVectors, VirtioNet, VirtioNetConfig, VirtioNetCounters};
-pub use error::{DmaPurpose, Error, MsixTarget, QueueKind, Window};
+pub use error::{DmaPurpose, Error, Layer, MsixTarget, QueueKind, Step, Window};
 pub use features::Features;
 pub use net_header::{NET_HEADER_LEN, NetHeaderFlags, VirtioNetHeader};
 pub use pci::{

@@ -59,8 +59,7 @@ use net_stack::{
     NetStack, PathId, Platform, StackOptions, TcpListener, TcpStream,
 };
 use netvsc_fallback::netvsc::{
-    Netvsc, NetvscConfig, NetvscError, Pairing, VfEvent, VmbusChannelControl, VmbusNetvscChannel,
-    pair,
+    Netvsc, NetvscConfig, Pairing, VfEvent, VmbusChannelControl, VmbusNetvscChannel, pair,
 };
 use tandem_conformance::GuestDma;
 use tandem_conformance::synic::BridgePort;
@@ -131,15 +130,19 @@ impl Hub {
 /// netvsc's client operations over the shared client (GPADLs over netvsc's own buffers).
 struct HubControl(SharedHub);
 
-fn client_error(error: vmbus::Error) -> NetvscError {
+fn client_error(error: vmbus::Error) -> netvsc_fallback::Error {
     eprintln!("VMBus client: {error}");
-    NetvscError::Channel {
+    netvsc_fallback::Error::VmbusChannel {
         what: "VMBus client request failed",
     }
 }
 
 impl VmbusChannelControl for HubControl {
-    fn create_gpadl(&mut self, relid: u32, region: &DmaRegion) -> Result<u32, NetvscError> {
+    fn create_gpadl(
+        &mut self,
+        relid: u32,
+        region: &DmaRegion,
+    ) -> Result<u32, netvsc_fallback::Error> {
         self.0
             .borrow_mut()
             .client
@@ -147,7 +150,7 @@ impl VmbusChannelControl for HubControl {
             .map_err(client_error)
     }
 
-    fn teardown_gpadl(&mut self, relid: u32, gpadl: u32) -> Result<(), NetvscError> {
+    fn teardown_gpadl(&mut self, relid: u32, gpadl: u32) -> Result<(), netvsc_fallback::Error> {
         self.0
             .borrow_mut()
             .client

@@ -30,7 +30,7 @@ const MAX_FRAME: usize = 65_536;
 /// Frames one receive call may hand up.
 const BUDGET: usize = 64;
 
-fn figures(counters: &NetvscCounters) -> [(&'static str, u64); 11] {
+fn figures(counters: &NetvscCounters) -> [(&'static str, u64); 16] {
     [
         ("receive_completions", counters.receive_completions),
         ("bad_ranges", counters.bad_ranges),
@@ -43,6 +43,11 @@ fn figures(counters: &NetvscCounters) -> [(&'static str, u64); 11] {
         ("lso_frames", counters.lso_frames),
         ("tx_refused", counters.tx_refused),
         ("rx_before_ready", counters.rx_before_ready),
+        ("tx_via_section", counters.tx_via_section),
+        ("tx_via_gpa_direct", counters.tx_via_gpa_direct),
+        ("tx_section_overflow", counters.tx_section_overflow),
+        ("tx_refused_ring_full", counters.tx_refused_ring_full),
+        ("tx_refused_no_buffer", counters.tx_refused_no_buffer),
     ]
 }
 

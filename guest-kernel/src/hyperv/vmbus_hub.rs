@@ -14,7 +14,7 @@ use alloc::vec::Vec;
 use core::cell::RefCell;
 
 use net_device::DmaRegion;
-use netvsc_fallback::netvsc::{NetvscError, VmbusChannelControl};
+use netvsc_fallback::netvsc::VmbusChannelControl;
 use vmbus::client::{ClientEvent, Offer, VmbusClient};
 use vmbus::vpci::VpciPort;
 use vmbus::{Channel, ChannelEvents, Error as VmbusError, HypervisorPort};
@@ -178,12 +178,12 @@ impl<P: HypervisorPort> HubChannelControl<P> {
     }
 }
 
-fn client_error(error: VmbusError) -> NetvscError {
+fn client_error(error: VmbusError) -> netvsc_fallback::Error {
     match error {
-        VmbusError::Rescinded { .. } => NetvscError::Rescinded,
+        VmbusError::Rescinded { .. } => netvsc_fallback::Error::ChannelRescinded,
         error => {
             log::warn!("netvsc: VMBus client: {error}");
-            NetvscError::Channel {
+            netvsc_fallback::Error::VmbusChannel {
                 what: match error {
                     VmbusError::GpadlRefused { .. } => "GPADL refused by the host",
                     VmbusError::Timeout { .. } => "no answer from the VMBus host",
@@ -196,7 +196,11 @@ fn client_error(error: VmbusError) -> NetvscError {
 }
 
 impl<P: HypervisorPort> VmbusChannelControl for HubChannelControl<P> {
-    fn create_gpadl(&mut self, relid: u32, region: &DmaRegion) -> Result<u32, NetvscError> {
+    fn create_gpadl(
+        &mut self,
+        relid: u32,
+        region: &DmaRegion,
+    ) -> Result<u32, netvsc_fallback::Error> {
         let id = self
             .hub
             .borrow_mut()
@@ -207,14 +211,12 @@ impl<P: HypervisorPort> VmbusChannelControl for HubChannelControl<P> {
         Ok(id)
     }
 
-    fn teardown_gpadl(&mut self, relid: u32, gpadl: u32) -> Result<(), NetvscError> {
-        let index = self
-            .gpadls
-            .iter()
-            .position(|&id| id == gpadl)
-            .ok_or(NetvscError::Channel {
+    fn teardown_gpadl(&mut self, relid: u32, gpadl: u32) -> Result<(), netvsc_fallback::Error> {
+        let index = self.gpadls.iter().position(|&id| id == gpadl).ok_or(
+            netvsc_fallback::Error::VmbusChannel {
                 what: "teardown of an unknown GPADL",
-            })?;
+            },
+        )?;
         self.gpadls.swap_remove(index);
         self.hub
             .borrow_mut()
@@ -458,7 +460,7 @@ mod tests {
         assert!(region.write_bytes(0, b"still mine"));
         assert!(matches!(
             adapter.teardown_gpadl(gpadl),
-            Err(NetvscError::Channel { .. })
+            Err(netvsc_fallback::Error::VmbusChannel { .. })
         ));
     }
 
@@ -470,7 +472,7 @@ mod tests {
         let mut packet = netvsc::IncomingPacket::default();
         assert_eq!(
             adapter.try_receive(&mut packet),
-            Err(NetvscError::Rescinded)
+            Err(netvsc_fallback::Error::ChannelRescinded)
         );
         assert!(adapter.is_rescinded());
         adapter.close();

@@ -10,7 +10,7 @@ use alloc::vec::Vec;
 
 use net_device::DmaRegion;
 
-use super::error::NetvscError;
+use crate::error::Error;
 
 /// One GPA range of a GPA-direct packet: `byte_count` bytes starting `byte_offset` bytes into
 /// the first of `page_numbers` (4 KiB guest page numbers, consecutive memory).
@@ -53,6 +53,33 @@ pub enum OutgoingPacket<'a> {
         /// The NVSP message.
         payload: &'a [u8],
     },
+}
+
+impl OutgoingPacket<'_> {
+    /// Bytes the packet takes in a VMBus ring: the 16-byte descriptor, a GPA-direct packet's
+    /// range header and page lists, the payload padded to 8 bytes, and the 8-byte trailer
+    /// (`hyperv-vmbus-netvsc.md` §2.4). Compared with [`NetvscChannel::outgoing_free`].
+    pub fn ring_len(&self) -> usize {
+        const DESCRIPTOR: usize = 16;
+        const TRAILER: usize = 8;
+        let (header, payload) = match *self {
+            OutgoingPacket::InBand { payload, .. } | OutgoingPacket::Completion { payload, .. } => {
+                (DESCRIPTOR, payload)
+            }
+            OutgoingPacket::GpaDirect {
+                ranges, payload, ..
+            } => {
+                // Reserved word and range count, then per range its byte count and offset
+                // followed by one u64 per page.
+                let ranges: usize = ranges
+                    .iter()
+                    .map(|range| 8 + 8 * range.page_numbers.len())
+                    .sum();
+                (DESCRIPTOR + 8 + ranges, payload)
+            }
+        };
+        (header + payload.len()).next_multiple_of(8) + TRAILER
+    }
 }
 
 /// What kind of packet arrived from the host.
@@ -100,18 +127,23 @@ pub struct IncomingPacket {
 pub trait NetvscChannel {
     /// Writes one packet into the guest → host ring. `Ok(false)` when the ring lacks room (the
     /// caller retries later); errors mean the channel is unusable (rescinded, corrupt ring).
-    fn try_send(&mut self, packet: &OutgoingPacket<'_>) -> Result<bool, NetvscError>;
+    fn try_send(&mut self, packet: &OutgoingPacket<'_>) -> Result<bool, Error>;
     /// Signals the host if packets written since the last flush need it.
     fn flush(&mut self);
+    /// Bytes free in the guest → host ring right now, to compare with
+    /// [`OutgoingPacket::ring_len`]: a packet that needs no more than this is written by the
+    /// next `try_send`. Only our own sends take room, so the answer stays a lower bound until
+    /// the next send. Errors mean the channel is unusable.
+    fn outgoing_free(&mut self) -> Result<usize, Error>;
     /// Reads the next packet of the host → guest ring into `into`. `Ok(false)` when empty.
     /// Malformed packets are the implementation's to count and skip, or an error if the ring
     /// itself cannot be trusted any more.
-    fn try_receive(&mut self, into: &mut IncomingPacket) -> Result<bool, NetvscError>;
+    fn try_receive(&mut self, into: &mut IncomingPacket) -> Result<bool, Error>;
     /// Describes `region` (page-aligned, a multiple of 4 KiB) to the host as a GPADL and
     /// returns its id once the host has confirmed it.
-    fn create_gpadl(&mut self, region: &DmaRegion) -> Result<u32, NetvscError>;
+    fn create_gpadl(&mut self, region: &DmaRegion) -> Result<u32, Error>;
     /// Tears a GPADL down; the memory may be reused once this returns `Ok`.
-    fn teardown_gpadl(&mut self, gpadl: u32) -> Result<(), NetvscError>;
+    fn teardown_gpadl(&mut self, gpadl: u32) -> Result<(), Error>;
     /// Monotonic time in nanoseconds.
     fn now_ns(&self) -> u64;
     /// Waits until the host signals the channel or `deadline_ns` passes (whichever is first);

@@ -17,11 +17,11 @@ use super::channel::{
     GpaRange, IncomingKind, IncomingPacket, NetvscChannel, OutgoingPacket, TransferRange,
 };
 use super::data_path::{DataPathCounters, DataPathState, VfEvent};
-use super::error::{Layer, NetvscError, Step};
 use super::nvsp::{self, NdisConfigCapabilities, NvspMessage, NvspVersion};
 use super::rndis::{self, OffloadSupport, RndisMessage};
 use crate::checksum::complete_partial_checksum;
 use crate::dma_memory::{SlotPool, copy_from_region, empty_region};
+use crate::error::{DmaPurpose, Error, Layer, Step};
 
 /// Bytes of a guest page as VMBus counts them.
 const PAGE_SIZE: usize = 4096;
@@ -45,6 +45,8 @@ const MAX_QUEUED: usize = 64;
 const MAX_UNSENT_COMPLETIONS: usize = 4096;
 /// Ethernet header length (untagged).
 const ETHERNET_HEADER_LEN: usize = 14;
+/// Most pages of one GPA-direct range: a 64 KiB LSO frame and its RNDIS header, unaligned.
+const MAX_GPA_DIRECT_PAGES: usize = 24;
 
 /// Transaction-id tags (bits 56-63) that route host completions back to what they complete.
 /// Host-initiated transactions use bit 63, which none of ours set.
@@ -84,7 +86,8 @@ pub struct NetvscConfig {
     pub use_send_buffer: bool,
     /// Bytes of the send buffer (a multiple of 4 KiB): 64 sections of netvsp's 6144 bytes.
     pub send_buffer_len: usize,
-    /// GPA-direct transmit slots for MTU-sized frames (used without a send buffer).
+    /// GPA-direct transmit slots for MTU-sized frames: every frame uses them without a send
+    /// buffer; with one, they take the frames that find every section in use.
     pub small_slots: usize,
     /// Transmit slots for LSO frames (allocated only when the host grants LSO).
     pub large_slots: usize,
@@ -136,6 +139,17 @@ pub struct NetvscCounters {
     pub tx_refused: u64,
     /// Frames received during bring-up, before the device was handed out (dropped).
     pub rx_before_ready: u64,
+    /// Frames sent through a send-buffer section.
+    pub tx_via_section: u64,
+    /// Frames sent GPA-direct (from a transmit slot the host reads itself).
+    pub tx_via_gpa_direct: u64,
+    /// Of `tx_via_gpa_direct`: frames that would have taken a section but found every section
+    /// in use.
+    pub tx_section_overflow: u64,
+    /// Frames refused because the guest → host ring lacked room for a data packet.
+    pub tx_refused_ring_full: u64,
+    /// Frames refused because every section and transmit slot they fit was in flight.
+    pub tx_refused_no_buffer: u64,
 }
 
 /// The host's latest VF association message.
@@ -268,6 +282,11 @@ pub struct Netvsc<C: NetvscChannel> {
     rndis_replies: VecDeque<RndisReply>,
     next_request_id: u32,
     pending_flush: bool,
+    /// Bytes free in the guest → host ring when last looked (after our latest send, so never
+    /// more than there is: only our sends take room).
+    ring_room: usize,
+    /// Ring bytes the largest data packet takes (a GPA-direct send of the largest slot).
+    data_packet_ring_len: usize,
     announce: bool,
     data_path: DataPathState,
     stats: Stats,
@@ -286,13 +305,13 @@ impl<C: NetvscChannel> Netvsc<C> {
         mut channel: C,
         dma: &dyn DmaAllocator,
         config: NetvscConfig,
-    ) -> Result<Self, (NetvscError, C)> {
+    ) -> Result<Self, (Error, C)> {
         let control_region = match dma.allocate(CONTROL_PAGES * CONTROL_PAGE_SIZE, PAGE_SIZE) {
             Some(region) => region,
             None => {
                 return Err((
-                    NetvscError::OutOfMemory {
-                        what: "RNDIS control pages",
+                    Error::DmaAllocationFailed {
+                        purpose: DmaPurpose::RndisControlPages,
                         len: CONTROL_PAGES * CONTROL_PAGE_SIZE,
                     },
                     channel,
@@ -302,8 +321,8 @@ impl<C: NetvscChannel> Netvsc<C> {
         let receive_len = config.receive_buffer_len.next_multiple_of(PAGE_SIZE);
         let Some(receive_region) = dma.allocate(receive_len, PAGE_SIZE) else {
             return Err((
-                NetvscError::OutOfMemory {
-                    what: "receive buffer",
+                Error::DmaAllocationFailed {
+                    purpose: DmaPurpose::NetvscReceiveBuffer,
                     len: receive_len,
                 },
                 channel,
@@ -357,6 +376,8 @@ impl<C: NetvscChannel> Netvsc<C> {
             rndis_replies: VecDeque::new(),
             next_request_id: 1,
             pending_flush: false,
+            ring_room: 0,
+            data_packet_ring_len: 0,
             announce: false,
             data_path: DataPathState::default(),
             stats: Stats::default(),
@@ -392,7 +413,7 @@ impl<C: NetvscChannel> Netvsc<C> {
         channel
     }
 
-    fn initialize(&mut self, dma: &dyn DmaAllocator) -> Result<(), NetvscError> {
+    fn initialize(&mut self, dma: &dyn DmaAllocator) -> Result<(), Error> {
         let name = self.config.name.clone();
         self.negotiate_version()?;
         // §3.2 step 3: MTU and capabilities (v2+); no completion requested, as Linux does.
@@ -449,7 +470,7 @@ impl<C: NetvscChannel> Netvsc<C> {
         Ok(())
     }
 
-    fn negotiate_version(&mut self) -> Result<(), NetvscError> {
+    fn negotiate_version(&mut self) -> Result<(), Error> {
         let versions = self.config.versions.clone();
         for version in versions {
             let message = nvsp::encode(
@@ -473,10 +494,10 @@ impl<C: NetvscChannel> Netvsc<C> {
                 self.config.name, complete.status
             );
         }
-        Err(NetvscError::NoCommonVersion)
+        Err(Error::NoCommonVersion)
     }
 
-    fn set_up_receive_buffer(&mut self) -> Result<(), NetvscError> {
+    fn set_up_receive_buffer(&mut self) -> Result<(), Error> {
         let message = nvsp::encode(
             nvsp::message_type::SEND_RECEIVE_BUFFER,
             &nvsp::SendBuffer {
@@ -491,7 +512,7 @@ impl<C: NetvscChannel> Netvsc<C> {
             _ => None,
         })?;
         if complete.status != nvsp::status::SUCCESS {
-            return Err(NetvscError::Refused {
+            return Err(Error::HostRefused {
                 step: Step::ReceiveBuffer,
                 status: complete.status,
             });
@@ -503,7 +524,7 @@ impl<C: NetvscChannel> Netvsc<C> {
             if ok {
                 Ok(())
             } else {
-                Err(NetvscError::OutOfRange {
+                Err(Error::OutOfRange {
                     layer: Layer::Nvsp,
                     what,
                     value,
@@ -540,12 +561,12 @@ impl<C: NetvscChannel> Netvsc<C> {
         Ok(())
     }
 
-    fn set_up_send_buffer(&mut self, dma: &dyn DmaAllocator) -> Result<(), NetvscError> {
+    fn set_up_send_buffer(&mut self, dma: &dyn DmaAllocator) -> Result<(), Error> {
         let len = self.config.send_buffer_len.next_multiple_of(PAGE_SIZE);
         let region = dma
             .allocate(len, PAGE_SIZE)
-            .ok_or(NetvscError::OutOfMemory {
-                what: "send buffer",
+            .ok_or(Error::DmaAllocationFailed {
+                purpose: DmaPurpose::NetvscSendBuffer,
                 len,
             })?;
         let gpadl = match self.channel.create_gpadl(&region) {
@@ -576,7 +597,7 @@ impl<C: NetvscChannel> Netvsc<C> {
             _ => None,
         })?;
         if complete.status != nvsp::status::SUCCESS {
-            return Err(NetvscError::Refused {
+            return Err(Error::HostRefused {
                 step: Step::SendBuffer,
                 status: complete.status,
             });
@@ -585,7 +606,7 @@ impl<C: NetvscChannel> Netvsc<C> {
         if section_size < rndis::TX_HEADER_LEN + self.mtu + ETHERNET_HEADER_LEN
             || section_size > len
         {
-            return Err(NetvscError::OutOfRange {
+            return Err(Error::OutOfRange {
                 layer: Layer::Nvsp,
                 what: "send buffer section size",
                 value: section_size as u64,
@@ -603,39 +624,75 @@ impl<C: NetvscChannel> Netvsc<C> {
         Ok(())
     }
 
-    fn allocate_transmit_pools(&mut self, dma: &dyn DmaAllocator) -> Result<(), NetvscError> {
-        if self.send_buffer.is_none() {
-            let len = self.config.small_slots.max(1) * SMALL_SLOT_SIZE;
-            let region = dma
-                .allocate(len, PAGE_SIZE)
-                .ok_or(NetvscError::OutOfMemory {
-                    what: "transmit slots",
-                    len,
-                })?;
-            self.small = TxPool::new(
-                region,
-                SMALL_SLOT_SIZE,
-                self.config.small_slots.max(1),
-                tag::SMALL,
-            );
-        }
+    fn allocate_transmit_pools(&mut self, dma: &dyn DmaAllocator) -> Result<(), Error> {
+        // With a send buffer too: a burst that finds every section in flight goes GPA-direct
+        // from these slots instead of being refused while the ring still has room.
+        let small_slots = self.config.small_slots.max(1);
+        let len = small_slots * SMALL_SLOT_SIZE;
+        let region = dma
+            .allocate(len, PAGE_SIZE)
+            .ok_or(Error::DmaAllocationFailed {
+                purpose: DmaPurpose::NetvscTransmitSlots,
+                len,
+            })?;
+        self.small = TxPool::new(region, SMALL_SLOT_SIZE, small_slots, tag::SMALL);
         if self.capabilities.max_tso_size > 0 {
             let slot =
                 (rndis::TX_HEADER_LEN + ETHERNET_HEADER_LEN + self.capabilities.max_tso_size)
                     .next_multiple_of(PAGE_SIZE);
             let count = self.config.large_slots.max(1);
-            let region = dma
-                .allocate(slot * count, PAGE_SIZE)
-                .ok_or(NetvscError::OutOfMemory {
-                    what: "LSO transmit slots",
-                    len: slot * count,
-                })?;
+            let region =
+                dma.allocate(slot * count, PAGE_SIZE)
+                    .ok_or(Error::DmaAllocationFailed {
+                        purpose: DmaPurpose::NetvscLsoSlots,
+                        len: slot * count,
+                    })?;
             self.large = TxPool::new(region, slot, count, tag::LARGE);
         }
+        self.data_packet_ring_len = self.largest_data_packet_ring_len();
+        self.refresh_ring_room();
         Ok(())
     }
 
-    fn initialize_rndis(&mut self) -> Result<(), NetvscError> {
+    /// Ring bytes of the largest data packet this driver sends: GPA-direct from its largest
+    /// slot, the slot starting anywhere in a page (a section send is smaller).
+    fn largest_data_packet_ring_len(&self) -> usize {
+        let largest_slot = [self.small.as_ref(), self.large.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(TxPool::capacity)
+            .max()
+            .unwrap_or(SMALL_SLOT_SIZE);
+        let pages = [0u64; MAX_GPA_DIRECT_PAGES];
+        let page_count = (largest_slot.div_ceil(PAGE_SIZE) + 1).min(MAX_GPA_DIRECT_PAGES);
+        let payload = [0u8; nvsp::MESSAGE_SIZE];
+        OutgoingPacket::GpaDirect {
+            transaction_id: 0,
+            ranges: &[GpaRange {
+                byte_count: largest_slot as u32,
+                byte_offset: 0,
+                page_numbers: &pages[..page_count],
+            }],
+            payload: &payload,
+        }
+        .ring_len()
+    }
+
+    /// Looks at the ring's free bytes again (the host may have read packets since).
+    fn refresh_ring_room(&mut self) {
+        self.ring_room = self.channel.outgoing_free().unwrap_or(0);
+    }
+
+    /// Writes one packet to the ring and keeps `ring_room` a lower bound of what is left.
+    fn send_packet(&mut self, packet: &OutgoingPacket<'_>) -> Result<bool, Error> {
+        let sent = self.channel.try_send(packet);
+        if let Ok(true) = sent {
+            self.refresh_ring_room();
+        }
+        sent
+    }
+
+    fn initialize_rndis(&mut self) -> Result<(), Error> {
         let request_id = self.request_id();
         let message = rndis::build_request(
             rndis::message_type::INITIALIZE,
@@ -650,13 +707,13 @@ impl<C: NetvscChannel> Netvsc<C> {
         self.send_control(&message)?;
         let reply = self.wait_rndis(request_id)?;
         let Some(initialize) = reply.initialize else {
-            return Err(NetvscError::UnexpectedMessage {
+            return Err(Error::UnexpectedMessage {
                 layer: Layer::Rndis,
                 message_type: reply.message_type,
             });
         };
         if initialize.status != rndis::status::SUCCESS {
-            return Err(NetvscError::Refused {
+            return Err(Error::HostRefused {
                 step: Step::RndisReply,
                 status: initialize.status,
             });
@@ -665,7 +722,7 @@ impl<C: NetvscChannel> Netvsc<C> {
         let mac: [u8; 6] =
             mac.get(..6)
                 .and_then(|mac| mac.try_into().ok())
-                .ok_or(NetvscError::Truncated {
+                .ok_or(Error::Truncated {
                     layer: Layer::Rndis,
                     what: "MAC address",
                     len: mac.len(),
@@ -675,7 +732,7 @@ impl<C: NetvscChannel> Netvsc<C> {
         let frame = self.query_oid(rndis::oid::GEN_MAXIMUM_FRAME_SIZE)?;
         let mtu = read_u32(&frame, "maximum frame size")? as usize;
         if !(576..=9216).contains(&mtu) {
-            return Err(NetvscError::OutOfRange {
+            return Err(Error::OutOfRange {
                 layer: Layer::Rndis,
                 what: "maximum frame size",
                 value: mtu as u64,
@@ -702,7 +759,7 @@ impl<C: NetvscChannel> Netvsc<C> {
 
     /// Queries the hardware capabilities and enables what they allow (Linux does the same:
     /// TCP checksum and LSO only when the answer says so).
-    fn negotiate_offloads(&mut self) -> Result<(), NetvscError> {
+    fn negotiate_offloads(&mut self) -> Result<(), Error> {
         let revision = if self.version >= NvspVersion::V5 {
             3
         } else if self.version >= NvspVersion::V4 {
@@ -720,7 +777,7 @@ impl<C: NetvscChannel> Netvsc<C> {
             header.as_bytes(),
         ) {
             Ok(answer) => answer,
-            Err(NetvscError::Refused { status, .. }) => {
+            Err(Error::HostRefused { status, .. }) => {
                 info!(
                     "{}: host reports no offload capabilities ({status:#x})",
                     self.config.name
@@ -754,7 +811,7 @@ impl<C: NetvscChannel> Netvsc<C> {
         let parameters = rndis::offload_parameters(&support, use_lso);
         match self.set_oid(rndis::oid::TCP_OFFLOAD_PARAMETERS, parameters.as_bytes()) {
             Ok(()) => {}
-            Err(NetvscError::Refused { status, .. }) => {
+            Err(Error::HostRefused { status, .. }) => {
                 warn!(
                     "{}: host refused offload parameters ({status:#x})",
                     self.config.name
@@ -785,23 +842,23 @@ impl<C: NetvscChannel> Netvsc<C> {
         id
     }
 
-    fn query_oid(&mut self, oid: u32) -> Result<Vec<u8>, NetvscError> {
+    fn query_oid(&mut self, oid: u32) -> Result<Vec<u8>, Error> {
         self.query_oid_with(oid, &[])
     }
 
-    fn query_oid_with(&mut self, oid: u32, info: &[u8]) -> Result<Vec<u8>, NetvscError> {
+    fn query_oid_with(&mut self, oid: u32, info: &[u8]) -> Result<Vec<u8>, Error> {
         let request_id = self.request_id();
         let message = rndis::build_oid_request(request_id, oid, false, info);
         self.send_control(&message)?;
         let reply = self.wait_rndis(request_id)?;
         if reply.message_type != rndis::message_type::QUERY_COMPLETE {
-            return Err(NetvscError::UnexpectedMessage {
+            return Err(Error::UnexpectedMessage {
                 layer: Layer::Rndis,
                 message_type: reply.message_type,
             });
         }
         if reply.status != rndis::status::SUCCESS {
-            return Err(NetvscError::Refused {
+            return Err(Error::HostRefused {
                 step: Step::RndisReply,
                 status: reply.status,
             });
@@ -809,19 +866,19 @@ impl<C: NetvscChannel> Netvsc<C> {
         Ok(reply.info)
     }
 
-    fn set_oid(&mut self, oid: u32, info: &[u8]) -> Result<(), NetvscError> {
+    fn set_oid(&mut self, oid: u32, info: &[u8]) -> Result<(), Error> {
         let request_id = self.request_id();
         let message = rndis::build_oid_request(request_id, oid, true, info);
         self.send_control(&message)?;
         let reply = self.wait_rndis(request_id)?;
         if reply.message_type != rndis::message_type::SET_COMPLETE {
-            return Err(NetvscError::UnexpectedMessage {
+            return Err(Error::UnexpectedMessage {
                 layer: Layer::Rndis,
                 message_type: reply.message_type,
             });
         }
         if reply.status != rndis::status::SUCCESS {
-            return Err(NetvscError::Refused {
+            return Err(Error::HostRefused {
                 step: Step::RndisReply,
                 status: reply.status,
             });
@@ -830,12 +887,7 @@ impl<C: NetvscChannel> Netvsc<C> {
     }
 
     /// Sends an NVSP request in-band, waiting (bounded) for ring space.
-    fn send_request(
-        &mut self,
-        message: &[u8],
-        completion: bool,
-        step: Step,
-    ) -> Result<(), NetvscError> {
+    fn send_request(&mut self, message: &[u8], completion: bool, step: Step) -> Result<(), Error> {
         let packet = OutgoingPacket::InBand {
             transaction_id: transaction(tag::REQUEST, 0),
             completion_requested: completion,
@@ -843,14 +895,14 @@ impl<C: NetvscChannel> Netvsc<C> {
         };
         let deadline = self.deadline();
         loop {
-            if self.channel.try_send(&packet)? {
+            if self.send_packet(&packet)? {
                 self.channel.flush();
                 return Ok(());
             }
             self.wait_until(deadline, Step::RingSpace)
                 .map_err(|error| match error {
-                    NetvscError::Timeout { timeout_ms, .. } => {
-                        NetvscError::Timeout { step, timeout_ms }
+                    Error::HostTimeout { timeout_ms, .. } => {
+                        Error::HostTimeout { step, timeout_ms }
                     }
                     other => other,
                 })?;
@@ -865,13 +917,13 @@ impl<C: NetvscChannel> Netvsc<C> {
 
     /// One bounded wait step: services the rings, then sleeps until the host signals or the
     /// deadline passes. Errors once the deadline has passed or the channel is gone.
-    fn wait_until(&mut self, deadline: u64, step: Step) -> Result<(), NetvscError> {
+    fn wait_until(&mut self, deadline: u64, step: Step) -> Result<(), Error> {
         if self.gone || self.channel.is_rescinded() {
             self.gone = true;
-            return Err(NetvscError::Rescinded);
+            return Err(Error::ChannelRescinded);
         }
         if self.channel.now_ns() >= deadline {
-            return Err(NetvscError::Timeout {
+            return Err(Error::HostTimeout {
                 step,
                 timeout_ms: self.config.reply_timeout_ns / 1_000_000,
             });
@@ -885,7 +937,7 @@ impl<C: NetvscChannel> Netvsc<C> {
         &mut self,
         step: Step,
         mut matches: impl FnMut(&NvspMessage) -> Option<T>,
-    ) -> Result<T, NetvscError> {
+    ) -> Result<T, Error> {
         let deadline = self.deadline();
         loop {
             self.service(0, &mut |_, _| {}, false);
@@ -903,7 +955,7 @@ impl<C: NetvscChannel> Netvsc<C> {
         }
     }
 
-    fn wait_rndis(&mut self, request_id: u32) -> Result<RndisReply, NetvscError> {
+    fn wait_rndis(&mut self, request_id: u32) -> Result<RndisReply, Error> {
         let deadline = self.deadline();
         loop {
             self.service(0, &mut |_, _| {}, false);
@@ -923,7 +975,7 @@ impl<C: NetvscChannel> Netvsc<C> {
 
     /// Sends an RNDIS control message GPA-direct from a control page, waiting (bounded) for a
     /// free page and ring space.
-    fn send_control(&mut self, message: &[u8]) -> Result<(), NetvscError> {
+    fn send_control(&mut self, message: &[u8]) -> Result<(), Error> {
         let deadline = self.deadline();
         loop {
             match self.try_send_control(message)? {
@@ -934,9 +986,9 @@ impl<C: NetvscChannel> Netvsc<C> {
     }
 
     /// Sends an RNDIS control message if a control page and ring space are free.
-    fn try_send_control(&mut self, message: &[u8]) -> Result<bool, NetvscError> {
+    fn try_send_control(&mut self, message: &[u8]) -> Result<bool, Error> {
         if message.len() > CONTROL_PAGE_SIZE {
-            return Err(NetvscError::OutOfRange {
+            return Err(Error::OutOfRange {
                 layer: Layer::Rndis,
                 what: "control message length",
                 value: message.len() as u64,
@@ -966,7 +1018,7 @@ impl<C: NetvscChannel> Netvsc<C> {
             },
         );
         self.control.pool.give_to_device(slot, 1);
-        let sent = self.channel.try_send(&OutgoingPacket::GpaDirect {
+        let sent = self.send_packet(&OutgoingPacket::GpaDirect {
             transaction_id: transaction(tag::CONTROL, slot),
             ranges: &ranges,
             payload: &payload,
@@ -1036,6 +1088,8 @@ impl<C: NetvscChannel> Netvsc<C> {
             self.pending_flush = false;
             self.channel.flush();
         }
+        // The host reads the ring on its own: what it freed is room for `can_transmit`.
+        self.refresh_ring_room();
         delivered
     }
 
@@ -1047,7 +1101,7 @@ impl<C: NetvscChannel> Netvsc<C> {
         self.link = LinkState::Gone;
     }
 
-    fn set_gone_error(&mut self, error: NetvscError) {
+    fn set_gone_error(&mut self, error: Error) {
         if !self.gone {
             warn!("{}: device gone: {error}", self.config.name);
         }
@@ -1094,7 +1148,7 @@ impl<C: NetvscChannel> Netvsc<C> {
                 status: nvsp::status::SUCCESS,
             },
         );
-        match self.channel.try_send(&OutgoingPacket::Completion {
+        match self.send_packet(&OutgoingPacket::Completion {
             transaction_id,
             payload: &payload,
         }) {
@@ -1218,7 +1272,7 @@ impl<C: NetvscChannel> Netvsc<C> {
         }
         if completion_requested {
             // netvsp treats completions of its VF messages as optional; send an empty one.
-            match self.channel.try_send(&OutgoingPacket::Completion {
+            match self.send_packet(&OutgoingPacket::Completion {
                 transaction_id,
                 payload: &[],
             }) {
@@ -1493,7 +1547,7 @@ impl<C: NetvscChannel> Netvsc<C> {
                 },
             },
         );
-        let sent = self.channel.try_send(&OutgoingPacket::InBand {
+        let sent = self.send_packet(&OutgoingPacket::InBand {
             transaction_id: transaction(tag::SWITCH, sequence as usize),
             completion_requested: true,
             payload: &payload,
@@ -1597,28 +1651,46 @@ impl<C: NetvscChannel> Netvsc<C> {
             });
         }
         let needed = rndis::TX_HEADER_LEN + len;
-        let pool_tag = if let Some((pool, _)) = &self.send_buffer
-            && needed <= pool.capacity()
-        {
-            tag::SECTION
-        } else if self
-            .small
+        // Where the frame fits, in order of preference: a section (one copy, the smallest
+        // packet), else a GPA-direct slot of the smallest size that holds it.
+        let fits_section = self
+            .send_buffer
             .as_ref()
-            .is_some_and(|pool| needed <= pool.capacity())
-        {
-            tag::SMALL
-        } else if self
-            .large
-            .as_ref()
-            .is_some_and(|pool| needed <= pool.capacity())
-        {
-            tag::LARGE
-        } else {
+            .is_some_and(|(pool, _)| needed <= pool.capacity());
+        let fits = |pool: &Option<TxPool>| pool.as_ref().is_some_and(|p| needed <= p.capacity());
+        let has_free = |pool: &Option<TxPool>| pool.as_ref().is_some_and(|p| !p.free.is_empty());
+        let fits_small = fits(&self.small);
+        let fits_large = !fits_small && fits(&self.large);
+        if !fits_section && !fits_small && !fits_large {
             return Err(DeviceError::FrameTooLarge {
                 len,
                 max: max_frame,
             });
+        }
+        // Refused before `fill`: a frame the caller hands over is never dropped for lack of
+        // ring room (the host frees room on its own, so look again first).
+        self.refresh_ring_room();
+        if self.ring_room < self.data_packet_ring_len {
+            self.stats.tx_ring_full += 1;
+            self.counters.tx_refused_ring_full += 1;
+            return Err(DeviceError::RingFull);
+        }
+        let section_free = self
+            .send_buffer
+            .as_ref()
+            .is_some_and(|(pool, _)| !pool.free.is_empty());
+        let pool_tag = if fits_section && section_free {
+            tag::SECTION
+        } else if fits_small && has_free(&self.small) {
+            tag::SMALL
+        } else if fits_large && has_free(&self.large) {
+            tag::LARGE
+        } else {
+            self.stats.tx_ring_full += 1;
+            self.counters.tx_refused_no_buffer += 1;
+            return Err(DeviceError::RingFull);
         };
+        let overflow = fits_section && pool_tag != tag::SECTION;
         let mtu = self.mtu;
         let offload = self.offload;
         let pool = match pool_tag {
@@ -1626,10 +1698,7 @@ impl<C: NetvscChannel> Netvsc<C> {
             tag::SMALL => self.small.as_mut().expect("chosen above"),
             _ => self.large.as_mut().expect("chosen above"),
         };
-        let Some(slot) = pool.free.pop() else {
-            self.stats.tx_ring_full += 1;
-            return Err(DeviceError::RingFull);
-        };
+        let slot = pool.free.pop().expect("checked to have a free slot");
         let bytes = pool
             .pool
             .span_mut(slot, 1)
@@ -1667,7 +1736,7 @@ impl<C: NetvscChannel> Netvsc<C> {
                     send_buffer_section_size: total,
                 },
             );
-            self.channel.try_send(&OutgoingPacket::InBand {
+            self.send_packet(&OutgoingPacket::InBand {
                 transaction_id,
                 completion_requested: true,
                 payload: &payload,
@@ -1694,7 +1763,7 @@ impl<C: NetvscChannel> Netvsc<C> {
                     send_buffer_section_size: 0,
                 },
             );
-            self.channel.try_send(&OutgoingPacket::GpaDirect {
+            self.send_packet(&OutgoingPacket::GpaDirect {
                 transaction_id,
                 ranges: &ranges,
                 payload: &payload,
@@ -1710,12 +1779,25 @@ impl<C: NetvscChannel> Netvsc<C> {
                 self.pending_flush = true;
                 self.counters.software_checksums += u64::from(software);
                 self.counters.lso_frames += u64::from(is_lso);
+                if pool_tag == tag::SECTION {
+                    self.counters.tx_via_section += 1;
+                } else {
+                    self.counters.tx_via_gpa_direct += 1;
+                    self.counters.tx_section_overflow += u64::from(overflow);
+                }
                 Ok(())
             }
             Ok(false) => {
+                // The ring had room a moment ago and only we write it: a channel that
+                // misreports its room. The frame is lost; count it with the refusals.
                 pool.pool.take_from_device(slot, 1);
                 pool.free.push(slot);
                 self.stats.tx_ring_full += 1;
+                self.counters.tx_refused_ring_full += 1;
+                warn!(
+                    "{}: ring refused a data packet it had room for",
+                    self.config.name
+                );
                 Err(DeviceError::RingFull)
             }
             Err(error) => {
@@ -1848,10 +1930,10 @@ fn transmit_offload(
     Ok((ppis, true))
 }
 
-fn read_u32(bytes: &[u8], what: &'static str) -> Result<u32, NetvscError> {
+fn read_u32(bytes: &[u8], what: &'static str) -> Result<u32, Error> {
     u32::read_from_prefix(bytes)
         .map(|(value, _)| value)
-        .map_err(|_| NetvscError::Truncated {
+        .map_err(|_| Error::Truncated {
             layer: Layer::Rndis,
             what,
             len: bytes.len(),
@@ -1902,13 +1984,15 @@ impl<C: NetvscChannel> NetDevice for Netvsc<C> {
         if self.gone || self.link != LinkState::Up {
             return false;
         }
-        let small = match (&self.send_buffer, &self.small) {
-            (Some((pool, _)), _) | (None, Some(pool)) => !pool.free.is_empty(),
-            (None, None) => false,
-        };
-        // Report room only while a largest (LSO) frame fits too, as virtio-net does: the bond
-        // decides per frame before knowing its size.
-        small && self.large.as_ref().is_none_or(|pool| !pool.free.is_empty())
+        // What `transmit` checks, for a frame of any size: ring room for the largest data
+        // packet, a section or a GPA-direct slot for an MTU frame, and a slot for the largest
+        // (LSO) frame too, as virtio-net does (the bond decides before it knows the size).
+        let free = |pool: Option<&TxPool>| pool.is_some_and(|pool| !pool.free.is_empty());
+        let mtu_frame =
+            free(self.send_buffer.as_ref().map(|(pool, _)| pool)) || free(self.small.as_ref());
+        self.ring_room >= self.data_packet_ring_len
+            && mtu_frame
+            && self.large.as_ref().is_none_or(|pool| !pool.free.is_empty())
     }
 
     fn transmit(

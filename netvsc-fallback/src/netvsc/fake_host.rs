@@ -17,9 +17,9 @@ use net_device::{DmaRegion, MacAddress};
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 use super::channel::{IncomingKind, IncomingPacket, NetvscChannel, OutgoingPacket, TransferRange};
-use super::error::NetvscError;
 use super::nvsp::{self, NvspVersion};
 use super::rndis;
+use crate::error::Error;
 use crate::fake::memory::{read_memory, write_memory};
 
 /// Sub-allocations kept for control messages, as netvsp does.
@@ -143,6 +143,8 @@ struct HostState {
     unknown_completions: usize,
     guest_completions: usize,
     ring_full: bool,
+    /// Bytes the guest → host ring reports free (the fake never fills up on its own).
+    ring_free: usize,
     hold_tx_completions: bool,
     held_tx_completions: Vec<u64>,
     rescinded: bool,
@@ -592,6 +594,7 @@ impl FakeNetvscHost {
         let state = Arc::new(Mutex::new(HostState {
             config: Some(config),
             next_gpadl: 1,
+            ring_free: 64 * 1024,
             ..HostState::default()
         }));
         (
@@ -702,6 +705,13 @@ impl FakeNetvscHost {
     /// Makes the guest → host ring report full (or not).
     pub fn set_ring_full(&self, full: bool) {
         self.state().ring_full = full;
+    }
+
+    /// Sets the bytes the guest → host ring has free (64 KiB at start; the host drains it at
+    /// once, so sends never use it up): a packet whose [`OutgoingPacket::ring_len`] is larger
+    /// is refused as by a full ring.
+    pub fn set_ring_free(&self, bytes: usize) {
+        self.state().ring_free = bytes;
     }
 
     /// Holds transmit completions back (or releases them all).
@@ -834,12 +844,12 @@ impl FakeNetvscHost {
 }
 
 impl NetvscChannel for FakeChannel {
-    fn try_send(&mut self, packet: &OutgoingPacket<'_>) -> Result<bool, NetvscError> {
+    fn try_send(&mut self, packet: &OutgoingPacket<'_>) -> Result<bool, Error> {
         let mut state = lock(&self.state);
         if state.rescinded {
-            return Err(NetvscError::Rescinded);
+            return Err(Error::ChannelRescinded);
         }
-        if state.ring_full {
+        if state.ring_full || packet.ring_len() > state.ring_free {
             return Ok(false);
         }
         match *packet {
@@ -891,11 +901,19 @@ impl NetvscChannel for FakeChannel {
         Ok(true)
     }
 
+    fn outgoing_free(&mut self) -> Result<usize, Error> {
+        let state = lock(&self.state);
+        if state.rescinded {
+            return Err(Error::ChannelRescinded);
+        }
+        Ok(if state.ring_full { 0 } else { state.ring_free })
+    }
+
     fn flush(&mut self) {
         lock(&self.state).signals += 1;
     }
 
-    fn try_receive(&mut self, into: &mut IncomingPacket) -> Result<bool, NetvscError> {
+    fn try_receive(&mut self, into: &mut IncomingPacket) -> Result<bool, Error> {
         let mut state = lock(&self.state);
         match state.to_guest.pop_front() {
             Some(packet) => {
@@ -906,7 +924,7 @@ impl NetvscChannel for FakeChannel {
         }
     }
 
-    fn create_gpadl(&mut self, region: &DmaRegion) -> Result<u32, NetvscError> {
+    fn create_gpadl(&mut self, region: &DmaRegion) -> Result<u32, Error> {
         let mut state = lock(&self.state);
         let id = state.next_gpadl;
         state.next_gpadl += 1;
@@ -920,14 +938,14 @@ impl NetvscChannel for FakeChannel {
         Ok(id)
     }
 
-    fn teardown_gpadl(&mut self, gpadl: u32) -> Result<(), NetvscError> {
+    fn teardown_gpadl(&mut self, gpadl: u32) -> Result<(), Error> {
         let mut state = lock(&self.state);
         state.gpadl_teardowns += 1;
         state
             .gpadls
             .remove(&gpadl)
             .map(|_| ())
-            .ok_or(NetvscError::Channel {
+            .ok_or(Error::VmbusChannel {
                 what: "unknown GPADL",
             })
     }

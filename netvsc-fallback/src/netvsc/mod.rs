@@ -12,7 +12,6 @@
 mod channel;
 pub mod data_path;
 mod device;
-mod error;
 pub mod nvsp;
 pub mod rndis;
 mod vmbus_channel;
@@ -23,11 +22,11 @@ pub mod fake_host;
 #[cfg(test)]
 mod tests;
 
+pub use crate::error::{Layer, Step};
 pub use channel::{
     GpaRange, IncomingKind, IncomingPacket, NetvscChannel, OutgoingPacket, TransferRange,
 };
 pub use data_path::{DataPathCounters, Pairing, SyntheticCause, VfEvent, pair};
 pub use device::{Negotiated, Netvsc, NetvscConfig, NetvscCounters, VfAssociation};
-pub use error::{Layer, NetvscError, Step};
 pub use rndis::OffloadSupport;
 pub use vmbus_channel::{AdapterCounters, VmbusChannelControl, VmbusNetvscChannel};

@@ -8,7 +8,7 @@
 use bitflags::bitflags;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use super::error::{Layer, NetvscError};
+use crate::error::{Error, Layer};
 
 /// Bytes of every NVSP message we send: the 6.1 message size, which Linux uses for every
 /// version and older hosts accept (they read only the fields they know).
@@ -384,11 +384,11 @@ pub enum NvspMessage {
     },
 }
 
-fn body<T: FromBytes>(bytes: &[u8], what: &'static str) -> Result<T, NetvscError> {
+fn body<T: FromBytes>(bytes: &[u8], what: &'static str) -> Result<T, Error> {
     let rest = bytes.get(4..).unwrap_or(&[]);
     T::read_from_prefix(rest)
         .map(|(value, _)| value)
-        .map_err(|_| NetvscError::Truncated {
+        .map_err(|_| Error::Truncated {
             layer: Layer::Nvsp,
             what,
             len: bytes.len(),
@@ -397,10 +397,10 @@ fn body<T: FromBytes>(bytes: &[u8], what: &'static str) -> Result<T, NetvscError
 }
 
 /// The message type of an NVSP message, if it has one.
-pub fn message_type_of(bytes: &[u8]) -> Result<u32, NetvscError> {
+pub fn message_type_of(bytes: &[u8]) -> Result<u32, Error> {
     MessageHeader::read_from_prefix(bytes)
         .map(|(header, _)| header.message_type)
-        .map_err(|_| NetvscError::Truncated {
+        .map_err(|_| Error::Truncated {
             layer: Layer::Nvsp,
             what: "message header",
             len: bytes.len(),
@@ -409,7 +409,7 @@ pub fn message_type_of(bytes: &[u8]) -> Result<u32, NetvscError> {
 }
 
 /// Parses a host → guest NVSP message from untrusted bytes.
-pub fn parse(bytes: &[u8]) -> Result<NvspMessage, NetvscError> {
+pub fn parse(bytes: &[u8]) -> Result<NvspMessage, Error> {
     use message_type as t;
     let message_type = message_type_of(bytes)?;
     Ok(match message_type {
@@ -438,7 +438,7 @@ pub fn parse(bytes: &[u8]) -> Result<NvspMessage, NetvscError> {
             NvspMessage::IndirectionTable(parse_indirection_table(bytes, header)?)
         }
         other => {
-            return Err(NetvscError::UnexpectedMessage {
+            return Err(Error::UnexpectedMessage {
                 layer: Layer::Nvsp,
                 message_type: other,
             });
@@ -449,9 +449,9 @@ pub fn parse(bytes: &[u8]) -> Result<NvspMessage, NetvscError> {
 fn parse_indirection_table(
     bytes: &[u8],
     header: IndirectionTableHeader,
-) -> Result<[u32; INDIRECTION_TABLE_ENTRIES], NetvscError> {
+) -> Result<[u32; INDIRECTION_TABLE_ENTRIES], Error> {
     if header.entry_count as usize != INDIRECTION_TABLE_ENTRIES {
-        return Err(NetvscError::OutOfRange {
+        return Err(Error::OutOfRange {
             layer: Layer::Nvsp,
             what: "indirection table entry count",
             value: header.entry_count.into(),
@@ -461,7 +461,7 @@ fn parse_indirection_table(
     let table = start
         .checked_add(INDIRECTION_TABLE_ENTRIES * 4)
         .and_then(|end| bytes.get(start..end))
-        .ok_or(NetvscError::OutOfRange {
+        .ok_or(Error::OutOfRange {
             layer: Layer::Nvsp,
             what: "indirection table offset",
             value: header.offset.into(),
@@ -542,18 +542,18 @@ mod tests {
     fn truncated_and_unknown_messages_are_errors() {
         assert!(matches!(
             parse(&[2, 0]),
-            Err(NetvscError::Truncated { needed: 4, .. })
+            Err(Error::Truncated { needed: 4, .. })
         ));
         // INIT_COMPLETE with only 8 of its 12 body bytes.
         let mut short = [0u8; 12];
         short[0] = 2;
         assert!(matches!(
             parse(&short),
-            Err(NetvscError::Truncated { needed: 16, .. })
+            Err(Error::Truncated { needed: 16, .. })
         ));
         assert!(matches!(
             parse(&[0xee, 0, 0, 0, 0, 0, 0, 0]),
-            Err(NetvscError::UnexpectedMessage {
+            Err(Error::UnexpectedMessage {
                 message_type: 0xee,
                 ..
             })
@@ -577,7 +577,7 @@ mod tests {
         assert_eq!(table[2], 0);
         // An offset that puts the table past the end of the message.
         bytes[8..12].copy_from_slice(&16u32.to_le_bytes());
-        assert!(matches!(parse(&bytes), Err(NetvscError::OutOfRange { .. })));
+        assert!(matches!(parse(&bytes), Err(Error::OutOfRange { .. })));
         // An offset that overflows.
         bytes[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(parse(&bytes).is_err());

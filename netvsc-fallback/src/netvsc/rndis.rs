@@ -9,7 +9,7 @@ use alloc::vec::Vec;
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use super::error::{Layer, NetvscError};
+use crate::error::{Error, Layer};
 
 /// RNDIS message types (completions are the request type with bit 31 set).
 pub mod message_type {
@@ -599,8 +599,8 @@ pub struct ReceivedPacket<'a> {
     pub vlan: Option<u32>,
 }
 
-fn truncated(what: &'static str, len: usize, needed: usize) -> NetvscError {
-    NetvscError::Truncated {
+fn truncated(what: &'static str, len: usize, needed: usize) -> Error {
+    Error::Truncated {
         layer: Layer::Rndis,
         what,
         len,
@@ -608,15 +608,15 @@ fn truncated(what: &'static str, len: usize, needed: usize) -> NetvscError {
     }
 }
 
-fn out_of_range(what: &'static str, value: impl Into<u64>) -> NetvscError {
-    NetvscError::OutOfRange {
+fn out_of_range(what: &'static str, value: impl Into<u64>) -> Error {
+    Error::OutOfRange {
         layer: Layer::Rndis,
         what,
         value: value.into(),
     }
 }
 
-fn read<T: FromBytes>(bytes: &[u8], what: &'static str) -> Result<T, NetvscError> {
+fn read<T: FromBytes>(bytes: &[u8], what: &'static str) -> Result<T, Error> {
     T::read_from_prefix(bytes)
         .map(|(value, _)| value)
         .map_err(|_| truncated(what, bytes.len(), size_of::<T>()))
@@ -628,7 +628,7 @@ fn sub_range<'a>(
     offset: u32,
     length: u32,
     what: &'static str,
-) -> Result<&'a [u8], NetvscError> {
+) -> Result<&'a [u8], Error> {
     let start = offset as usize;
     start
         .checked_add(length as usize)
@@ -638,7 +638,7 @@ fn sub_range<'a>(
 
 /// Parses one RNDIS message from untrusted bytes (one transfer-page range). Trailing bytes
 /// past `message_length` are ignored; a `message_length` beyond the bytes is an error.
-pub fn parse(bytes: &[u8]) -> Result<RndisMessage<'_>, NetvscError> {
+pub fn parse(bytes: &[u8]) -> Result<RndisMessage<'_>, Error> {
     let header: MessageHeader = read(bytes, "message header")?;
     let length = header.message_length as usize;
     if length < size_of::<MessageHeader>() || length > bytes.len() {
@@ -703,7 +703,7 @@ pub fn parse(bytes: &[u8]) -> Result<RndisMessage<'_>, NetvscError> {
             }
         }
         other => {
-            return Err(NetvscError::UnexpectedMessage {
+            return Err(Error::UnexpectedMessage {
                 layer: Layer::Rndis,
                 message_type: other,
             });
@@ -712,7 +712,7 @@ pub fn parse(bytes: &[u8]) -> Result<RndisMessage<'_>, NetvscError> {
 }
 
 /// Parses a PACKET body (offsets relative to its start) and its PPIs.
-fn parse_packet(body: &[u8]) -> Result<ReceivedPacket<'_>, NetvscError> {
+fn parse_packet(body: &[u8]) -> Result<ReceivedPacket<'_>, Error> {
     let packet: Packet = read(body, "PACKET")?;
     if packet.data_length == 0 {
         return Err(out_of_range("PACKET data length", 0u32));
@@ -775,7 +775,7 @@ fn flag(flags: u32, shift: u32) -> bool {
 }
 
 /// Parses the NDIS_OFFLOAD answer to [`oid::TCP_OFFLOAD_HARDWARE_CAPABILITIES`].
-pub fn parse_offload_capabilities(info: &[u8]) -> Result<OffloadSupport, NetvscError> {
+pub fn parse_offload_capabilities(info: &[u8]) -> Result<OffloadSupport, Error> {
     let offload: NdisOffload = read(info, "NDIS_OFFLOAD")?;
     if offload.header.object_type != NDIS_OBJECT_TYPE_OFFLOAD {
         return Err(out_of_range(
@@ -888,10 +888,7 @@ mod tests {
         // Data length one past the message.
         let at = 8 + 4;
         message[at..at + 4].copy_from_slice(&21u32.to_le_bytes());
-        assert!(matches!(
-            parse(&message),
-            Err(NetvscError::OutOfRange { .. })
-        ));
+        assert!(matches!(parse(&message), Err(Error::OutOfRange { .. })));
         message[at..at + 4].copy_from_slice(&20u32.to_le_bytes());
         // A PPI whose size is 0 (would never advance).
         let ppi = 8 + 36;
@@ -973,7 +970,7 @@ mod tests {
         let unknown = build_request(0x55, &IdRequest { request_id: 1 }, &[]);
         assert!(matches!(
             parse(&unknown),
-            Err(NetvscError::UnexpectedMessage { .. })
+            Err(Error::UnexpectedMessage { .. })
         ));
     }
 

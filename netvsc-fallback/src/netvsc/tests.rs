@@ -8,9 +8,8 @@ use net_device::{DeviceError, HostPath, LinkState, NetDevice, RxMeta, TxMeta};
 
 use super::fake_host::{FakeChannel, FakeHostConfig, FakeNetvscHost, FakeTxFrame};
 use super::nvsp::{self, NdisConfigCapabilities, NvspVersion};
-use super::{
-    IncomingKind, IncomingPacket, Netvsc, NetvscConfig, NetvscError, Step, TransferRange, VfEvent,
-};
+use super::{IncomingKind, IncomingPacket, Netvsc, NetvscConfig, Step, TransferRange, VfEvent};
+use crate::Error;
 use crate::checksum::tests::{make_partial, reference_checksum, tcp_ipv4_frame};
 use crate::fake::FakeDmaAllocator;
 
@@ -30,7 +29,7 @@ fn bring_up(
 fn try_bring_up(
     host: FakeHostConfig,
     config: NetvscConfig,
-) -> (FakeNetvscHost, NetvscError, FakeDmaAllocator) {
+) -> (FakeNetvscHost, Error, FakeDmaAllocator) {
     let (host, channel) = FakeNetvscHost::new(host);
     let dma = FakeDmaAllocator::new();
     match Netvsc::new(channel, &dma, config) {
@@ -151,7 +150,7 @@ fn a_host_without_a_common_version_is_refused_and_cleaned_up() {
         ..FakeHostConfig::default()
     };
     let (host, error, dma) = try_bring_up(host_config, NetvscConfig::default());
-    assert_eq!(error, NetvscError::NoCommonVersion);
+    assert_eq!(error, Error::NoCommonVersion);
     assert_eq!(host.init_offers().len(), 5);
     assert!(host.closed());
     assert_eq!(host.gpadls().0, 0, "receive buffer GPADL torn down");
@@ -168,7 +167,7 @@ fn a_host_that_never_answers_fails_within_the_bound() {
     let (host, error, _dma) = try_bring_up(host_config, NetvscConfig::default());
     assert!(matches!(
         error,
-        NetvscError::Timeout {
+        Error::HostTimeout {
             step: Step::Init,
             timeout_ms: 5000
         }
@@ -211,7 +210,7 @@ fn a_receive_buffer_layout_beyond_the_buffer_is_refused() {
         let Err((error, _)) = Netvsc::new(channel, &dma, NetvscConfig::default()) else {
             panic!("accepted {section:?}");
         };
-        assert!(matches!(error, NetvscError::OutOfRange { .. }), "{error:?}");
+        assert!(matches!(error, Error::OutOfRange { .. }), "{error:?}");
         assert_eq!(dma.live_regions(), 0);
     }
 }
@@ -762,4 +761,129 @@ fn frames_arriving_before_bring_up_finishes_do_not_block_it() {
     assert_eq!(host.outstanding_transfers(), 0, "completed all the same");
     host.inject_frames(&[(frame_of(60, 1), None)]);
     assert_eq!(receive_all(&mut device).len(), 1);
+}
+
+#[test]
+fn a_burst_past_the_sections_goes_gpa_direct_byte_exact_and_completions_free_each_pool() {
+    let (host, mut device, _dma) = bring_up(FakeHostConfig::default(), NetvscConfig::default());
+    host.hold_tx_completions(true);
+    // 64 sections and 64 GPA-direct slots: 128 frames in flight, the 129th has no buffer.
+    let frames: Vec<Vec<u8>> = (0..128)
+        .map(|i| frame_of(60 + (i * 11) % 1455, i as u8))
+        .collect();
+    for (i, frame) in frames.iter().enumerate() {
+        assert!(device.can_transmit(), "room reported for frame {i}");
+        send(&mut device, frame, TxMeta::default()).unwrap();
+    }
+    assert!(!device.can_transmit(), "no section and no slot left");
+    let mut filled = false;
+    assert_eq!(
+        device.transmit(60, &mut |_| {
+            filled = true;
+            TxMeta::default()
+        }),
+        Err(DeviceError::RingFull)
+    );
+    assert!(!filled, "refused before the frame was asked for");
+    let counters = device.counters();
+    assert_eq!(counters.tx_via_section, 64);
+    assert_eq!(counters.tx_via_gpa_direct, 64);
+    assert_eq!(counters.tx_section_overflow, 64);
+    assert_eq!(counters.tx_refused_no_buffer, 1);
+    assert_eq!(counters.tx_refused_ring_full, 0);
+    let sent = host.take_tx_frames();
+    assert_eq!(sent.len(), 128);
+    for (i, (sent, frame)) in sent.iter().zip(&frames).enumerate() {
+        assert_eq!(&sent.frame, frame, "frame {i} byte-exact");
+        assert_eq!(sent.via_send_buffer, i < 64, "frame {i} path");
+    }
+    // Every completion frees the buffer its frame used: both pools are whole again.
+    host.hold_tx_completions(false);
+    device.poll(0);
+    assert_eq!(device.transmits_in_flight(), 0);
+    assert_eq!(device.counters().bad_packets, 0);
+    assert_eq!(device.stats().tx_frames, 128);
+    let bytes: usize = frames.iter().map(Vec::len).sum();
+    assert_eq!(device.stats().tx_bytes, bytes as u64);
+    host.hold_tx_completions(true);
+    for i in 0..128u8 {
+        send(&mut device, &frame_of(200, i), TxMeta::default()).unwrap();
+    }
+    let again = host.take_tx_frames();
+    assert_eq!(
+        again.iter().filter(|frame| frame.via_send_buffer).count(),
+        64
+    );
+    assert_eq!(device.counters().tx_section_overflow, 128);
+}
+
+#[test]
+fn a_ring_without_room_for_a_data_packet_is_refused_before_fill_and_counted() {
+    let (host, mut device, _dma) = bring_up(FakeHostConfig::default(), NetvscConfig::default());
+    // Room for a small in-band packet, not for the largest GPA-direct send.
+    host.set_ring_free(64);
+    device.poll(0);
+    assert!(!device.can_transmit(), "sections free, but no ring room");
+    let mut filled = false;
+    assert_eq!(
+        device.transmit(100, &mut |_| {
+            filled = true;
+            TxMeta::default()
+        }),
+        Err(DeviceError::RingFull)
+    );
+    assert!(!filled);
+    host.set_ring_full(true);
+    assert_eq!(
+        send(&mut device, &frame_of(100, 1), TxMeta::default()),
+        Err(DeviceError::RingFull)
+    );
+    assert_eq!(device.counters().tx_refused_ring_full, 2);
+    assert_eq!(device.stats().tx_ring_full, 2);
+    assert_eq!(device.transmits_in_flight(), 0, "nothing left taken");
+    host.set_ring_full(false);
+    host.set_ring_free(64 * 1024);
+    device.poll(0);
+    assert!(device.can_transmit());
+    send(&mut device, &frame_of(100, 2), TxMeta::default()).unwrap();
+    assert_eq!(host.take_tx_frames()[0].frame, frame_of(100, 2));
+    assert_eq!(device.counters().tx_via_section, 1);
+}
+
+#[test]
+fn ring_len_matches_what_a_vmbus_ring_takes() {
+    use super::{GpaRange, OutgoingPacket};
+    let pages = [1u64, 2, 3];
+    let cases = [
+        (
+            OutgoingPacket::InBand {
+                transaction_id: 1,
+                completion_requested: true,
+                payload: &[0; 40],
+            },
+            16 + 40 + 8,
+        ),
+        (
+            OutgoingPacket::Completion {
+                transaction_id: 1,
+                payload: &[0; 5],
+            },
+            16 + 8 + 8,
+        ),
+        (
+            OutgoingPacket::GpaDirect {
+                transaction_id: 1,
+                ranges: &[GpaRange {
+                    byte_count: 9000,
+                    byte_offset: 12,
+                    page_numbers: &pages,
+                }],
+                payload: &[0; 40],
+            },
+            16 + 8 + 8 + 3 * 8 + 40 + 8,
+        ),
+    ];
+    for (packet, len) in cases {
+        assert_eq!(packet.ring_len(), len, "{packet:?}");
+    }
 }

@@ -7,15 +7,15 @@ use alloc::vec::Vec;
 use net_device::DmaRegion;
 
 use super::channel::{IncomingKind, IncomingPacket, NetvscChannel, OutgoingPacket, TransferRange};
-use super::error::NetvscError;
+use crate::error::Error;
 
 /// The client-level operations netvsc needs for its channel.
 pub trait VmbusChannelControl {
     /// Creates a GPADL for `region` on the channel `relid`, waiting (bounded) for the host's
     /// GPADL_CREATED, and returns its id.
-    fn create_gpadl(&mut self, relid: u32, region: &DmaRegion) -> Result<u32, NetvscError>;
+    fn create_gpadl(&mut self, relid: u32, region: &DmaRegion) -> Result<u32, Error>;
     /// Tears the GPADL down, waiting (bounded) for GPADL_TORNDOWN.
-    fn teardown_gpadl(&mut self, relid: u32, gpadl: u32) -> Result<(), NetvscError>;
+    fn teardown_gpadl(&mut self, relid: u32, gpadl: u32) -> Result<(), Error>;
     /// Monotonic time in nanoseconds.
     fn now_ns(&self) -> u64;
     /// Waits until the host signals `relid` or `deadline_ns` passes; may return early.
@@ -86,12 +86,12 @@ impl<V: VmbusChannelControl> VmbusNetvscChannel<V> {
     }
 }
 
-fn channel_error(error: vmbus::Error) -> NetvscError {
+fn channel_error(error: vmbus::Error) -> Error {
     if let vmbus::Error::Rescinded { .. } = error {
-        return NetvscError::Rescinded;
+        return Error::ChannelRescinded;
     }
     log::warn!("netvsc: VMBus channel failed: {error}");
-    NetvscError::Channel {
+    Error::VmbusChannel {
         what: match error {
             vmbus::Error::RingCorrupt(_) => "ring corrupt",
             vmbus::Error::SignalEvent { .. } => "signal refused by the hypervisor",
@@ -102,12 +102,12 @@ fn channel_error(error: vmbus::Error) -> NetvscError {
 }
 
 impl<V: VmbusChannelControl> NetvscChannel for VmbusNetvscChannel<V> {
-    fn try_send(&mut self, packet: &OutgoingPacket<'_>) -> Result<bool, NetvscError> {
+    fn try_send(&mut self, packet: &OutgoingPacket<'_>) -> Result<bool, Error> {
         if self.control.is_rescinded(self.relid) {
-            return Err(NetvscError::Rescinded);
+            return Err(Error::ChannelRescinded);
         }
         let Some(channel) = self.channel.as_mut() else {
-            return Err(NetvscError::Rescinded);
+            return Err(Error::ChannelRescinded);
         };
         let page_lists: Vec<vmbus::GpaDirectRange<'_>>;
         let (kind, transaction_id, completion_requested, payload) = match *packet {
@@ -165,17 +165,30 @@ impl<V: VmbusChannelControl> NetvscChannel for VmbusNetvscChannel<V> {
         }
     }
 
+    fn outgoing_free(&mut self) -> Result<usize, Error> {
+        if self.control.is_rescinded(self.relid) {
+            return Err(Error::ChannelRescinded);
+        }
+        let Some(channel) = self.channel.as_mut() else {
+            return Err(Error::ChannelRescinded);
+        };
+        channel
+            .outgoing_free()
+            .map(|free| free as usize)
+            .map_err(channel_error)
+    }
+
     fn flush(&mut self) {
         // vmbus::Channel signals on the empty → non-empty transition of every send.
     }
 
-    fn try_receive(&mut self, into: &mut IncomingPacket) -> Result<bool, NetvscError> {
+    fn try_receive(&mut self, into: &mut IncomingPacket) -> Result<bool, Error> {
         self.control.process_host_messages(self.relid);
         if self.control.is_rescinded(self.relid) {
-            return Err(NetvscError::Rescinded);
+            return Err(Error::ChannelRescinded);
         }
         let Some(channel) = self.channel.as_mut() else {
-            return Err(NetvscError::Rescinded);
+            return Err(Error::ChannelRescinded);
         };
         loop {
             let packet = match channel.receive(&mut self.buffer) {
@@ -214,11 +227,11 @@ impl<V: VmbusChannelControl> NetvscChannel for VmbusNetvscChannel<V> {
         }
     }
 
-    fn create_gpadl(&mut self, region: &DmaRegion) -> Result<u32, NetvscError> {
+    fn create_gpadl(&mut self, region: &DmaRegion) -> Result<u32, Error> {
         self.control.create_gpadl(self.relid, region)
     }
 
-    fn teardown_gpadl(&mut self, gpadl: u32) -> Result<(), NetvscError> {
+    fn teardown_gpadl(&mut self, gpadl: u32) -> Result<(), Error> {
         self.control.teardown_gpadl(self.relid, gpadl)
     }
 
@@ -290,13 +303,13 @@ mod tests {
     }
 
     impl VmbusChannelControl for ClientControl {
-        fn create_gpadl(&mut self, relid: u32, region: &DmaRegion) -> Result<u32, NetvscError> {
+        fn create_gpadl(&mut self, relid: u32, region: &DmaRegion) -> Result<u32, Error> {
             self.client
                 .create_borrowed_gpadl(relid, region.phys(), region.len())
                 .map_err(channel_error)
         }
 
-        fn teardown_gpadl(&mut self, relid: u32, gpadl: u32) -> Result<(), NetvscError> {
+        fn teardown_gpadl(&mut self, relid: u32, gpadl: u32) -> Result<(), Error> {
             self.client
                 .teardown_borrowed_gpadl(relid, gpadl)
                 .map_err(channel_error)
@@ -361,25 +374,28 @@ mod tests {
         let (host, mut adapter, _dma) = adapter();
         let first = [0x1234u64, 0x1235];
         let second = [0x9000u64];
-        assert!(
-            adapter
-                .try_send(&OutgoingPacket::GpaDirect {
-                    transaction_id: 8,
-                    ranges: &[
-                        GpaRange {
-                            byte_count: 5000,
-                            byte_offset: 16,
-                            page_numbers: &first,
-                        },
-                        GpaRange {
-                            byte_count: 100,
-                            byte_offset: 0,
-                            page_numbers: &second,
-                        },
-                    ],
-                    payload: b"rndis packet",
-                })
-                .unwrap()
+        let packet = OutgoingPacket::GpaDirect {
+            transaction_id: 8,
+            ranges: &[
+                GpaRange {
+                    byte_count: 5000,
+                    byte_offset: 16,
+                    page_numbers: &first,
+                },
+                GpaRange {
+                    byte_count: 100,
+                    byte_offset: 0,
+                    page_numbers: &second,
+                },
+            ],
+            payload: b"rndis packet",
+        };
+        let free_before = adapter.outgoing_free().unwrap();
+        assert!(adapter.try_send(&packet).unwrap());
+        assert_eq!(
+            free_before - adapter.outgoing_free().unwrap(),
+            packet.ring_len(),
+            "ring_len is what the ring gives up"
         );
         let sent = host.read_outgoing(RELID);
         assert_eq!(sent.len(), 1);
@@ -471,7 +487,7 @@ mod tests {
         let mut packet = IncomingPacket::default();
         assert_eq!(
             adapter.try_receive(&mut packet),
-            Err(NetvscError::Rescinded)
+            Err(Error::ChannelRescinded)
         );
         assert!(adapter.is_rescinded());
         assert_eq!(
@@ -479,7 +495,7 @@ mod tests {
                 transaction_id: 1,
                 payload: &[],
             }),
-            Err(NetvscError::Rescinded)
+            Err(Error::ChannelRescinded)
         );
         let before = adapter.now_ns();
         adapter.wait(before + 1_000_000_000);

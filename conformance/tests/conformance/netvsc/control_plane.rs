@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 use guid::Guid;
 use net_backend::RxMetadata;
 use net_device::{DmaRegion, LinkState, MacAddress, NetDevice, TxMeta};
-use netvsc_fallback::netvsc::{
-    Netvsc, NetvscConfig, NetvscError, VmbusChannelControl, VmbusNetvscChannel,
-};
+use netvsc_fallback::netvsc::{Netvsc, NetvscConfig, VmbusChannelControl, VmbusNetvscChannel};
 use tandem_conformance::GuestDma;
 use tandem_conformance::synic::BridgePort;
 use tandem_conformance::vmbus_host::VmbusHost;
@@ -51,16 +49,20 @@ impl ClientControl {
     }
 }
 
-fn client_error(error: vmbus::Error) -> NetvscError {
+fn client_error(error: vmbus::Error) -> netvsc_fallback::Error {
     eprintln!("VMBus client: {error}");
-    NetvscError::Channel {
+    netvsc_fallback::Error::VmbusChannel {
         what: "VMBus client request failed",
     }
 }
 
 impl VmbusChannelControl for ClientControl {
-    fn create_gpadl(&mut self, relid: u32, region: &DmaRegion) -> Result<u32, NetvscError> {
-        let view = gpadl_view(region).ok_or(NetvscError::Channel {
+    fn create_gpadl(
+        &mut self,
+        relid: u32,
+        region: &DmaRegion,
+    ) -> Result<u32, netvsc_fallback::Error> {
+        let view = gpadl_view(region).ok_or(netvsc_fallback::Error::VmbusChannel {
             what: "empty region",
         })?;
         let buffer = self
@@ -72,12 +74,12 @@ impl VmbusChannelControl for ClientControl {
         Ok(id)
     }
 
-    fn teardown_gpadl(&mut self, _relid: u32, gpadl: u32) -> Result<(), NetvscError> {
+    fn teardown_gpadl(&mut self, _relid: u32, gpadl: u32) -> Result<(), netvsc_fallback::Error> {
         let index = self
             .gpadls
             .iter()
             .position(|buffer| buffer.id() == gpadl)
-            .ok_or(NetvscError::Channel {
+            .ok_or(netvsc_fallback::Error::VmbusChannel {
                 what: "unknown GPADL",
             })?;
         let buffer = self.gpadls.swap_remove(index);

@@ -18,9 +18,7 @@ use net_backend::{
     TxMetadata, TxOffloadSupport, TxSegment,
 };
 use net_device::{DmaAllocator, DmaRegion};
-use netvsc_fallback::netvsc::{
-    Netvsc, NetvscConfig, NetvscError, VmbusChannelControl, VmbusNetvscChannel,
-};
+use netvsc_fallback::netvsc::{Netvsc, NetvscConfig, VmbusChannelControl, VmbusNetvscChannel};
 use netvsp::Nic;
 use pal_async::DefaultDriver;
 use pal_async::DefaultPool;
@@ -306,7 +304,7 @@ fn gpadl_buffer(region: &DmaRegion) -> Vec<u64> {
 }
 
 impl NetvspControl {
-    fn gpadl(&mut self, region: &DmaRegion) -> Result<u32, NetvscError> {
+    fn gpadl(&mut self, region: &DmaRegion) -> Result<u32, netvsc_fallback::Error> {
         let id = self.next_gpadl;
         self.next_gpadl += 1;
         let requests = self.requests.clone();
@@ -321,7 +319,7 @@ impl NetvspControl {
         );
         match accepted {
             Some(Ok(true)) => Ok(id),
-            _ => Err(NetvscError::Channel {
+            _ => Err(netvsc_fallback::Error::VmbusChannel {
                 what: "GPADL refused",
             }),
         }
@@ -329,11 +327,15 @@ impl NetvspControl {
 }
 
 impl VmbusChannelControl for NetvspControl {
-    fn create_gpadl(&mut self, _relid: u32, region: &DmaRegion) -> Result<u32, NetvscError> {
+    fn create_gpadl(
+        &mut self,
+        _relid: u32,
+        region: &DmaRegion,
+    ) -> Result<u32, netvsc_fallback::Error> {
         self.gpadl(region)
     }
 
-    fn teardown_gpadl(&mut self, _relid: u32, gpadl: u32) -> Result<(), NetvscError> {
+    fn teardown_gpadl(&mut self, _relid: u32, gpadl: u32) -> Result<(), netvsc_fallback::Error> {
         let requests = self.requests.clone();
         call_with_timeout(
             async move {
@@ -344,7 +346,7 @@ impl VmbusChannelControl for NetvspControl {
             RPC_TIMEOUT,
         )
         .and_then(|result| result.ok())
-        .ok_or(NetvscError::Channel {
+        .ok_or(netvsc_fallback::Error::VmbusChannel {
             what: "GPADL teardown",
         })
     }

@@ -175,6 +175,46 @@ fn frames_of_every_length_pass_both_ways_gpa_direct() {
     every_length_both_ways(false);
 }
 
+#[test]
+fn a_burst_past_the_64_sections_goes_gpa_direct_and_arrives_byte_exact() {
+    let (host, mut device) =
+        NetvspHost::with_driver(HostOptions::default(), NetvscConfig::default());
+    // 100 frames back to back, no poll in between: completions cannot free a section, so 64
+    // take sections and 36 go GPA-direct from the overflow slots, none refused.
+    let frames: Vec<Vec<u8>> = (0..100).map(|i| frame_of(60 + i * 14, i as u8)).collect();
+    for (i, frame) in frames.iter().enumerate() {
+        assert!(device.can_transmit(), "room reported for frame {i}");
+        let result = device.transmit(frame.len(), &mut |buffer| {
+            buffer.copy_from_slice(frame);
+            TxMeta::default()
+        });
+        assert_eq!(result, Ok(()), "frame {i}");
+    }
+    device.flush();
+    let counters = device.counters();
+    assert_eq!(
+        (counters.tx_via_section, counters.tx_via_gpa_direct),
+        (64, 36)
+    );
+    assert_eq!(counters.tx_section_overflow, 36);
+    assert_eq!(
+        counters.tx_refused_ring_full + counters.tx_refused_no_buffer,
+        0
+    );
+    let sent = wait_transmitted(&host, &mut device, frames.len());
+    assert_eq!(sent.len(), frames.len());
+    for (i, ((frame, _), wanted)) in sent.iter().zip(&frames).enumerate() {
+        assert_eq!(frame, wanted, "frame {i} byte-exact");
+    }
+    // netvsp completed every send, each freeing what its frame used.
+    receive_until(&mut device, Duration::from_secs(10), |_, device| {
+        device.transmits_in_flight() == 0
+    });
+    assert_eq!(device.transmits_in_flight(), 0);
+    assert_eq!(device.counters().bad_packets, 0);
+    assert_eq!(device.stats().tx_frames, 100);
+}
+
 /// An Ethernet + IPv4 + TCP frame whose checksum field holds the pseudo-header sum (what the
 /// stack hands a device with checksum offload).
 fn partial_tcp_frame(payload_len: usize) -> Vec<u8> {
