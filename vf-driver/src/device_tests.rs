@@ -920,7 +920,10 @@ fn a_polled_driver_takes_one_interrupt_per_busy_period() {
     assert!(!vf.arm_interrupts());
     send(&mut vf, &frame(PEER_MAC, 64, 12)).expect("room");
     vf.flush();
-    assert!(vf.arm_interrupts(), "the transmit completed: reclaim before sleeping");
+    assert!(
+        vf.arm_interrupts(),
+        "the transmit completed: reclaim before sleeping"
+    );
     assert_eq!(vf.driver_counters().interrupt_rearms, 4);
     // Armed and nothing pending: a second call has nothing to do.
     assert!(!vf.arm_interrupts());
@@ -941,13 +944,25 @@ fn a_busy_driver_reads_link_and_mailbox_once_per_period() {
     assert_eq!(vf.link_state(), LinkState::Up);
     bench.fake.set_cable(false);
     vf.poll(start + 500_000);
-    assert_eq!(vf.link_state(), LinkState::Up, "within the period: not read yet");
+    assert_eq!(
+        vf.link_state(),
+        LinkState::Up,
+        "within the period: not read yet"
+    );
     vf.poll(start + 1_000_000);
-    assert_eq!(vf.link_state(), LinkState::Down, "read once the period is over");
+    assert_eq!(
+        vf.link_state(),
+        LinkState::Down,
+        "read once the period is over"
+    );
     // Not up: every poll reads (a VF that is down or resetting has no traffic to protect).
     bench.fake.set_cable(true);
     for step in 1..=5 {
         vf.poll(start + 1_000_000 + step);
     }
-    assert_eq!(vf.link_state(), LinkState::Up, "seen without waiting a period");
+    assert_eq!(
+        vf.link_state(),
+        LinkState::Up,
+        "seen without waiting a period"
+    );
 }

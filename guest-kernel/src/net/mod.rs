@@ -434,7 +434,11 @@ pub fn run(stack: &mut NetStack, mut app: impl FnMut(&mut NetStack) -> ControlFl
             vf_path::service_lab_pf();
         }
         if let Some(control) = control.as_mut()
-            && due(&mut lab_control_serviced_ns, now_ns, LAB_CONTROL_SERVICE_PERIOD_NS)
+            && due(
+                &mut lab_control_serviced_ns,
+                now_ns,
+                LAB_CONTROL_SERVICE_PERIOD_NS,
+            )
         {
             control.service(stack);
         }
