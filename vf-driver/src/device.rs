@@ -317,6 +317,9 @@ pub struct IgbVf<R: RegisterIo, D: DmaAllocator> {
     /// When `poll` last read STATUS and the mailbox (see [`Config::register_check_period_ns`]);
     /// `None` forces the next poll to read them.
     registers_read_ns: Option<u64>,
+    /// A poll skipped those reads (within the period): they are made before the caller
+    /// sleeps, since the skipped poll may have been woken by a PF message's interrupt.
+    register_check_deferred: bool,
     /// The queue vector is masked because the driver is being polled (NAPI-style): unmasked
     /// again by [`NetDevice::arm_interrupts`] before the caller sleeps.
     queue_interrupt_masked: bool,
@@ -404,6 +407,7 @@ impl<R: RegisterIo, D: DmaAllocator> IgbVf<R, D> {
             reinit_backoff_ns: REINIT_INITIAL_BACKOFF_NS,
             counters_read_ns: 0,
             registers_read_ns: None,
+            register_check_deferred: false,
             queue_interrupt_masked: false,
             config,
             _allocator: dma,
@@ -862,9 +866,11 @@ impl<R: RegisterIo, D: DmaAllocator> NetDevice for IgbVf<R, D> {
         {
             // Descriptor write-backs are memory, not registers: completions stay per poll.
             self.reclaim_tx();
+            self.register_check_deferred = true;
             return;
         }
         self.registers_read_ns = Some(now_ns);
+        self.register_check_deferred = false;
         let Some(status) = self.check_alive() else {
             return;
         };
@@ -1005,18 +1011,25 @@ impl<R: RegisterIo, D: DmaAllocator> NetDevice for IgbVf<R, D> {
     }
 
     fn arm_interrupts(&mut self) -> bool {
+        let mut work = false;
+        if self.register_check_deferred {
+            // Poll again at once, reading STATUS and the mailbox this time.
+            self.register_check_deferred = false;
+            self.registers_read_ns = None;
+            work = true;
+        }
         if !self.queue_interrupt_masked || !matches!(self.state, State::Up | State::Down) {
-            return false;
+            return work;
         }
         let Some(setup) = self.msix else {
-            return false;
+            return work;
         };
         self.hw.unmask_causes(1 << setup.queue_vector);
         self.queue_interrupt_masked = false;
         self.counters.interrupt_rearms += 1;
         // A write-back that landed after the caller's last poll but before the latched cause
         // was cleared raised no interrupt: look once more.
-        self.rx.has_write_back() || self.tx.has_completion()
+        work || self.rx.has_write_back() || self.tx.has_completion()
     }
 
     fn stats(&self) -> Stats {
