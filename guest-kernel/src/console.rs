@@ -195,17 +195,35 @@ pub fn read_control_byte() -> Option<u8> {
     }
 }
 
-/// Writes a line to COM2 (answers to control commands).
+/// How long one answer byte may wait for COM2's transmitter. The reader is a test harness on a
+/// possibly busy host, and writing over a byte that has not gone out would corrupt the answer
+/// (a count of 100 000 polls was not enough under load: answers arrived with bytes missing).
+const CONTROL_BYTE_TIMEOUT_NS: u64 = 1_000_000_000;
+/// Upper bound on polls per byte whatever the clock says (it reads 0 before calibration).
+const CONTROL_BYTE_MAX_POLLS: u32 = 50_000_000;
+
+/// Writes a line to COM2 (answers to control commands). A transmitter that stays busy for
+/// [`CONTROL_BYTE_TIMEOUT_NS`] drops the rest of the line (logged): a reader sees a missing
+/// answer, never a corrupted one.
 pub fn write_control_line(text: &str) {
     if !COM2_PRESENT.load(Ordering::Relaxed) {
         return;
     }
     for byte in text.bytes().chain(core::iter::once(b'\n')) {
-        for _ in 0..100_000 {
-            // SAFETY: as in read_control_byte.
-            if unsafe { port::inb(COM2 + REG_LINE_STATUS) } & LINE_STATUS_THR_EMPTY != 0 {
-                break;
+        let started_ns = crate::time::now_ns();
+        let mut polls = 0u32;
+        // SAFETY: as in read_control_byte.
+        while unsafe { port::inb(COM2 + REG_LINE_STATUS) } & LINE_STATUS_THR_EMPTY == 0 {
+            polls += 1;
+            if polls >= CONTROL_BYTE_MAX_POLLS
+                || crate::time::now_ns().saturating_sub(started_ns) > CONTROL_BYTE_TIMEOUT_NS
+            {
+                log::warn!(
+                    "lab control: COM2 transmitter busy for 1 s; rest of the answer dropped"
+                );
+                return;
             }
+            core::hint::spin_loop();
         }
         // SAFETY: writing COM2's transmit register sends one byte.
         unsafe { port::outb(COM2 + REG_DATA, byte) };

@@ -8,21 +8,10 @@ pub const PANIC_EXIT_CODE: i32 = 101;
 
 /// # Safety
 /// Standard C `memcpy` contract: valid, non-overlapping regions of `len` bytes.
-///
-/// Copies 8 bytes per step (`rep movsq`) and the tail bytewise: under QEMU TCG each `rep`
-/// iteration costs about the same whatever its width, so `rep movsb` alone was the hottest
-/// guest code of a bulk transfer.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memcpy(destination: *mut u8, source: *const u8, len: usize) -> *mut u8 {
-    // SAFETY: the caller guarantees both regions are valid and disjoint; the two string moves
-    // copy exactly `len / 8 * 8` then `len % 8` bytes forwards, with DF clear (the ABI
-    // guarantees it; interrupt stubs clear it too).
-    unsafe {
-        asm!("rep movsq", "mov rcx, {tail}", "rep movsb",
-             tail = in(reg) len % 8,
-             inout("rcx") len / 8 => _, inout("rdi") destination => _,
-             inout("rsi") source => _, options(nostack, preserves_flags));
-    }
+    // SAFETY: the caller's contract is `copy_forward`'s.
+    unsafe { crate::mm::copy::copy_forward(destination, source, len) };
     destination
 }
 
@@ -33,7 +22,8 @@ pub unsafe extern "C" fn memmove(destination: *mut u8, source: *const u8, len: u
     if (destination as usize).wrapping_sub(source as usize) >= len {
         // Destination is not inside [source, source + len): a forward copy is safe.
         // SAFETY: caller contract; forward copy never reads a byte it already overwrote.
-        unsafe { memcpy(destination, source, len) }
+        unsafe { crate::mm::copy::copy_forward(destination, source, len) };
+        destination
     } else {
         // SAFETY: caller contract; copying backwards (DF set, restored after) handles overlap.
         unsafe {

@@ -447,6 +447,13 @@ pub trait NetDevice {
     ) -> Result<(), DeviceError>;
     /// Rings the transmit doorbell for frames queued since the last flush.
     fn flush(&mut self);
+    /// The caller found no work and is about to sleep until an interrupt or a deadline. A
+    /// driver that masks its data interrupt while it is being polled (each interrupt costs an
+    /// exit and an end-of-interrupt; a polled driver needs none) unmasks it here. Returns true
+    /// when work arrived in between, so the caller polls again instead of sleeping.
+    fn arm_interrupts(&mut self) -> bool {
+        false
+    }
     /// Counters.
     fn stats(&self) -> Stats;
     /// Stops the device so that no DMA is in flight afterwards (orderly removal).

@@ -1045,6 +1045,16 @@ impl Bond {
             || switches_before != self.switches_to_vf + self.switches_to_synthetic
     }
 
+    /// The event loop is about to sleep: every path's driver unmasks the interrupts it masked
+    /// while being polled. True when a driver saw work arrive meanwhile (poll again instead).
+    pub fn arm_interrupts(&mut self) -> bool {
+        let mut work = self.paths.synthetic.device.arm_interrupts();
+        if let Some(vf) = &mut self.paths.vf {
+            work |= vf.path.device.arm_interrupts();
+        }
+        work
+    }
+
     /// When [`Bond::poll`] must run next even without an interrupt: the end of a VF hold-down,
     /// or the device watchdog.
     pub fn next_deadline_ns(&self) -> Option<u64> {

@@ -1318,6 +1318,32 @@ fn run_sleeps_when_idle_and_returns_the_exit_code() {
 }
 
 #[test]
+fn the_stack_arms_device_interrupts_and_does_not_sleep_over_work_that_arrived() {
+    let clock = Rc::new(Cell::new(0));
+    let (mut stack, control) = lone_stack(&clock);
+    stack.poll();
+    // A frame lands after the poll, before the sleep: a driver polled with its interrupt
+    // masked raised none, so the stack must not sleep until the next deadline.
+    control.inject_rx(&syn_frame(40000, 9));
+    let before = clock.get();
+    stack.wait();
+    assert_eq!(control.arms(), 1, "interrupts armed before sleeping");
+    assert_eq!(clock.get(), before, "did not sleep: work was pending");
+    stack.poll();
+    assert_eq!(control.rx_pending(), 0);
+    // Nothing pending: armed again, then it sleeps (the test clock jumps to the deadline).
+    stack.wait();
+    assert_eq!(control.arms(), 2);
+    assert!(clock.get() > before, "slept until the next deadline");
+    // An app's own deadline sleeps the same way.
+    stack.poll();
+    let deadline = clock.get() + MS;
+    stack.wait_until(deadline);
+    assert_eq!(control.arms(), 3);
+    assert_eq!(clock.get(), deadline);
+}
+
+#[test]
 fn no_usable_path_does_not_spin_the_event_loop() {
     let clock = Rc::new(Cell::new(0));
     let (mut stack, control) = lone_stack(&clock);

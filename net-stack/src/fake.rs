@@ -66,6 +66,8 @@ struct FakeState {
     announces_done: u64,
     /// The host data path, when the device plays a Hyper-V synthetic NIC.
     host: Option<FakeHostPath>,
+    /// Calls of `arm_interrupts` (the stack was about to sleep).
+    arms: u64,
 }
 
 /// The device half; see the module documentation.
@@ -104,6 +106,7 @@ impl FakeDevice {
             announce_requested: false,
             announces_done: 0,
             host: None,
+            arms: 0,
         }));
         (
             FakeDevice {
@@ -237,6 +240,11 @@ impl FakeControl {
     pub fn last_poll_ns(&self) -> u64 {
         self.state.borrow().last_poll_ns
     }
+
+    /// How often the stack armed the device's interrupts before sleeping.
+    pub fn arms(&self) -> u64 {
+        self.state.borrow().arms
+    }
 }
 
 impl NetDevice for FakeDevice {
@@ -332,6 +340,14 @@ impl NetDevice for FakeDevice {
         }
         state.queued.push((buffer, meta));
         Ok(())
+    }
+
+    fn arm_interrupts(&mut self) -> bool {
+        // Like a driver that masks its interrupt while polled: frames that arrived since the
+        // last poll raised none, so they must be reported here.
+        let mut state = self.state.borrow_mut();
+        state.arms += 1;
+        !state.rx.is_empty()
     }
 
     fn flush(&mut self) {

@@ -692,7 +692,24 @@ impl NetStack {
     /// Sleeps until an interrupt or the next deadline (returns at once when work is due).
     pub fn wait(&mut self) {
         let deadline = self.next_wakeup_ns();
+        self.sleep(deadline);
+    }
+
+    /// Like [`NetStack::wait`], but wakes by `deadline_ns` at the latest (an app's own timer,
+    /// e.g. pacing). Apps sleep through this rather than the platform directly: drivers mask
+    /// their interrupts while they are polled and unmask them only here.
+    pub fn wait_until(&mut self, deadline_ns: u64) {
+        let deadline = self
+            .next_wakeup_ns()
+            .map_or(deadline_ns, |next| next.min(deadline_ns));
+        self.sleep(Some(deadline));
+    }
+
+    fn sleep(&mut self, deadline: Option<u64>) {
         if deadline.is_some_and(|deadline| deadline <= self.platform.now_ns()) {
+            return;
+        }
+        if self.bond.arm_interrupts() {
             return;
         }
         let started_ns = self.platform.now_ns();

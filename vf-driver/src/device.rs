@@ -91,6 +91,11 @@ pub struct Config {
     /// Offer transmit checksum offload and TSO (receive checksum reports are always used).
     /// Off, requests the stack makes anyway are completed in software.
     pub offloads: bool,
+    /// While the VF is up, `poll` reads STATUS (removal, link) and the mailbox (PF messages) at
+    /// most this often; 0 = every poll. Under emulation every register access is a VM exit
+    /// that waits for the device model's lock, and a busy event loop polls many times per
+    /// millisecond; PF messages also raise the mailbox interrupt.
+    pub register_check_period_ns: u64,
 }
 
 impl Default for Config {
@@ -110,6 +115,7 @@ impl Default for Config {
             max_wait_iterations: 1_000_000,
             mailbox_vector_encoding: MailboxVectorEncoding::QemuBitmask,
             offloads: true,
+            register_check_period_ns: 1_000_000,
         }
     }
 }
@@ -258,6 +264,9 @@ pub struct DriverCounters {
     pub rx_checksum_verified: u64,
     /// Received frames with a checksum error bit, delivered unverified for the stack to drop.
     pub rx_checksum_errors: u64,
+    /// Times the queue interrupt was unmasked before the event loop slept (it is masked while
+    /// the driver is being polled): busy periods, not interrupts.
+    pub interrupt_rearms: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -305,6 +314,15 @@ pub struct IgbVf<R: RegisterIo, D: DmaAllocator> {
     reinit_backoff_ns: u64,
     /// When `poll` last folded the hardware counters in.
     counters_read_ns: u64,
+    /// When `poll` last read STATUS and the mailbox (see [`Config::register_check_period_ns`]);
+    /// `None` forces the next poll to read them.
+    registers_read_ns: Option<u64>,
+    /// A poll skipped those reads (within the period): they are made before the caller
+    /// sleeps, since the skipped poll may have been woken by a PF message's interrupt.
+    register_check_deferred: bool,
+    /// The queue vector is masked because the driver is being polled (NAPI-style): unmasked
+    /// again by [`NetDevice::arm_interrupts`] before the caller sleeps.
+    queue_interrupt_masked: bool,
     /// Kept to the end (fields drop in order) so the allocator outlives the regions it gave out.
     _allocator: D,
 }
@@ -388,6 +406,9 @@ impl<R: RegisterIo, D: DmaAllocator> IgbVf<R, D> {
             reinit_at_ns: None,
             reinit_backoff_ns: REINIT_INITIAL_BACKOFF_NS,
             counters_read_ns: 0,
+            registers_read_ns: None,
+            register_check_deferred: false,
+            queue_interrupt_masked: false,
             config,
             _allocator: dma,
         };
@@ -483,6 +504,7 @@ impl<R: RegisterIo, D: DmaAllocator> IgbVf<R, D> {
             }
             None => self.hw.mask_interrupts(),
         }
+        self.queue_interrupt_masked = false;
         self.hardware_counters.rebaseline(self.hw.read_counters());
         self.tx_watch_since_ns = None;
         let status = self.hw.regs.ensure_alive("initialisation")?;
@@ -608,6 +630,7 @@ impl<R: RegisterIo, D: DmaAllocator> IgbVf<R, D> {
         if matches!(self.state, State::Up | State::Down) {
             self.hw
                 .program_interrupts(setup.queue_vector, setup.misc_entry, setup.mask);
+            self.queue_interrupt_masked = false;
         }
         Ok(())
     }
@@ -670,6 +693,19 @@ impl<R: RegisterIo, D: DmaAllocator> IgbVf<R, D> {
         }
         self.hw.regs.mark_removed();
         self.state = State::Gone;
+    }
+
+    /// Masks the queue vector once the driver has data work: the caller polls until it runs
+    /// out of work and calls [`NetDevice::arm_interrupts`], so each busy period costs two
+    /// register writes instead of an interrupt (and its end-of-interrupt) per burst of frames.
+    fn mask_queue_interrupt(&mut self) {
+        if self.queue_interrupt_masked || self.state != State::Up {
+            return;
+        }
+        if let Some(setup) = self.msix {
+            self.hw.mask_causes(1 << setup.queue_vector);
+            self.queue_interrupt_masked = true;
+        }
     }
 
     fn service_mailbox(&mut self) {
@@ -823,6 +859,18 @@ impl<R: RegisterIo, D: DmaAllocator> NetDevice for IgbVf<R, D> {
         if matches!(self.state, State::Gone | State::Stopped) {
             return;
         }
+        if self.state == State::Up
+            && self.registers_read_ns.is_some_and(|read| {
+                now_ns.saturating_sub(read) < self.config.register_check_period_ns
+            })
+        {
+            // Descriptor write-backs are memory, not registers: completions stay per poll.
+            self.reclaim_tx();
+            self.register_check_deferred = true;
+            return;
+        }
+        self.registers_read_ns = Some(now_ns);
+        self.register_check_deferred = false;
         let Some(status) = self.check_alive() else {
             return;
         };
@@ -853,6 +901,9 @@ impl<R: RegisterIo, D: DmaAllocator> NetDevice for IgbVf<R, D> {
                 .receive(budget, &mut self.rx_drops, &mut self.rx_checksums, sink);
         if let Some(tail) = self.rx.refill(&mut self.rx_drops) {
             self.hw.regs.write(regs::RDT, u32::from(tail));
+        }
+        if frames > 0 {
+            self.mask_queue_interrupt();
         }
         self.stats.rx_frames += frames as u64;
         self.stats.rx_bytes += bytes;
@@ -955,7 +1006,30 @@ impl<R: RegisterIo, D: DmaAllocator> NetDevice for IgbVf<R, D> {
         }
         if let Some(tail) = self.tx.take_doorbell() {
             self.hw.regs.write(regs::TDT, u32::from(tail));
+            self.mask_queue_interrupt();
         }
+    }
+
+    fn arm_interrupts(&mut self) -> bool {
+        let mut work = false;
+        if self.register_check_deferred {
+            // Poll again at once, reading STATUS and the mailbox this time.
+            self.register_check_deferred = false;
+            self.registers_read_ns = None;
+            work = true;
+        }
+        if !self.queue_interrupt_masked || !matches!(self.state, State::Up | State::Down) {
+            return work;
+        }
+        let Some(setup) = self.msix else {
+            return work;
+        };
+        self.hw.unmask_causes(1 << setup.queue_vector);
+        self.queue_interrupt_masked = false;
+        self.counters.interrupt_rearms += 1;
+        // A write-back that landed after the caller's last poll but before the latched cause
+        // was cleared raised no interrupt: look once more.
+        work || self.rx.has_write_back() || self.tx.has_completion()
     }
 
     fn stats(&self) -> Stats {

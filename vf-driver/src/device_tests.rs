@@ -26,6 +26,8 @@ fn test_config() -> Config {
         rx_ring_size: 16,
         tx_ring_size: 16,
         mailbox_timeout_ns: 5_000_000,
+        // Most tests change the fake and expect the next poll to see it.
+        register_check_period_ns: 0,
         ..Config::default()
     }
 }
@@ -727,6 +729,9 @@ fn msix_routes_queues_and_the_mailbox_and_the_handler_clears_causes() {
     assert_eq!(bench.fake.vf_interrupts(0)[0], 1);
     vf.handle_interrupt();
     assert_eq!(receive_all(&mut vf).len(), 1);
+    // Receiving masked the queue vector, which the mailbox shares here; the event loop
+    // unmasks it before it sleeps.
+    assert!(!vf.arm_interrupts(), "nothing more arrived");
     bench
         .fake
         .pf_send(0, &[mailbox::PF_CONTROL_MSG | mailbox::MSGTYPE_CTS]);
@@ -884,4 +889,96 @@ fn every_driver_counter_is_reachable() {
         c.removals_detected,
     ];
     assert!(all.iter().all(|count| *count > 0), "{c:?}");
+}
+
+#[test]
+fn a_polled_driver_takes_one_interrupt_per_busy_period() {
+    let (bench, mut vf) = started();
+    vf.configure_msix(1, 0).expect("valid vectors");
+    let queue_interrupts = |bench: &Bench| bench.fake.vf_interrupts(0)[1];
+    assert!(bench.fake.inject_rx_frame(0, &frame(PF_MAC.0, 64, 0)));
+    assert_eq!(queue_interrupts(&bench), 1, "an idle driver is interrupted");
+    assert_eq!(receive_all(&mut vf).len(), 1);
+
+    // Busy: the driver is being polled, frames arrive without interrupting it.
+    for seed in 1..=10 {
+        assert!(bench.fake.inject_rx_frame(0, &frame(PF_MAC.0, 64, seed)));
+    }
+    assert_eq!(queue_interrupts(&bench), 1, "masked while polled");
+    // About to sleep with frames waiting: no sleep, and unmasking raises nothing stale.
+    assert!(vf.arm_interrupts(), "work arrived since the last poll");
+    assert_eq!(queue_interrupts(&bench), 1);
+    assert_eq!(receive_all(&mut vf).len(), 10, "nothing lost while masked");
+
+    // Idle again: armed, the next frame interrupts.
+    assert!(!vf.arm_interrupts());
+    assert!(bench.fake.inject_rx_frame(0, &frame(PF_MAC.0, 64, 11)));
+    assert_eq!(queue_interrupts(&bench), 2);
+    assert_eq!(receive_all(&mut vf).len(), 1);
+
+    // Transmitting masks it too; a completion that lands before the sleep is reported.
+    assert!(!vf.arm_interrupts());
+    send(&mut vf, &frame(PEER_MAC, 64, 12)).expect("room");
+    vf.flush();
+    assert!(
+        vf.arm_interrupts(),
+        "the transmit completed: reclaim before sleeping"
+    );
+    assert_eq!(vf.driver_counters().interrupt_rearms, 4);
+    // Armed and nothing pending: a second call has nothing to do.
+    assert!(!vf.arm_interrupts());
+    assert_eq!(vf.driver_counters().interrupt_rearms, 4);
+}
+
+#[test]
+fn a_busy_driver_reads_link_and_mailbox_once_per_period() {
+    let mut bench = new_bench(Some(PF_MAC));
+    let mut vf = bench
+        .start(Config {
+            register_check_period_ns: 1_000_000,
+            ..test_config()
+        })
+        .expect("init");
+    let start = bench.now();
+    vf.poll(start);
+    assert_eq!(vf.link_state(), LinkState::Up);
+    bench.fake.set_cable(false);
+    vf.poll(start + 500_000);
+    assert_eq!(
+        vf.link_state(),
+        LinkState::Up,
+        "within the period: not read"
+    );
+    vf.poll(start + 1_000_000);
+    assert_eq!(
+        vf.link_state(),
+        LinkState::Down,
+        "read once the period is over"
+    );
+    // Not up: every poll reads (a VF that is down or resetting has no traffic to protect).
+    bench.fake.set_cable(true);
+    for step in 1..=5 {
+        vf.poll(start + 1_000_000 + step);
+    }
+    assert_eq!(
+        vf.link_state(),
+        LinkState::Up,
+        "seen without waiting a period"
+    );
+
+    // The loop runs out of work within the period: arming before the sleep asks for one more
+    // poll, which reads them (the skipped poll may have been a PF message's wake-up).
+    let read = start + 1_000_010;
+    vf.arm_interrupts();
+    vf.poll(read);
+    assert!(
+        !vf.arm_interrupts(),
+        "that poll read them: nothing deferred"
+    );
+    bench.fake.set_cable(false);
+    vf.poll(read + 100_000);
+    assert_eq!(vf.link_state(), LinkState::Up, "deferred");
+    assert!(vf.arm_interrupts(), "a deferred register check is work");
+    vf.poll(read + 200_000);
+    assert_eq!(vf.link_state(), LinkState::Down, "read before sleeping");
 }

@@ -79,6 +79,7 @@ fn config() -> Config {
         rx_ring_size: 32,
         tx_ring_size: 32,
         mailbox_timeout_ns: 5_000_000,
+        register_check_period_ns: 0,
         ..Config::default()
     }
 }

@@ -18,6 +18,9 @@ use crate::machine::{Machine, shell_command_line};
 use crate::qmp::Qmp;
 use crate::tools::QEMU_BINARY;
 
+/// Extra QEMU arguments for every instance (space-separated), for profiling.
+pub const EXTRA_ARGS_ENV: &str = "TANDEM_QEMU_EXTRA_ARGS";
+
 /// How many trailing serial lines an error message shows.
 const CONTEXT_LINES: usize = 40;
 /// How long QEMU gets to create its QMP socket.
@@ -181,7 +184,12 @@ impl QemuBuilder {
             .map_err(|error| Error::io(format!("creating {}", socket_dir.display()), error))?;
         let qmp_socket = socket_dir.join("qmp.sock");
         self.machine.qmp_socket = Some(qmp_socket.clone());
-        let args = self.machine.args();
+        let mut args = self.machine.args();
+        // Profiling hook: extra QEMU arguments, e.g. `-perfmap` so `perf` can name the guest
+        // code behind QEMU's translated blocks.
+        if let Ok(extra) = std::env::var(EXTRA_ARGS_ENV) {
+            args.extend(extra.split_whitespace().map(str::to_string));
+        }
         let command_line = shell_command_line(QEMU_BINARY, &args);
         if self.echo {
             eprintln!("[{}] $ {command_line}", self.label);

@@ -71,10 +71,7 @@ fn main() -> i32 {
                 // Due but blocked by a full queue: the stack's sleep ends when it drains.
                 break;
             }
-            let wake = stack
-                .next_wakeup_ns()
-                .map_or(deadline, |next| next.min(deadline));
-            guest_kernel::time::wait_for_event(Some(wake));
+            stack.wait_until(deadline);
             if stack.poll() && stack.now_ns().saturating_sub(entered) > PACING_SLICE_NS {
                 break;
             }

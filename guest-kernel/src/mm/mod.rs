@@ -4,6 +4,7 @@
 //! All RAM is identity-mapped, so a frame's physical address is also its address for the CPU;
 //! that is what makes heap and frame memory DMA-able without translation.
 
+pub mod copy;
 pub mod frames;
 #[cfg(not(any(test, feature = "host")))]
 pub mod heap;

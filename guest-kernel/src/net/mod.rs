@@ -405,15 +405,41 @@ fn service_hotplug(stack: &mut NetStack, arrival: &mut VfArrival) {
     }
 }
 
+/// The event loop services the lab PF at most this often: each service is several register
+/// reads, and under emulation each is an exit that waits for the device model's lock (with
+/// traffic flowing, up to a whole burst of frames). The VF's own mailbox waits service the lab
+/// PF directly, so this only bounds how soon a VF reset or link change is noticed on its own.
+const LAB_PF_SERVICE_PERIOD_NS: u64 = 10_000_000;
+/// The event loop reads the lab control channel (a port read) at most this often.
+const LAB_CONTROL_SERVICE_PERIOD_NS: u64 = 1_000_000;
+
 /// Runs the event loop: hot-plug service, stack poll, then the app; sleeps until an interrupt
 /// or the next deadline whenever a round did nothing. Returns the app's exit code.
 pub fn run(stack: &mut NetStack, mut app: impl FnMut(&mut NetStack) -> ControlFlow<i32>) -> i32 {
     let mut control = lab_control::LabControl::open();
     let mut arrival = VfArrival::default();
+    let mut lab_pf_serviced_ns = None;
+    let mut lab_control_serviced_ns = None;
+    let due = |last: &mut Option<u64>, now_ns: u64, period_ns: u64| {
+        let due = last.is_none_or(|at| now_ns.saturating_sub(at) >= period_ns);
+        if due {
+            *last = Some(now_ns);
+        }
+        due
+    };
     loop {
         service_hotplug(stack, &mut arrival);
-        vf_path::service_lab_pf();
-        if let Some(control) = control.as_mut() {
+        let now_ns = time::now_ns();
+        if due(&mut lab_pf_serviced_ns, now_ns, LAB_PF_SERVICE_PERIOD_NS) {
+            vf_path::service_lab_pf();
+        }
+        if let Some(control) = control.as_mut()
+            && due(
+                &mut lab_control_serviced_ns,
+                now_ns,
+                LAB_CONTROL_SERVICE_PERIOD_NS,
+            )
+        {
             control.service(stack);
         }
         let mut did_work = stack.poll();

@@ -16,6 +16,8 @@ use xtask::{Accel, Error};
 
 use crate::client::{Mode, Refusal, check_throughput, summary_rate};
 
+/// The app's line when a session is over (all its connections closed or closing).
+const SESSION_FINISHED_MARK: &str = " finished (";
 /// Time a client may take beyond its own `-t` (connection set-up and result exchange under
 /// TCG on a busy 2-core machine).
 pub const CLIENT_GRACE: Duration = Duration::from_secs(60);
@@ -150,6 +152,10 @@ impl IperfGuest {
         let when = format!("the app's lines for iperf3 {}", mode.args);
         let parameters = parameters.unwrap_or_else(|| self.wait_line(PARAMETERS_MARK, &when).1);
         let (_, summary) = self.wait_line(TEST_DONE_LINE, &when);
+        // The next client may only come once this session is over: the stock client quits
+        // right after IPERF_DONE, and a server still closing the streams answers "busy" (the
+        // app finishes them within a second, longer than the next client takes on a busy host).
+        self.wait_line(SESSION_FINISHED_MARK, &when);
         for (line, fragments) in [(&parameters, mode.parameters), (&summary, mode.summary)] {
             for fragment in fragments {
                 if !line.contains(fragment) {
