@@ -518,6 +518,14 @@ impl NetDevice for VfSlot {
         }
     }
 
+    fn arm_interrupts(&mut self) -> bool {
+        self.state
+            .borrow_mut()
+            .device
+            .as_mut()
+            .is_some_and(|device| device.arm_interrupts())
+    }
+
     fn stats(&self) -> Stats {
         let state = self.state.borrow();
         let mut stats = state.retired;
@@ -1051,6 +1059,10 @@ impl<S: NetDevice + SyntheticSide, F: VfPlatform> NetDevice for HyperVNic<S, F> 
 
     fn flush(&mut self) {
         self.netvsc.flush();
+    }
+
+    fn arm_interrupts(&mut self) -> bool {
+        self.netvsc.arm_interrupts()
     }
 
     fn stats(&self) -> Stats {
