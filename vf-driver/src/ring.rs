@@ -308,40 +308,34 @@ impl TxRing {
         Some(self.next_to_use)
     }
 
-    /// True when the oldest outstanding transmit is finished (its last descriptor has DD):
-    /// [`TxRing::reclaim`] would make progress.
-    pub(crate) fn has_completion(&self) -> bool {
+    /// The oldest outstanding transmit (its first slot and record) when the device finished
+    /// it (DD on its last descriptor).
+    fn oldest_finished(&self) -> Option<(usize, TxUnit)> {
         if self.outstanding() == 0 {
-            return false;
+            return None;
         }
         let first = usize::from(self.next_to_clean);
         let unit = self.units[first];
         if unit.slots == 0 || unit.slots > self.outstanding() {
-            return false;
+            // Only a bookkeeping bug could get here; stop rather than walk garbage.
+            log::error!("igbvf: TX slot {first} has no transmit recorded");
+            return None;
         }
         let last = (first + usize::from(unit.slots) - 1) % usize::from(self.size);
         read_descriptor(&self.descriptors, last)
-            .is_some_and(|words| AdvancedTxDataDescriptor::from_words(words).is_done())
+            .filter(|&words| AdvancedTxDataDescriptor::from_words(words).is_done())
+            .map(|_| (first, unit))
+    }
+
+    /// True when [`TxRing::reclaim`] would make progress.
+    pub(crate) fn has_completion(&self) -> bool {
+        self.oldest_finished().is_some()
     }
 
     /// Collects transmits the device finished (DD on their last descriptor), oldest first.
     pub(crate) fn reclaim(&mut self) -> Reclaimed {
         let mut reclaimed = Reclaimed::default();
-        while self.outstanding() > 0 {
-            let first = usize::from(self.next_to_clean);
-            let unit = self.units[first];
-            if unit.slots == 0 || unit.slots > self.outstanding() {
-                // Only a bookkeeping bug could get here; stop rather than walk garbage.
-                log::error!("igbvf: TX slot {first} has no transmit recorded");
-                break;
-            }
-            let last = (first + usize::from(unit.slots) - 1) % usize::from(self.size);
-            let Some(words) = read_descriptor(&self.descriptors, last) else {
-                break;
-            };
-            if !AdvancedTxDataDescriptor::from_words(words).is_done() {
-                break;
-            }
+        while let Some((first, unit)) = self.oldest_finished() {
             reclaimed.frames += u64::from(unit.frames);
             reclaimed.bytes += u64::from(unit.bytes);
             self.units[first] = TxUnit::default();
