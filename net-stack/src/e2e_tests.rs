@@ -1858,3 +1858,106 @@ fn a_sender_that_never_retransmits_gets_every_byte_through_a_full_window() {
     );
     assert!(received == data, "the bytes arrived changed");
 }
+
+/// The window scale of the guest's SYN-ACK to a SYN (offering scaling) from `source_port`.
+fn syn_ack_window_scale(
+    stack: &mut NetStack,
+    control: &FakeControl,
+    source_port: u16,
+) -> Option<u8> {
+    let syn = TcpRepr {
+        src_port: source_port,
+        dst_port: 5201,
+        control: TcpControl::Syn,
+        seq_number: TcpSeqNumber(1000),
+        ack_number: None,
+        window_len: 65535,
+        window_scale: Some(7),
+        max_seg_size: Some(1460),
+        sack_permitted: false,
+        sack_ranges: [None, None, None],
+        timestamp: None,
+        payload: &[],
+    };
+    control.inject_rx(&client_segment(&syn));
+    for _ in 0..10 {
+        stack.poll();
+        for frame in control.take_tx() {
+            match parse_guest_frame(&frame) {
+                GuestFrame::ArpRequest(reply) => control.inject_rx(&reply),
+                GuestFrame::Tcp {
+                    syn: true,
+                    window_scale,
+                    ..
+                } => return window_scale,
+                _ => {}
+            }
+        }
+    }
+    panic!("no SYN-ACK to the SYN from port {source_port}");
+}
+
+#[test]
+fn new_listener_options_give_the_next_connection_its_buffer_size() {
+    let clock = Rc::new(Cell::new(0));
+    let (mut stack, control) = lone_stack(&clock);
+    let small = TcpOptions::default();
+    let listener = stack.tcp_listen_with(5201, small).unwrap();
+    // 64 KiB: the window needs one bit of scaling (smoltcp scales to the buffer's size).
+    assert_eq!(syn_ack_window_scale(&mut stack, &control, 40000), Some(1));
+    let large = TcpOptions {
+        rx_buffer: MIB,
+        ..small
+    };
+    stack.set_listener_options(&listener, large).unwrap();
+    // The spare listening sockets were made anew: the very next SYN gets a 1 MiB window.
+    assert_eq!(syn_ack_window_scale(&mut stack, &control, 40001), Some(5));
+    stack.set_listener_options(&listener, small).unwrap();
+    assert_eq!(syn_ack_window_scale(&mut stack, &control, 40002), Some(1));
+    assert_eq!(stack.stats().tcp_buffer_allocation_failures, 0);
+}
+
+#[test]
+fn socket_buffers_the_heap_cannot_give_refuse_connections_instead_of_stopping_the_kernel() {
+    let clock = Rc::new(Cell::new(0));
+    let (mut stack, control) = lone_stack(&clock);
+    // No allocator can give this: the allocation fails the way a full guest heap does.
+    let impossible = TcpOptions {
+        rx_buffer: usize::MAX / 2,
+        ..TcpOptions::default()
+    };
+    let listener = stack.tcp_listen_with(5201, impossible).unwrap();
+    assert!(stack.stats().tcp_buffer_allocation_failures > 0);
+    let syn = syn_frame(40000, 5201);
+    let mut reset = false;
+    for _ in 0..10 {
+        if reset {
+            break;
+        }
+        // Again each round: the first answer waits for ARP (smoltcp drops it meanwhile).
+        control.inject_rx(&syn);
+        stack.poll();
+        for frame in control.take_tx() {
+            if let GuestFrame::ArpRequest(reply) = parse_guest_frame(&frame) {
+                control.inject_rx(&reply);
+            }
+            // TCP flags byte of an untagged IPv4 frame without options: RST is 0x04.
+            reset |= frame.len() >= 54 && frame[12..14] == [0x08, 0x00] && frame[47] & 0x04 != 0;
+        }
+    }
+    assert!(reset, "the SYN was answered with a reset");
+    assert!(stack.accept(&listener).is_none());
+    let remote = IpEndpoint::new(IpAddress::v4(10, 0, 2, 100), 5201);
+    assert_eq!(
+        stack.tcp_connect_with(remote, impossible).unwrap_err(),
+        Error::OutOfMemory {
+            what: "TCP socket buffers",
+            bytes: usize::MAX / 2 + TcpOptions::default().tx_buffer,
+        }
+    );
+    // Memory back: the listener serves again.
+    stack
+        .set_listener_options(&listener, TcpOptions::default())
+        .unwrap();
+    assert_eq!(syn_ack_window_scale(&mut stack, &control, 40001), Some(1));
+}

@@ -50,6 +50,14 @@ pub enum Error {
     /// Port 0 cannot be listened on.
     #[error("port 0 is not a valid listening port")]
     InvalidPort,
+    /// The heap cannot give the memory asked for.
+    #[error("no memory for {what} ({bytes} bytes)")]
+    OutOfMemory {
+        /// What the memory was for.
+        what: &'static str,
+        /// Bytes asked for.
+        bytes: usize,
+    },
     /// Every ephemeral port is in use.
     #[error("no free ephemeral port")]
     NoEphemeralPort,

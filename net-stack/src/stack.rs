@@ -229,6 +229,7 @@ struct StackCounters {
     tcp_reclaimed: u64,
     tcp_linger_aborts: u64,
     tcp_duplicate_syns: u64,
+    tcp_buffer_allocation_failures: u64,
     dhcp_leases: u64,
     announcement_frames: u64,
     receive_ns: u64,
@@ -262,6 +263,9 @@ pub struct NetStats {
     pub tcp_linger_aborts: u64,
     /// Retransmitted SYNs dropped because a connection for them already exists.
     pub tcp_duplicate_syns_dropped: u64,
+    /// Sockets not created because the heap could not give their buffers (a listener's spare
+    /// sockets, retried at the next poll, or [`NetStack::tcp_connect`] failing).
+    pub tcp_buffer_allocation_failures: u64,
     /// DHCP leases obtained.
     pub dhcp_leases: u64,
     /// Gratuitous ARP / unsolicited NA frames sent.
@@ -324,16 +328,28 @@ pub fn link_local_address(mac: MacAddress) -> Ipv6Address {
     )
 }
 
-fn new_tcp_socket(options: &TcpOptions) -> tcp::Socket<'static> {
-    let rx = tcp::SocketBuffer::new(vec![0u8; options.rx_buffer.max(1)]);
-    let tx = tcp::SocketBuffer::new(vec![0u8; options.tx_buffer.max(1)]);
-    let mut socket = tcp::Socket::new(rx, tx);
+/// A zeroed buffer of `len` bytes, or `None` when the heap cannot give it (a socket's buffers
+/// are its largest allocation; running out must refuse the connection, not stop the kernel).
+fn socket_buffer(len: usize) -> Option<Vec<u8>> {
+    let mut buffer = Vec::new();
+    buffer.try_reserve_exact(len).ok()?;
+    buffer.resize(len, 0);
+    Some(buffer)
+}
+
+/// A TCP socket with `options`' buffers; `Err` with the bytes asked for when memory is short.
+fn new_tcp_socket(options: &TcpOptions) -> core::result::Result<tcp::Socket<'static>, usize> {
+    let (rx_len, tx_len) = (options.rx_buffer.max(1), options.tx_buffer.max(1));
+    let (Some(rx), Some(tx)) = (socket_buffer(rx_len), socket_buffer(tx_len)) else {
+        return Err(rx_len + tx_len);
+    };
+    let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
     socket.set_nagle_enabled(!options.nodelay);
     socket.set_ack_delay(None);
     socket.set_congestion_control(tcp::CongestionControl::Reno);
     socket.set_keep_alive(options.keep_alive_ms.map(Duration::from_millis));
     socket.set_timeout(options.timeout_ms.map(Duration::from_millis));
-    socket
+    Ok(socket)
 }
 
 /// Source endpoint and destination port of a TCP SYN (without ACK) frame.
@@ -367,7 +383,11 @@ fn release_origin(listeners: &mut Slab<Listener>, origin: Option<Key>) {
 }
 
 /// Tops up a listener's pool of listening sockets.
-fn replenish(listener: &mut Listener, sockets: &mut SocketSet<'static>) {
+fn replenish(
+    listener: &mut Listener,
+    sockets: &mut SocketSet<'static>,
+    counters: &mut StackCounters,
+) {
     let mut spare = listener
         .pending
         .iter()
@@ -376,7 +396,21 @@ fn replenish(listener: &mut Listener, sockets: &mut SocketSet<'static>) {
     while spare < listener.options.spare_listeners
         && listener.open < listener.options.max_connections
     {
-        let mut socket = new_tcp_socket(&listener.options);
+        let mut socket = match new_tcp_socket(&listener.options) {
+            Ok(socket) => socket,
+            Err(bytes) => {
+                // Retried at the next poll; until then SYNs beyond the spares left are refused.
+                counters.tcp_buffer_allocation_failures += 1;
+                if counters.tcp_buffer_allocation_failures.is_power_of_two() {
+                    log::warn!(
+                        "net: no memory for a {bytes}-byte socket on tcp port {}; {} such failures so far",
+                        listener.port,
+                        counters.tcp_buffer_allocation_failures
+                    );
+                }
+                break;
+            }
+        };
         socket.set_timeout(Some(Duration::from_millis(HANDSHAKE_TIMEOUT_MS)));
         if let Err(error) = socket.listen(listener.port) {
             log::error!("net: cannot listen on tcp port {}: {error}", listener.port);
@@ -634,10 +668,13 @@ impl NetStack {
                     // A listening socket may just have taken a SYN: keep the pool topped up
                     // before the next SYN in this batch.
                     let NetStack {
-                        listeners, sockets, ..
+                        listeners,
+                        sockets,
+                        counters,
+                        ..
                     } = self;
                     for listener in listeners.values_mut() {
-                        replenish(listener, sockets);
+                        replenish(listener, sockets, counters);
                     }
                 }
             }
@@ -759,7 +796,7 @@ impl NetStack {
             open: 0,
             at_limit: false,
         };
-        replenish(&mut listener, &mut self.sockets);
+        replenish(&mut listener, &mut self.sockets, &mut self.counters);
         log::info!(
             "net: listening on tcp port {port} ({} spare sockets, up to {} connections, buffers {}/{} bytes)",
             options.spare_listeners,
@@ -771,6 +808,49 @@ impl NetStack {
             key: self.listeners.insert(listener),
             port,
         })
+    }
+
+    /// Changes the options of `listener`'s future connections. Its spare listening sockets
+    /// (no SYN taken yet) are replaced at once, so the next SYN already gets the new buffer
+    /// sizes (the window and window scale a connection offers are fixed by its SYN-ACK);
+    /// connections in the handshake, waiting for `accept` or accepted keep theirs.
+    pub fn set_listener_options(
+        &mut self,
+        listener: &TcpListener,
+        options: TcpOptions,
+    ) -> Result<()> {
+        let NetStack {
+            listeners,
+            sockets,
+            counters,
+            ..
+        } = self;
+        let entry = listeners
+            .get_mut(listener.key)
+            .ok_or(Error::InvalidHandle)?;
+        if entry.options == options {
+            return Ok(());
+        }
+        entry.options = options;
+        entry.pending.retain(|handle| {
+            if sockets.get::<tcp::Socket>(*handle).state() == TcpState::Listen {
+                // Freed before its replacement is allocated: the old buffers may be large.
+                sockets.remove(*handle);
+                entry.open = entry.open.saturating_sub(1);
+                false
+            } else {
+                true
+            }
+        });
+        replenish(entry, sockets, counters);
+        log::debug!(
+            "net: tcp port {}: new connections get buffers {}/{} bytes, {} spare sockets",
+            listener.port,
+            options.rx_buffer,
+            options.tx_buffer,
+            options.spare_listeners
+        );
+        Ok(())
     }
 
     /// Stops listening. Connections already accepted are unaffected; those not yet accepted
@@ -842,7 +922,13 @@ impl NetStack {
             Socket::Tcp(tcp) => tcp.local_endpoint().map(|endpoint| endpoint.port),
             _ => None,
         })?;
-        let mut socket = new_tcp_socket(&options);
+        let mut socket = new_tcp_socket(&options).map_err(|bytes| {
+            self.counters.tcp_buffer_allocation_failures += 1;
+            Error::OutOfMemory {
+                what: "TCP socket buffers",
+                bytes,
+            }
+        })?;
         socket
             .connect(self.iface.context(), remote, local_port)
             .map_err(|_| Error::Unaddressable { endpoint: remote })?;
@@ -1228,6 +1314,7 @@ impl NetStack {
             tcp_reclaimed: self.counters.tcp_reclaimed,
             tcp_linger_aborts: self.counters.tcp_linger_aborts,
             tcp_duplicate_syns_dropped: self.counters.tcp_duplicate_syns,
+            tcp_buffer_allocation_failures: self.counters.tcp_buffer_allocation_failures,
             dhcp_leases: self.counters.dhcp_leases,
             announcement_frames: self.counters.announcement_frames,
             receive_ns: self.counters.receive_ns,
@@ -1301,7 +1388,7 @@ impl NetStack {
             coalesce.flow_evictions
         );
         log::info!(
-            "net: tcp listeners {}, streams {}, lingering {}, accepted {}, connects {}, reclaimed {}, linger resets {}, duplicate SYNs {}; udp sockets {}; smoltcp sockets {}; dhcp leases {}",
+            "net: tcp listeners {}, streams {}, lingering {}, accepted {}, connects {}, reclaimed {}, linger resets {}, duplicate SYNs {}, buffer allocation failures {}; udp sockets {}; smoltcp sockets {}; dhcp leases {}",
             stats.tcp_listeners,
             stats.tcp_streams,
             stats.tcp_lingering,
@@ -1310,6 +1397,7 @@ impl NetStack {
             stats.tcp_reclaimed,
             stats.tcp_linger_aborts,
             stats.tcp_duplicate_syns_dropped,
+            stats.tcp_buffer_allocation_failures,
             stats.udp_sockets,
             stats.sockets_in_use,
             stats.dhcp_leases
@@ -1490,7 +1578,7 @@ impl NetStack {
                     true
                 }
             });
-            replenish(listener, sockets);
+            replenish(listener, sockets, counters);
         }
 
         for stream in streams.values_mut() {

@@ -4,6 +4,7 @@
 
 extern crate alloc;
 
+pub mod buffers;
 pub mod error;
 pub mod json;
 pub mod options;

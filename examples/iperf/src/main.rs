@@ -39,7 +39,10 @@ fn main() -> i32 {
         Some(RawMode::Receive) => return raw_receive(&mut stack),
         None => {}
     }
-    let mut server = match Server::new(&mut stack, port) {
+    // Half the heap: the rest is the bond's queues, the control connection and whatever the
+    // previous test's streams still hold while they close.
+    let stream_buffer_budget = guest_kernel::mm::heap::heap_bytes() / 2;
+    let mut server = match Server::new(&mut stack, port, stream_buffer_budget) {
         Ok(server) => server,
         Err(error) => {
             log::error!("iperf: cannot serve on port {port}: {error}");

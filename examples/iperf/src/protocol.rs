@@ -142,6 +142,8 @@ pub struct TestParams {
     pub get_server_output: bool,
     /// Client's version string, for the log (sanitised, short).
     pub client_version: String,
+    /// Socket buffer size the client asked for (`-w`), if any.
+    pub window: Option<usize>,
 }
 
 impl TestParams {
@@ -299,6 +301,11 @@ pub fn parse_params(body: &[u8], limits: &Limits) -> Result<TestParams, Error> {
         }
         _ => {}
     }
+    // iperf3 sends `window` only with -w; 0 means the system default, as in iperf3.
+    let window = match unsigned(&object, "window", 0)? {
+        0 => None,
+        bytes => Some(usize::try_from(bytes).unwrap_or(usize::MAX)),
+    };
     let client_version = object
         .get("client_version")
         .and_then(Value::as_str)
@@ -319,6 +326,7 @@ pub fn parse_params(body: &[u8], limits: &Limits) -> Result<TestParams, Error> {
         udp_counters_64bit,
         get_server_output: flag(&object, "get_server_output"),
         client_version,
+        window,
     })
 }
 

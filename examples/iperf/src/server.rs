@@ -16,6 +16,7 @@ use net_stack::{
     Error as NetError, IpEndpoint, NetStack, TcpListener, TcpOptions, TcpStream, UdpSocket,
 };
 
+use crate::buffers;
 use crate::error::Error;
 use crate::protocol::{
     self, COOKIE_LEN, LENGTH_PREFIX, Limits, Pacer, Protocol, StreamResult, TestParams,
@@ -55,8 +56,10 @@ const RESULTS_TIMEOUT_NS: u64 = 10 * NS_PER_S;
 /// For IPERF_DONE after DISPLAY_RESULTS.
 const DONE_TIMEOUT_NS: u64 = 5 * NS_PER_S;
 
-/// Socket options of the listener (control connections and TCP data streams share it).
-fn listener_options() -> TcpOptions {
+/// Socket options of the listener between tests: control connections (and the few refused
+/// clients) need small buffers. While a test's TCP streams connect, the listener takes the
+/// options [`buffers::stream_options`] derives from these.
+fn control_options() -> TcpOptions {
     TcpOptions {
         spare_listeners: 4,
         // Every stream of a full test, the control connection, a few refused clients and the
@@ -67,7 +70,7 @@ fn listener_options() -> TcpOptions {
         // resolution the session timeouts need.
         keep_alive_ms: Some(1_000),
         timeout_ms: Some(60_000),
-        ..TcpOptions::bulk()
+        ..TcpOptions::default()
     }
 }
 
@@ -85,6 +88,8 @@ struct Counters {
 pub struct Server {
     port: u16,
     listener: TcpListener,
+    /// Socket buffer bytes a test's TCP streams may use together.
+    stream_buffer_budget: usize,
     udp: UdpSocket,
     session: Option<Session>,
     /// Control messages and UDP datagrams are read into this (TCP test data is discarded
@@ -351,7 +356,7 @@ fn read_control(
     }
 }
 
-/// Queues control bytes. The control connection's 256 KiB buffer holds every message we send
+/// Queues control bytes. The control connection's 64 KiB buffer holds every message we send
 /// (at most a few KiB per session), so a short write means the connection is broken.
 fn send_control(stack: &mut NetStack, control: &TcpStream, bytes: &[u8]) -> Result<(), Error> {
     match stack.tcp_write(control, bytes) {
@@ -390,10 +395,15 @@ fn yes_no(flag: bool) -> &'static str {
 }
 
 impl Server {
-    /// Listens on TCP and UDP `port`.
-    pub fn new(stack: &mut NetStack, port: u16) -> Result<Server, Error> {
+    /// Listens on TCP and UDP `port`; a test's TCP streams get socket buffers of
+    /// `stream_buffer_budget` bytes in all (see [`buffers`]).
+    pub fn new(
+        stack: &mut NetStack,
+        port: u16,
+        stream_buffer_budget: usize,
+    ) -> Result<Server, Error> {
         let listener = stack
-            .tcp_listen_with(port, listener_options())
+            .tcp_listen_with(port, control_options())
             .map_err(|error| Error::Net {
                 context: "listening on TCP",
                 error,
@@ -410,6 +420,7 @@ impl Server {
         Ok(Server {
             port,
             listener,
+            stream_buffer_budget,
             udp,
             session: None,
             receive_buffer: vec![0; CHUNK],
@@ -629,8 +640,10 @@ impl Server {
                 }
                 Err(other) => return Err(other),
             };
+            let stream_options =
+                buffers::stream_options(&params, self.stream_buffer_budget, control_options());
             log::info!(
-                "iperf: session {}: {} streams={} reverse={} bidir={} len={} bandwidth={} time={} omit={} client {}",
+                "iperf: session {}: {} streams={} reverse={} bidir={} len={} bandwidth={} time={} omit={} window={} buffers={}/{} client {}",
                 session.number,
                 params.protocol.name(),
                 params.stream_count(),
@@ -640,8 +653,12 @@ impl Server {
                 params.bandwidth_bps,
                 params.time_s,
                 params.omit_s,
+                params.window.unwrap_or(0),
+                stream_options.rx_buffer,
+                stream_options.tx_buffer,
                 params.client_version
             );
+            self.set_listener_options(stack, stream_options);
             session.test = Some(Test {
                 params,
                 streams: Vec::new(),
@@ -663,6 +680,8 @@ impl Server {
             self.accept_streams(stack, session, now);
             let test = session.test.as_mut().ok_or_else(missing_test)?;
             if test.streams.len() == test.params.stream_count() {
+                self.set_listener_options(stack, control_options());
+                let test = session.test.as_mut().ok_or_else(missing_test)?;
                 start_test(test, now);
                 for pending in test.pending.drain(..) {
                     refuse(stack, pending.stream);
@@ -1035,8 +1054,19 @@ impl Server {
         Ok(())
     }
 
+    /// Gives the listener's future connections `options` (the streams' buffers, or back to
+    /// the control connection's).
+    fn set_listener_options(&self, stack: &mut NetStack, options: TcpOptions) {
+        if let Err(error) = stack.set_listener_options(&self.listener, options) {
+            // Only a stale handle fails; connections keep the buffers they had.
+            log::warn!("iperf: cannot change the listener's socket buffers: {error}");
+        }
+    }
+
     /// Closes everything the session holds (gracefully) and logs why it ended.
     fn end_session(&mut self, stack: &mut NetStack, mut session: Session, error: Option<Error>) {
+        // A test cut short while its streams connected leaves the listener on their buffers.
+        self.set_listener_options(stack, control_options());
         let running = matches!(session.phase, Phase::Running);
         let now = stack.now_ns();
         if let Some(test) = session.test.as_mut() {

@@ -111,7 +111,7 @@ fn run(input: &mut Input, steps: &mut Steps) -> Outcome {
     };
     let mut stack = NetStack::new(config, synthetic, Box::new(Clock(clock.clone())))
         .map_err(|error| format!("stack did not start: {error}"))?;
-    let mut server = Server::new(&mut stack, PORT).map_err(|error| format!("server: {error}"))?;
+    let mut server = Server::new(&mut stack, PORT, 1024 * 1024).map_err(|error| format!("server: {error}"))?;
     let mut arp = Vec::new();
     arp.extend_from_slice(&OUR_MAC);
     arp.extend_from_slice(&PEER_MAC);

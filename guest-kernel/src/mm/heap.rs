@@ -2,6 +2,7 @@
 //! get.
 
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use net_device::{DmaAllocator, DmaRegion, PhysAddr};
 use spin::Mutex;
@@ -14,6 +15,14 @@ use super::{PAGE_SIZE, PhysRange, frames::FrameAllocator};
 static HEAP: TalcLock<spin::mutex::SpinMutex<()>, Manual, talc::DefaultBinning> =
     TalcLock::new(Manual);
 
+/// Bytes the heap was given at boot.
+static HEAP_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes the heap was given at boot (what apps size their buffers by).
+pub fn heap_bytes() -> usize {
+    HEAP_BYTES.load(Ordering::Relaxed)
+}
+
 /// The DMA frame pool.
 pub static FRAMES: Mutex<FrameAllocator> = Mutex::new(FrameAllocator::empty());
 
@@ -24,11 +33,15 @@ pub static FRAMES: Mutex<FrameAllocator> = Mutex::new(FrameAllocator::empty());
 /// The range must be mapped, usable RAM that nothing else uses, ever.
 pub unsafe fn add_heap_range(range: PhysRange) -> bool {
     // SAFETY: the caller hands us exclusive, mapped RAM.
-    unsafe {
+    let claimed = unsafe {
         HEAP.lock()
             .claim(range.start as *mut u8, range.len() as usize)
             .is_some()
+    };
+    if claimed {
+        HEAP_BYTES.fetch_add(range.len() as usize, Ordering::Relaxed);
     }
+    claimed
 }
 
 /// Hands out zeroed, page-aligned, physically contiguous frames from the pool.

@@ -34,8 +34,15 @@ impl Mode {
 pub const MODES: &[Mode] = &[
     Mode {
         summary: &["tcp reverse=no streams=1 ", "bidir=no"],
-        parameters: &["time=3"],
+        // One receiving stream: the largest window, a token send buffer.
+        parameters: &["time=3", "window=0 buffers=2097152/4096 "],
         ..Mode::plain("-t 3")
+    },
+    Mode {
+        // The client's -w sizes the streams' buffers (the used direction only).
+        parameters: &["window=131072 buffers=131072/4096 "],
+        summary: &["tcp reverse=no streams=1 "],
+        ..Mode::plain("-t 2 -w 128K")
     },
     Mode {
         summary: &["tcp reverse=yes streams=1 "],
@@ -43,6 +50,8 @@ pub const MODES: &[Mode] = &[
     },
     Mode {
         summary: &["tcp reverse=no streams=4 "],
+        // Four streams share the test's window.
+        parameters: &["buffers=524288/4096 "],
         output: &["[SUM]"],
         ..Mode::plain("-t 3 -P 4")
     },
