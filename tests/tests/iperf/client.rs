@@ -50,8 +50,8 @@ pub const MODES: &[Mode] = &[
     },
     Mode {
         summary: &["tcp reverse=no streams=4 "],
-        // Four streams share the test's window.
-        parameters: &["buffers=524288/4096 "],
+        // Four streams share 1.5 MiB of window.
+        parameters: &["buffers=393216/4096 "],
         output: &["[SUM]"],
         ..Mode::plain("-t 3 -P 4")
     },
