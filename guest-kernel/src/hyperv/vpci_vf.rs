@@ -39,6 +39,7 @@ use net_device::{
     RegisterIo, RxMeta, Stats, TxMeta,
 };
 use netvsc_fallback::netvsc::{self, Netvsc, NetvscChannel, Pairing, VfAssociation, VfEvent};
+use vmbus::Error as VmbusError;
 use vmbus::client::Offer;
 use vmbus::vpci::{BarPlacement, VpciBus, VpciEvent, VpciPort};
 
@@ -63,6 +64,10 @@ pub const DRAIN_QUIET_NS: u64 = 10_000_000;
 /// EJECTION_COMPLETE goes out anyway (Linux does not wait at all; OpenHCL gives the guest 10 s
 /// for the whole eject).
 pub const RELEASE_TIMEOUT_NS: u64 = 500_000_000;
+
+/// How soon an EJECTION_COMPLETE that could not be sent is tried again: the host waits for it
+/// before it takes the function back, so it is retried until it goes out or the bus is gone.
+pub const EJECT_RETRY_NS: u64 = 100_000_000;
 
 fn vpci_error(step: &'static str, error: impl ToString) -> KernelError {
     KernelError::HyperV {
@@ -383,6 +388,9 @@ pub struct HookCounters {
     pub start_failures: u64,
     /// EJECTION_COMPLETEs sent.
     pub ejects_completed: u64,
+    /// EJECTION_COMPLETEs that could not be sent when due (each is retried every
+    /// [`EJECT_RETRY_NS`]).
+    pub eject_send_failures: u64,
     /// Ejects acknowledged only after [`LEAVE_TIMEOUT_NS`] without the host's confirmation.
     pub leave_timeouts: u64,
     /// VFs lost to a rescinded vPCI channel.
@@ -595,6 +603,14 @@ struct Release {
     acknowledge: bool,
 }
 
+/// An eject whose acknowledgement failed to go out.
+#[derive(Clone, Copy, Debug)]
+struct UnacknowledgedEject {
+    relid: u32,
+    wslot: u32,
+    next_try_ns: u64,
+}
+
 /// The Hyper-V VF state machine (see the module docs).
 pub struct VfHook<F: VfPlatform> {
     platform: F,
@@ -604,6 +620,8 @@ pub struct VfHook<F: VfPlatform> {
     refused: Vec<(u32, u32)>,
     /// Functions being released.
     releasing: Vec<Release>,
+    /// Ejects whose EJECTION_COMPLETE could not be sent yet.
+    unacknowledged: Vec<UnacknowledgedEject>,
     slot: Rc<RefCell<SlotState>>,
     counters: HookCounters,
 }
@@ -627,6 +645,7 @@ impl<F: VfPlatform> VfHook<F> {
             active: None,
             refused: Vec::new(),
             releasing: Vec::new(),
+            unacknowledged: Vec::new(),
             slot: slot.clone(),
             counters: HookCounters::default(),
         };
@@ -673,6 +692,7 @@ impl<F: VfPlatform> VfHook<F> {
         self.service_buses(now_ns);
         self.progress_leaving(synthetic, now_ns);
         self.progress_releases(now_ns);
+        self.retry_ejects(now_ns);
         if self.active.is_none() {
             self.pair(synthetic, now_ns);
         }
@@ -710,7 +730,7 @@ impl<F: VfPlatform> VfHook<F> {
                             // Acknowledged once the release is answered.
                             Some(release) => release.acknowledge = true,
                             // Not in use: acknowledge at once.
-                            None => self.complete_eject(index, wslot),
+                            None => self.complete_eject(index, wslot, now_ns),
                         },
                     },
                     VpciEvent::FunctionVanished { wslot } => {
@@ -740,6 +760,7 @@ impl<F: VfPlatform> VfHook<F> {
                 }
                 // The host is gone: nothing to wait for, nobody to acknowledge to.
                 self.releasing.retain(|release| release.relid != relid);
+                self.unacknowledged.retain(|eject| eject.relid != relid);
                 let closed = self.buses.remove(index);
                 self.refused.retain(|&(known, _)| known != relid);
                 self.platform.close_bus(&closed.offer, closed.bus);
@@ -749,10 +770,59 @@ impl<F: VfPlatform> VfHook<F> {
         }
     }
 
-    fn complete_eject(&mut self, index: usize, wslot: u32) {
-        match self.buses[index].bus.borrow_mut().complete_eject(wslot) {
+    /// Sends EJECTION_COMPLETE for `wslot` on bus `index`; if it cannot go out now (the ring
+    /// stayed full for the bus's bounded wait), it is retried from `step` later.
+    fn complete_eject(&mut self, index: usize, wslot: u32, now_ns: u64) {
+        let relid = self.buses[index].offer.relid;
+        let result = self.buses[index].bus.borrow_mut().complete_eject(wslot);
+        match result {
             Ok(()) => self.counters.ejects_completed += 1,
-            Err(error) => log::warn!("hyperv: EJECTION_COMPLETE of wslot {wslot:#x}: {error}"),
+            // Already acknowledged, or the function is gone from the bus: nothing to send.
+            Err(VmbusError::VpciUnknownFunction { .. }) => {}
+            Err(error) => {
+                self.counters.eject_send_failures += 1;
+                // Logged at 1, 2, 4, 8... failures: a ring that stays full must not flood.
+                if self.counters.eject_send_failures.is_power_of_two() {
+                    log::warn!(
+                        "hyperv: EJECTION_COMPLETE of wslot {wslot:#x}: {error}; retrying every {} ms ({} failures so far)",
+                        EJECT_RETRY_NS / 1_000_000,
+                        self.counters.eject_send_failures
+                    );
+                }
+                if !self
+                    .unacknowledged
+                    .iter()
+                    .any(|eject| eject.relid == relid && eject.wslot == wslot)
+                {
+                    self.unacknowledged.push(UnacknowledgedEject {
+                        relid,
+                        wslot,
+                        next_try_ns: now_ns.saturating_add(EJECT_RETRY_NS),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Tries the EJECTION_COMPLETEs that failed again once their retry time has come.
+    fn retry_ejects(&mut self, now_ns: u64) {
+        let due: Vec<UnacknowledgedEject> = self
+            .unacknowledged
+            .iter()
+            .copied()
+            .filter(|eject| eject.next_try_ns <= now_ns)
+            .collect();
+        for eject in due {
+            self.unacknowledged
+                .retain(|known| (known.relid, known.wslot) != (eject.relid, eject.wslot));
+            // A bus that went away took the function with it.
+            if let Some(index) = self
+                .buses
+                .iter()
+                .position(|bus| bus.offer.relid == eject.relid)
+            {
+                self.complete_eject(index, eject.wslot, now_ns);
+            }
         }
     }
 
@@ -851,7 +921,7 @@ impl<F: VfPlatform> VfHook<F> {
             Err(error) => {
                 log::warn!("hyperv: vPCI release of wslot {wslot:#x}: {error}");
                 if acknowledge {
-                    self.complete_eject(index, wslot);
+                    self.complete_eject(index, wslot, now_ns);
                 }
             }
         }
@@ -892,7 +962,7 @@ impl<F: VfPlatform> VfHook<F> {
             }
             self.releasing.remove(index);
             if release.acknowledge {
-                self.complete_eject(bus_index, release.wslot);
+                self.complete_eject(bus_index, release.wslot, now_ns);
             }
         }
     }

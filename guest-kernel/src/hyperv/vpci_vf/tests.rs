@@ -30,6 +30,8 @@ struct HostState {
     to_guest: VecDeque<(bool, u64, Vec<u8>)>,
     config: FakeConfigSpace,
     rescinded: bool,
+    /// The guest's outgoing ring has no room: every send fails.
+    ring_full: bool,
     clock: u64,
 }
 
@@ -137,6 +139,12 @@ struct TestPort(Host);
 
 impl VpciPort for TestPort {
     fn send(&mut self, packet: &vmbus::OutgoingPacket<'_>) -> Result<(), VmbusError> {
+        if self.0.borrow().ring_full {
+            return Err(VmbusError::RingFull {
+                needed: 24,
+                free: 0,
+            });
+        }
         let mut payload = Vec::new();
         for piece in packet.payload {
             payload.extend_from_slice(piece);
@@ -721,6 +729,51 @@ fn a_withdrawn_association_releases_the_function_and_a_later_eject_is_acknowledg
         "released once"
     );
     assert_eq!(hook.counters().ejects_completed, 1);
+}
+
+#[test]
+fn an_ejection_complete_that_cannot_be_sent_is_retried_until_it_goes_out() {
+    let (host, mut hook, mut slot, mut synthetic) = setup(MAC);
+    hook.step(&mut synthetic, 0);
+    synthetic.events.push_back(VfEvent::Withdrawn {
+        serial_number: SERIAL,
+    });
+    synthetic.association = Some(VfAssociation {
+        allocated: false,
+        serial_number: SERIAL,
+    });
+    hook.step(&mut synthetic, 10);
+    assert_eq!(receive_round(&mut slot), Vec::<Vec<u8>>::new());
+    hook.step(&mut synthetic, 10 + DRAIN_QUIET_NS);
+    assert_released(&host);
+    // The EJECT arrives while the ring to the host stays full.
+    host.borrow_mut().ring_full = true;
+    host.borrow_mut().eject();
+    let ejected_at = 20 + DRAIN_QUIET_NS;
+    hook.step(&mut synthetic, ejected_at);
+    let sent = |host: &Host| host.borrow().count(message::EJECTION_COMPLETE);
+    assert_eq!(sent(&host), 0);
+    assert_eq!(hook.counters().eject_send_failures, 1);
+    hook.step(&mut synthetic, ejected_at + EJECT_RETRY_NS - 1);
+    assert_eq!(
+        hook.counters().eject_send_failures,
+        1,
+        "not tried before it is due"
+    );
+    hook.step(&mut synthetic, ejected_at + EJECT_RETRY_NS);
+    assert_eq!(
+        hook.counters().eject_send_failures,
+        2,
+        "tried again when due"
+    );
+    // Room again: the next try gets it out, once.
+    host.borrow_mut().ring_full = false;
+    hook.step(&mut synthetic, ejected_at + 3 * EJECT_RETRY_NS);
+    assert_eq!(sent(&host), 1);
+    assert_eq!(hook.counters().ejects_completed, 1);
+    hook.step(&mut synthetic, ejected_at + 10 * EJECT_RETRY_NS);
+    assert_eq!(sent(&host), 1);
+    assert_eq!(hook.counters().eject_send_failures, 2);
 }
 
 #[test]
