@@ -1741,6 +1741,24 @@ fn parse_guest_frame(frame: &[u8]) -> GuestFrame {
     }
 }
 
+/// A client's SYN to port 5201 that offers window scaling (shift 7) and a 1460-byte MSS.
+fn scaling_syn(source_port: u16, isn: u32) -> TcpRepr<'static> {
+    TcpRepr {
+        src_port: source_port,
+        dst_port: 5201,
+        control: TcpControl::Syn,
+        seq_number: TcpSeqNumber(isn as i32),
+        ack_number: None,
+        window_len: 65535,
+        window_scale: Some(7),
+        max_seg_size: Some(1460),
+        sack_permitted: false,
+        sack_ranges: [None, None, None],
+        timestamp: None,
+        payload: &[],
+    }
+}
+
 /// A sender like OpenVMM's consomme (user-mode NAT): it always fills the whole window the guest
 /// last advertised, in 1460-byte segments (1460 ≡ 4 mod 8, the unit of a 256 KiB buffer's
 /// window), and never retransmits, trusting a lossless link. Any byte the guest drops after
@@ -1753,20 +1771,7 @@ fn a_sender_that_never_retransmits_gets_every_byte_through_a_full_window() {
     let clock = Rc::new(Cell::new(0));
     let (mut stack, control) = lone_stack(&clock);
     let listener = stack.tcp_listen_with(5201, TcpOptions::bulk()).unwrap();
-    let syn = TcpRepr {
-        src_port: 40000,
-        dst_port: 5201,
-        control: TcpControl::Syn,
-        seq_number: TcpSeqNumber(CLIENT_ISN as i32),
-        ack_number: None,
-        window_len: 65535,
-        window_scale: Some(7),
-        max_seg_size: Some(1460),
-        sack_permitted: false,
-        sack_ranges: [None, None, None],
-        timestamp: None,
-        payload: &[],
-    };
+    let syn = scaling_syn(40000, CLIENT_ISN);
     control.inject_rx(&client_segment(&syn));
     let data = pattern(TOTAL, 7);
     let mut guest_isn = None;
@@ -1865,21 +1870,7 @@ fn syn_ack_window_scale(
     control: &FakeControl,
     source_port: u16,
 ) -> Option<u8> {
-    let syn = TcpRepr {
-        src_port: source_port,
-        dst_port: 5201,
-        control: TcpControl::Syn,
-        seq_number: TcpSeqNumber(1000),
-        ack_number: None,
-        window_len: 65535,
-        window_scale: Some(7),
-        max_seg_size: Some(1460),
-        sack_permitted: false,
-        sack_ranges: [None, None, None],
-        timestamp: None,
-        payload: &[],
-    };
-    control.inject_rx(&client_segment(&syn));
+    control.inject_rx(&client_segment(&scaling_syn(source_port, 1000)));
     for _ in 0..10 {
         stack.poll();
         for frame in control.take_tx() {

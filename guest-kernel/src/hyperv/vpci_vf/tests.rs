@@ -699,10 +699,15 @@ fn a_host_that_does_not_answer_the_release_gets_its_ejection_complete_after_the_
     assert_eq!(hook.counters().release_timeouts, 1);
 }
 
-#[test]
-fn a_withdrawn_association_releases_the_function_and_a_later_eject_is_acknowledged() {
-    let (host, mut hook, mut slot, mut synthetic) = setup(MAC);
-    hook.step(&mut synthetic, 0);
+/// The host withdraws the association of the paired VF; the hook drains and releases it (by
+/// `10 + DRAIN_QUIET_NS` on the hook's clock).
+fn withdraw_and_release(
+    host: &Host,
+    hook: &mut VfHook<TestPlatform>,
+    slot: &mut VfSlot,
+    synthetic: &mut TestSynthetic,
+) {
+    hook.step(synthetic, 0);
     synthetic.events.push_back(VfEvent::Withdrawn {
         serial_number: SERIAL,
     });
@@ -710,11 +715,17 @@ fn a_withdrawn_association_releases_the_function_and_a_later_eject_is_acknowledg
         allocated: false,
         serial_number: SERIAL,
     });
-    hook.step(&mut synthetic, 10);
+    hook.step(synthetic, 10);
     assert_eq!(slot.link_state(), LinkState::Down);
-    assert_eq!(receive_round(&mut slot), Vec::<Vec<u8>>::new());
-    hook.step(&mut synthetic, 10 + DRAIN_QUIET_NS);
-    assert_released(&host);
+    assert_eq!(receive_round(slot), Vec::<Vec<u8>>::new());
+    hook.step(synthetic, 10 + DRAIN_QUIET_NS);
+    assert_released(host);
+}
+
+#[test]
+fn a_withdrawn_association_releases_the_function_and_a_later_eject_is_acknowledged() {
+    let (host, mut hook, mut slot, mut synthetic) = setup(MAC);
+    withdraw_and_release(&host, &mut hook, &mut slot, &mut synthetic);
     assert_eq!(
         host.borrow().count(message::EJECTION_COMPLETE),
         0,
@@ -734,18 +745,7 @@ fn a_withdrawn_association_releases_the_function_and_a_later_eject_is_acknowledg
 #[test]
 fn an_ejection_complete_that_cannot_be_sent_is_retried_until_it_goes_out() {
     let (host, mut hook, mut slot, mut synthetic) = setup(MAC);
-    hook.step(&mut synthetic, 0);
-    synthetic.events.push_back(VfEvent::Withdrawn {
-        serial_number: SERIAL,
-    });
-    synthetic.association = Some(VfAssociation {
-        allocated: false,
-        serial_number: SERIAL,
-    });
-    hook.step(&mut synthetic, 10);
-    assert_eq!(receive_round(&mut slot), Vec::<Vec<u8>>::new());
-    hook.step(&mut synthetic, 10 + DRAIN_QUIET_NS);
-    assert_released(&host);
+    withdraw_and_release(&host, &mut hook, &mut slot, &mut synthetic);
     // The EJECT arrives while the ring to the host stays full.
     host.borrow_mut().ring_full = true;
     host.borrow_mut().eject();
