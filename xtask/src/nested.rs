@@ -241,7 +241,8 @@ pub struct InitConfig {
     pub log_filter: String,
 }
 
-/// The `/init` shell script.
+/// The `/init` shell script. OpenVMM's stdout carries only its REPL, whose prompt redraws
+/// would land in the middle of console lines; the guest's com1 and OpenVMM's logs go to stderr.
 pub fn init_script(config: &InitConfig) -> String {
     let modules = |names: &[String]| names.join(" ");
     let args: Vec<String> = config
@@ -271,7 +272,7 @@ ip link set eth0 up || environment "L1 has no eth0"
 ip addr add {L1_ADDRESS} dev eth0
 ip route add default via {L1_GATEWAY}
 {tap}say "KVM ready (kvm_amd), starting OpenVMM"
-OPENVMM_LOG='{log}' {L1_OPENVMM_PATH} {args} </dev/console
+OPENVMM_LOG='{log}' {L1_OPENVMM_PATH} {args} </dev/console >/dev/null
 say "{OPENVMM_EXITED} $?"
 poweroff -f
 "#,
@@ -783,7 +784,9 @@ mod tests {
         });
         let svm = script.find("grep -qw svm").unwrap();
         let kvm = script.find("irqbypass kvm ccp kvm_amd").unwrap();
-        let run = script.find("/tandem/openvmm --hv -c 'log=debug echo.port=7' </dev/console");
+        // Only the REPL writes to stdout: its prompt would land in the middle of console lines.
+        let run = script
+            .find("/tandem/openvmm --hv -c 'log=debug echo.port=7' </dev/console >/dev/null\n");
         assert!(svm < kvm && kvm < run.unwrap(), "{script}");
         assert!(script.contains("TANDEM-L1: $*"));
         assert!(script.contains("openvmm exited with status $?"));
