@@ -89,6 +89,15 @@ impl HostState {
         self.to_guest.push_back((false, 0, payload));
     }
 
+    /// The host asks for the function in `wslot` back.
+    fn eject(&mut self, wslot: u32) {
+        let eject = FunctionMessage {
+            message_type: message::EJECT,
+            wslot,
+        };
+        self.send(eject.as_bytes().to_vec());
+    }
+
     fn relations(&mut self) {
         let mut payload = Vec::new();
         let message_type = if self.relations2 {
@@ -541,14 +550,7 @@ fn eject_stops_the_function_and_is_acknowledged_when_asked() {
     let host = host(&[version::V1_4]);
     let mut bus = probe(&host).expect("probe");
     assert_eq!(bus.poll(), Some(VpciEvent::FunctionArrived { wslot: 0 }));
-    host.borrow_mut().send(
-        FunctionMessage {
-            message_type: message::EJECT,
-            wslot: 0,
-        }
-        .as_bytes()
-        .to_vec(),
-    );
+    host.borrow_mut().eject(0);
     assert_eq!(bus.poll(), Some(VpciEvent::Eject { wslot: 0 }));
     // Until acknowledged the function is unusable but still known.
     assert_eq!(bus.functions().len(), 1);
@@ -566,14 +568,7 @@ fn eject_stops_the_function_and_is_acknowledged_when_asked() {
     assert!(bus.functions().is_empty());
     assert_eq!(bus.counters().ejections_completed, 1);
     // A second EJECT of the same (now unknown) slot is dropped and counted.
-    host.borrow_mut().send(
-        FunctionMessage {
-            message_type: message::EJECT,
-            wslot: 0,
-        }
-        .as_bytes()
-        .to_vec(),
-    );
+    host.borrow_mut().eject(0);
     assert_eq!(bus.poll(), None);
     assert_eq!(bus.counters().malformed, 1);
     assert!(bus.complete_eject(0).is_err());
@@ -587,14 +582,7 @@ fn an_ejected_function_deletes_its_interrupts_then_releases_its_resources_withou
     let first = bus.create_interrupt(0, 0x41, &[0]).unwrap();
     let second = bus.create_interrupt(0, 0x42, &[0]).unwrap();
     assert_eq!(bus.interrupts_of(0), 2);
-    host.borrow_mut().send(
-        FunctionMessage {
-            message_type: message::EJECT,
-            wslot: 0,
-        }
-        .as_bytes()
-        .to_vec(),
-    );
+    host.borrow_mut().eject(0);
     assert_eq!(bus.poll(), Some(VpciEvent::Eject { wslot: 0 }));
     let before = host.borrow().seen.len();
     let waits = host.borrow().waits;
@@ -701,14 +689,7 @@ fn malformed_host_messages_are_counted_and_dropped() {
     .to_vec();
     lying.extend_from_slice(&[0; 32]);
     host.borrow_mut().send(lying);
-    host.borrow_mut().send(
-        FunctionMessage {
-            message_type: message::EJECT,
-            wslot: 0x77,
-        }
-        .as_bytes()
-        .to_vec(),
-    );
+    host.borrow_mut().eject(0x77);
     host.borrow_mut().send(Vec::new());
     let mut duplicate = BusRelations {
         message_type: message::BUS_RELATIONS,
@@ -803,14 +784,7 @@ fn an_ejection_complete_waits_out_a_full_ring_and_is_not_lost() {
     // already forgotten, so the host never got its acknowledgement and none could follow.
     let host = host(&[version::V1_4]);
     let mut bus = probe(&host).expect("probe");
-    host.borrow_mut().send(
-        FunctionMessage {
-            message_type: message::EJECT,
-            wslot: 0,
-        }
-        .as_bytes()
-        .to_vec(),
-    );
+    host.borrow_mut().eject(0);
     while let Some(event) = bus.poll() {
         if event == (VpciEvent::Eject { wslot: 0 }) {
             break;
@@ -823,14 +797,7 @@ fn an_ejection_complete_waits_out_a_full_ring_and_is_not_lost() {
     // A ring that stays full: the acknowledgement fails and can be tried again.
     host.borrow_mut().functions = vec![function(4, 1)];
     host.borrow_mut().relations();
-    host.borrow_mut().send(
-        FunctionMessage {
-            message_type: message::EJECT,
-            wslot: 4,
-        }
-        .as_bytes()
-        .to_vec(),
-    );
+    host.borrow_mut().eject(4);
     while bus.poll().is_some() {}
     host.borrow_mut().ring_full_sends = u32::MAX;
     assert!(matches!(
