@@ -21,6 +21,8 @@ use crate::fake::{FakeControl, FakeDevice};
 
 const GUEST_MAC: MacAddress = MacAddress([0x52, 0x54, 0x00, 0x00, 0x00, 0x15]);
 const CLIENT_MAC: MacAddress = MacAddress([0x52, 0x54, 0x00, 0x00, 0x00, 0x64]);
+/// The client's address (10.0.2.100, as [`static_config`] gives it in [`Sim`]).
+const CLIENT_IP: Ipv4Address = Ipv4Address::new(10, 0, 2, 100);
 const US: u64 = 1_000;
 const MS: u64 = 1_000_000;
 const MIB: usize = 1024 * 1024;
@@ -1276,10 +1278,14 @@ fn retransmitted_syn_does_not_open_a_second_connection() {
 
 /// A stack alone on a wire, for event-loop tests.
 fn lone_stack(clock: &Rc<Cell<u64>>) -> (NetStack, FakeControl) {
+    lone_stack_with(clock, static_config([10, 0, 2, 15]))
+}
+
+fn lone_stack_with(clock: &Rc<Cell<u64>>, config: NetConfig) -> (NetStack, FakeControl) {
     init_logging();
     let (nic, control) = FakeDevice::boxed("virtio-net", GUEST_MAC);
     let stack = NetStack::new(
-        static_config([10, 0, 2, 15]),
+        config,
         nic,
         Box::new(TestPlatform {
             clock: clock.clone(),
@@ -1385,8 +1391,7 @@ fn no_usable_path_does_not_spin_the_event_loop() {
 
 /// A TCP SYN from the client's addresses to the guest, built by hand.
 fn syn_frame(source_port: u16, destination_port: u16) -> Vec<u8> {
-    let source = Ipv4Address::new(10, 0, 2, 100);
-    let tcp = TcpRepr {
+    client_segment(&TcpRepr {
         src_port: source_port,
         dst_port: destination_port,
         control: TcpControl::Syn,
@@ -1399,31 +1404,78 @@ fn syn_frame(source_port: u16, destination_port: u16) -> Vec<u8> {
         sack_ranges: [None, None, None],
         timestamp: None,
         payload: &[],
+    })
+}
+
+/// A host that learned our MAC from the bring-up frames (a gratuitous ARP, our ARP request)
+/// and pings at once gets its first echo request answered: the stack asked for the gateway
+/// before announcing, so the gateway's reply arrives before its ping.
+#[test]
+fn the_gateway_is_asked_for_at_bring_up_so_its_first_ping_is_answered() {
+    let clock = Rc::new(Cell::new(0));
+    let config = NetConfig {
+        ipv4: Ipv4Mode::Static {
+            address: Ipv4Cidr::new(guest_ip(), 24),
+            gateway: Some(CLIENT_IP),
+        },
+        ..NetConfig::default()
     };
-    let ip = Ipv4Repr {
-        src_addr: source,
-        dst_addr: guest_ip(),
-        next_header: IpProtocol::Tcp,
-        payload_len: tcp.buffer_len(),
-        hop_limit: 64,
+    let (mut stack, control) = lone_stack_with(&clock, config);
+    stack.poll();
+    let bring_up = control.take_tx();
+    let first = bring_up.first().expect("frames at bring-up");
+    let GuestFrame::ArpRequest { target, reply } = parse_guest_frame(first) else {
+        panic!("the first frame at bring-up is not an ARP request");
     };
-    let ethernet = EthernetRepr {
-        src_addr: EthernetAddress(CLIENT_MAC.0),
-        dst_addr: EthernetAddress(GUEST_MAC.0),
-        ethertype: EthernetProtocol::Ipv4,
-    };
-    let mut frame = vec![0u8; 14 + ip.buffer_len() + tcp.buffer_len()];
-    let mut ethernet_frame = EthernetFrame::new_unchecked(&mut frame[..]);
-    ethernet.emit(&mut ethernet_frame);
-    let mut ip_packet = Ipv4Packet::new_unchecked(ethernet_frame.payload_mut());
-    ip.emit(&mut ip_packet, &ChecksumCapabilities::default());
-    tcp.emit(
-        &mut TcpPacket::new_unchecked(ip_packet.payload_mut()),
-        &source.into(),
-        &guest_ip().into(),
-        &ChecksumCapabilities::default(),
+    assert_eq!(target, CLIENT_IP, "the gateway is asked for first");
+    assert_eq!(stack.stats().gateway_solicitations, 1);
+    assert!(stack.stats().announcement_frames >= 2, "then GARP and NA");
+    control.inject_rx(&reply);
+    control.inject_rx(&client_echo_request(1));
+    stack.poll();
+    let answers = control.take_tx();
+    let echo_reply = answers.iter().find_map(|frame| {
+        let ethernet = EthernetFrame::new_checked(&frame[..]).ok()?;
+        let ip = Ipv4Packet::new_checked(ethernet.payload()).ok()?;
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).ok()?;
+        let repr = Icmpv4Repr::parse(&icmp, &ChecksumCapabilities::default()).ok()?;
+        matches!(repr, Icmpv4Repr::EchoReply { seq_no: 1, .. })
+            .then_some((ethernet.dst_addr(), ip.dst_addr()))
+    });
+    assert_eq!(
+        echo_reply,
+        Some((EthernetAddress(CLIENT_MAC.0), CLIENT_IP)),
+        "the first ping was answered at once (frames sent: {})",
+        answers.len()
     );
-    frame
+}
+
+/// Without a gateway to ask for, an unknown peer's first ping waits for smoltcp's neighbour
+/// resolution and its answer is lost (what the solicitation at bring-up avoids for the gateway).
+#[test]
+fn an_unknown_peers_first_ping_without_a_gateway_is_answered_only_after_resolution() {
+    let clock = Rc::new(Cell::new(0));
+    let (mut stack, control) = lone_stack(&clock);
+    stack.poll();
+    let bring_up = control.take_tx();
+    assert!(
+        bring_up.iter().all(|frame| match parse_guest_frame(frame) {
+            GuestFrame::ArpRequest { target, .. } => target == guest_ip(),
+            _ => true,
+        }),
+        "no gateway: only the gratuitous ARP at bring-up"
+    );
+    assert_eq!(stack.stats().gateway_solicitations, 0);
+    control.inject_rx(&client_echo_request(1));
+    stack.poll();
+    let answers = control.take_tx();
+    assert!(
+        answers.iter().any(|frame| matches!(
+            parse_guest_frame(frame),
+            GuestFrame::ArpRequest { target, .. } if target == CLIENT_IP
+        )),
+        "the echo request made the stack resolve the peer"
+    );
 }
 
 #[test]
@@ -1637,12 +1689,43 @@ fn merged_transfer_stays_exact_across_a_vf_detach_mid_transfer() {
 
 /// A TCP segment from the client (10.0.2.100) to the guest, built by hand.
 fn client_segment(repr: &TcpRepr<'_>) -> Vec<u8> {
-    let source = Ipv4Address::new(10, 0, 2, 100);
+    client_ipv4_frame(IpProtocol::Tcp, repr.buffer_len(), |payload| {
+        repr.emit(
+            &mut TcpPacket::new_unchecked(payload),
+            &CLIENT_IP.into(),
+            &guest_ip().into(),
+            &ChecksumCapabilities::default(),
+        )
+    })
+}
+
+/// An ICMP echo request from the client's addresses to the guest.
+fn client_echo_request(seq_no: u16) -> Vec<u8> {
+    let request = Icmpv4Repr::EchoRequest {
+        ident: 0x4242,
+        seq_no,
+        data: b"first ping",
+    };
+    client_ipv4_frame(IpProtocol::Icmp, request.buffer_len(), |payload| {
+        request.emit(
+            &mut Icmpv4Packet::new_unchecked(payload),
+            &ChecksumCapabilities::default(),
+        )
+    })
+}
+
+/// An IPv4 frame from the client's MAC and address to the guest's, its `payload_len`-byte
+/// payload written by `emit_payload`.
+fn client_ipv4_frame(
+    protocol: IpProtocol,
+    payload_len: usize,
+    emit_payload: impl FnOnce(&mut [u8]),
+) -> Vec<u8> {
     let ip = Ipv4Repr {
-        src_addr: source,
+        src_addr: CLIENT_IP,
         dst_addr: guest_ip(),
-        next_header: IpProtocol::Tcp,
-        payload_len: repr.buffer_len(),
+        next_header: protocol,
+        payload_len,
         hop_limit: 64,
     };
     let ethernet = EthernetRepr {
@@ -1650,24 +1733,22 @@ fn client_segment(repr: &TcpRepr<'_>) -> Vec<u8> {
         dst_addr: EthernetAddress(GUEST_MAC.0),
         ethertype: EthernetProtocol::Ipv4,
     };
-    let mut frame = vec![0u8; 14 + ip.buffer_len() + repr.buffer_len()];
+    let mut frame = vec![0u8; 14 + ip.buffer_len() + payload_len];
     let mut ethernet_frame = EthernetFrame::new_unchecked(&mut frame[..]);
     ethernet.emit(&mut ethernet_frame);
     let mut ip_packet = Ipv4Packet::new_unchecked(ethernet_frame.payload_mut());
     ip.emit(&mut ip_packet, &ChecksumCapabilities::default());
-    repr.emit(
-        &mut TcpPacket::new_unchecked(ip_packet.payload_mut()),
-        &source.into(),
-        &guest_ip().into(),
-        &ChecksumCapabilities::default(),
-    );
+    emit_payload(ip_packet.payload_mut());
     frame
 }
 
 /// What the client learns from one of the guest's frames.
 enum GuestFrame {
-    /// The reply to the guest's ARP request.
-    ArpRequest(Vec<u8>),
+    /// The guest asks for `target`; `reply` answers it from the client's MAC.
+    ArpRequest {
+        target: Ipv4Address,
+        reply: Vec<u8>,
+    },
     /// A TCP segment's header fields.
     Tcp {
         syn: bool,
@@ -1712,7 +1793,10 @@ fn parse_guest_frame(frame: &[u8]) -> GuestFrame {
             }
             .emit(&mut out);
             reply.emit(&mut ArpPacket::new_unchecked(out.payload_mut()));
-            GuestFrame::ArpRequest(bytes)
+            GuestFrame::ArpRequest {
+                target: target_protocol_addr,
+                reply: bytes,
+            }
         }
         EthernetProtocol::Ipv4 => {
             let Ok(ip) = Ipv4Packet::new_checked(ethernet.payload()) else {
@@ -1789,7 +1873,7 @@ fn a_sender_that_never_retransmits_gets_every_byte_through_a_full_window() {
         stack.poll();
         for frame in control.take_tx() {
             match parse_guest_frame(&frame) {
-                GuestFrame::ArpRequest(reply) => control.inject_rx(&reply),
+                GuestFrame::ArpRequest { reply, .. } => control.inject_rx(&reply),
                 GuestFrame::Tcp {
                     syn: true,
                     seq,
@@ -1875,7 +1959,7 @@ fn syn_ack_window_scale(
         stack.poll();
         for frame in control.take_tx() {
             match parse_guest_frame(&frame) {
-                GuestFrame::ArpRequest(reply) => control.inject_rx(&reply),
+                GuestFrame::ArpRequest { reply, .. } => control.inject_rx(&reply),
                 GuestFrame::Tcp {
                     syn: true,
                     window_scale,
@@ -1929,7 +2013,7 @@ fn socket_buffers_the_heap_cannot_give_refuse_connections_instead_of_stopping_th
         control.inject_rx(&syn);
         stack.poll();
         for frame in control.take_tx() {
-            if let GuestFrame::ArpRequest(reply) = parse_guest_frame(&frame) {
+            if let GuestFrame::ArpRequest { reply, .. } = parse_guest_frame(&frame) {
                 control.inject_rx(&reply);
             }
             // TCP flags byte of an untagged IPv4 frame without options: RST is 0x04.

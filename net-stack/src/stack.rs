@@ -30,7 +30,9 @@ use smoltcp::wire::{
     Ipv6Address, Ipv6Cidr, Ipv6Packet, TcpPacket, UDP_HEADER_LEN,
 };
 
-use crate::announce::{gratuitous_arp, unsolicited_neighbor_advertisement};
+use crate::announce::{
+    arp_request, gratuitous_arp, neighbor_solicitation, unsolicited_neighbor_advertisement,
+};
 use crate::bond::{AttachRejected, Bond, BondConfig, BondStats, ETHERNET_HEADER_LEN, PathId};
 use crate::config::{Ipv4Mode, MIN_MTU, NetConfig};
 use crate::slab::{Key, Slab};
@@ -232,6 +234,7 @@ struct StackCounters {
     tcp_buffer_allocation_failures: u64,
     dhcp_leases: u64,
     announcement_frames: u64,
+    gateway_solicitations: u64,
     receive_ns: u64,
     receive_device_ns: u64,
     egress_ns: u64,
@@ -270,6 +273,9 @@ pub struct NetStats {
     pub dhcp_leases: u64,
     /// Gratuitous ARP / unsolicited NA frames sent.
     pub announcement_frames: u64,
+    /// ARP requests / neighbour solicitations for the default gateways sent with the
+    /// announcements.
+    pub gateway_solicitations: u64,
     /// Time spent receiving, on the platform's clock: taking frames from the NICs (checks,
     /// duplicate window, coalescing) and smoltcp's processing of them. Divided by the frames
     /// the drivers delivered it is the receive cost per frame.
@@ -1317,6 +1323,7 @@ impl NetStack {
             tcp_buffer_allocation_failures: self.counters.tcp_buffer_allocation_failures,
             dhcp_leases: self.counters.dhcp_leases,
             announcement_frames: self.counters.announcement_frames,
+            gateway_solicitations: self.counters.gateway_solicitations,
             receive_ns: self.counters.receive_ns,
             receive_device_ns: self.counters.receive_device_ns,
             egress_ns: self.counters.egress_ns,
@@ -1363,12 +1370,13 @@ impl NetStack {
             );
         }
         log::info!(
-            "net: dropped: no path {}, duplicates {}, bad frames {}, dedup evictions {}; announcements {} frames",
+            "net: dropped: no path {}, duplicates {}, bad frames {}, dedup evictions {}; announcements {} frames, gateway solicitations {}",
             bond.tx_dropped_no_path,
             bond.duplicates_dropped,
             bond.bad_frames_dropped,
             bond.dedup_evictions,
-            stats.announcement_frames
+            stats.announcement_frames,
+            stats.gateway_solicitations
         );
         let coalesce = &bond.coalesce;
         log::info!(
@@ -1448,6 +1456,18 @@ impl NetStack {
     /// Sends a gratuitous ARP / unsolicited NA for every address out of the active path.
     fn announce(&mut self) {
         let mac = self.bond.mac();
+        // The gateways first. smoltcp answers a peer it has no neighbour entry for (a ping, a
+        // SYN) only after resolving it, and drops that first answer meanwhile; a host learns our
+        // MAC from these requests or the announcements and may talk to us at once. Asked before
+        // the announcements, the gateway has queued its reply ahead of anything it sends us.
+        // After a migration the gateway may also sit behind a different MAC.
+        let gateways = self.gateway_solicitation_frames(mac);
+        let mut asked = 0;
+        for frame in &gateways {
+            if self.bond.send_frame(frame) {
+                asked += 1;
+            }
+        }
         let addresses = self.iface.ip_addrs().to_vec();
         let mut sent = 0;
         for cidr in &addresses {
@@ -1461,11 +1481,39 @@ impl NetStack {
         }
         self.bond.flush();
         self.counters.announcement_frames += sent;
+        self.counters.gateway_solicitations += asked;
+        let asked = if gateways.is_empty() {
+            alloc::string::String::new()
+        } else {
+            alloc::format!(" and asked for {asked} of {} gateways", gateways.len())
+        };
         log::info!(
-            "net: announced {sent} of {} addresses on the {} path",
+            "net: announced {sent} of {} addresses{asked} on the {} path",
             addresses.len(),
             self.bond.active_path()
         );
+    }
+
+    /// An ARP request / neighbour solicitation for each default gateway, from the address we
+    /// would reach it with.
+    fn gateway_solicitation_frames(&self, mac: MacAddress) -> Vec<Vec<u8>> {
+        let routes = self.iface.routes();
+        let mut frames = Vec::new();
+        if let Some(IpAddress::Ipv4(gateway)) = routes
+            .get_default_ipv4_route()
+            .map(|route| route.via_router)
+            && let Some(source) = self.iface.get_source_address_ipv4(&gateway)
+        {
+            frames.push(arp_request(mac, source, gateway));
+        }
+        if let Some(IpAddress::Ipv6(gateway)) = routes
+            .get_default_ipv6_route()
+            .map(|route| route.via_router)
+        {
+            let source = self.iface.get_source_address_ipv6(&gateway);
+            frames.push(neighbor_solicitation(mac, source, gateway));
+        }
+        frames
     }
 
     fn process_dhcp(&mut self) -> bool {

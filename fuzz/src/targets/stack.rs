@@ -131,6 +131,7 @@ fn stats_list(stats: &NetStats) -> Vec<(&'static str, u64)> {
         ),
         ("dhcp_leases", stats.dhcp_leases),
         ("announcement_frames", stats.announcement_frames),
+        ("gateway_solicitations", stats.gateway_solicitations),
         ("duplicates_dropped", stats.bond.duplicates_dropped),
         ("bad_frames_dropped", stats.bond.bad_frames_dropped),
         ("bond.rx_frames", stats.bond.total.bond.rx_frames),
