@@ -1190,7 +1190,7 @@ impl Bond {
             tx_dropped_no_path: self.paths.tx_dropped_no_path,
             tx_blocked_no_path: self.paths.tx_blocked_no_path,
             announcements_requested: self.announcements_requested,
-            dedup_evictions: self.dedup.evictions,
+            dedup_evictions: self.dedup.evictions(),
             vf_attaches: self.vf_attaches,
             vf_detaches: self.vf_detaches,
             hold_down_ns: self.damping.hold_ns,

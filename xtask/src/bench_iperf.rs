@@ -1023,49 +1023,15 @@ fn measure_all(elf: &Path, runs: usize, only: Option<NetPaths>) -> Result<()> {
     let mut rows = Vec::new();
     let mut memory = GUEST_MEMORY;
     let selected = |path: &BenchPath| only.is_none_or(|only| only == path.paths);
+    // Each set-up's ceiling is measured right after its rows (this host's speed drifts by
+    // tens of percent within minutes): (set-up name, direction, ceiling).
+    let mut ceilings = Vec::new();
     for path in BENCH_PATHS.into_iter().filter(selected) {
-        let guest = match BenchGuest::boot(elf, path, memory) {
-            Ok(guest) => guest,
-            Err(error) if memory == GUEST_MEMORY => {
-                eprintln!(
-                    "xtask: bench iperf: the guest did not serve in -m {GUEST_MEMORY} ({error}); \
-                     NOTE: falling back to -m {FALLBACK_MEMORY} for the rest of the bench"
-                );
-                memory = FALLBACK_MEMORY;
-                BenchGuest::boot(elf, path, memory)?
-            }
-            Err(error) => return Err(error),
-        };
+        measure_rows(elf, path, runs, &mut memory, &mut rows)?;
+        let nic = plain_setup(path.on_vf);
         for direction in [Direction::In, Direction::Out] {
-            for streams in [1, PARALLEL_STREAMS] {
-                let mut samples = Vec::new();
-                for run in 1..=runs {
-                    let sample = guest.measure(direction, streams)?;
-                    eprintln!(
-                        "xtask: {} {} x{streams} run {run}/{runs}: {:.3} Gbit/s, retransmits {}, \
-                         QEMU CPU {:.0} %, bond path {}, vCPU {:.0} / I/O {:.0} ns per frame, \
-                         receive {:?}",
-                        path.name,
-                        direction.name(),
-                        sample.gbits,
-                        sample
-                            .retransmits
-                            .map_or("n/a".to_string(), |count| count.to_string()),
-                        sample.qemu_cpu_percent,
-                        sample.active.as_deref().unwrap_or("-"),
-                        sample.vcpu_ns_per_frame.unwrap_or(f64::NAN),
-                        sample.io_ns_per_frame.unwrap_or(f64::NAN),
-                        sample.receive
-                    );
-                    samples.push(sample);
-                }
-                rows.push(BenchRow {
-                    path,
-                    direction,
-                    streams,
-                    samples,
-                });
-            }
+            let raw = raw_ceiling(elf, nic, memory, direction)?;
+            ceilings.push((path.name, direction, raw));
         }
     }
     println!("--- bench iperf (TCG, 1 vCPU, tap; {runs} runs per row) ---");
@@ -1074,27 +1040,14 @@ fn measure_all(elf: &Path, runs: usize, only: Option<NetPaths>) -> Result<()> {
     print!("{}", format_stages(&rows));
     println!(
         "--- raw-frame ceiling (1514-byte frames, no TCP/IP: the host floods the guest for `in`, \
-         the guest sends pre-built frames for `out`) ---"
+         the guest sends pre-built frames for `out`; on the set-up's NIC alone, measured right \
+         after the set-up's rows) ---"
     );
-    // One ceiling per NIC (the plain set-up of each); every set-up on that NIC is compared
-    // with it: the bond with the VF's, virtio-net without GUEST_TSO with virtio-net's.
-    let mut ceilings = Vec::new();
-    for path in BENCH_PATHS.iter().filter(|path| {
-        path.paths != NetPaths::Both
-            && path.virtio_properties.is_empty()
-            && path.cmdline.is_empty()
-            && selected(path)
-    }) {
-        for direction in [Direction::In, Direction::Out] {
-            let raw = raw_ceiling(elf, *path, memory, direction)?;
-            ceilings.push((path.on_vf, direction, raw));
-        }
-    }
     for path in BENCH_PATHS.iter().filter(|path| selected(path)) {
         for direction in [Direction::In, Direction::Out] {
             let Some(&(_, _, raw)) = ceilings
                 .iter()
-                .find(|(on_vf, way, _)| *on_vf == path.on_vf && *way == direction)
+                .find(|(name, way, _)| *name == path.name && *way == direction)
             else {
                 continue;
             };
@@ -1133,6 +1086,76 @@ fn measure_all(elf: &Path, runs: usize, only: Option<NetPaths>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Boots `path`'s guest and measures its rows (both directions, 1 and
+/// [`PARALLEL_STREAMS`] streams, `runs` each) into `rows`; the guest is gone on return.
+fn measure_rows(
+    elf: &Path,
+    path: BenchPath,
+    runs: usize,
+    memory: &mut &'static str,
+    rows: &mut Vec<BenchRow>,
+) -> Result<()> {
+    let guest = match BenchGuest::boot(elf, path, memory) {
+        Ok(guest) => guest,
+        Err(error) if *memory == GUEST_MEMORY => {
+            eprintln!(
+                "xtask: bench iperf: the guest did not serve in -m {GUEST_MEMORY} ({error}); \
+                 NOTE: falling back to -m {FALLBACK_MEMORY} for the rest of the bench"
+            );
+            *memory = FALLBACK_MEMORY;
+            BenchGuest::boot(elf, path, memory)?
+        }
+        Err(error) => return Err(error),
+    };
+    for direction in [Direction::In, Direction::Out] {
+        for streams in [1, PARALLEL_STREAMS] {
+            let mut samples = Vec::new();
+            for run in 1..=runs {
+                let sample = guest.measure(direction, streams)?;
+                eprintln!(
+                    "xtask: {} {} x{streams} run {run}/{runs}: {:.3} Gbit/s, retransmits {}, \
+                     QEMU CPU {:.0} %, bond path {}, vCPU {:.0} / I/O {:.0} ns per frame, \
+                     receive {:?}",
+                    path.name,
+                    direction.name(),
+                    sample.gbits,
+                    sample
+                        .retransmits
+                        .map_or("n/a".to_string(), |count| count.to_string()),
+                    sample.qemu_cpu_percent,
+                    sample.active.as_deref().unwrap_or("-"),
+                    sample.vcpu_ns_per_frame.unwrap_or(f64::NAN),
+                    sample.io_ns_per_frame.unwrap_or(f64::NAN),
+                    sample.receive
+                );
+                samples.push(sample);
+            }
+            rows.push(BenchRow {
+                path,
+                direction,
+                streams,
+                samples,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The plain set-up of the VF (`on_vf`) or of virtio-net: the NIC alone, nothing switched
+/// off. Every set-up on that NIC is compared with its raw ceiling (the bond with the VF's,
+/// virtio-net without GUEST_TSO with virtio-net's).
+fn plain_setup(on_vf: bool) -> BenchPath {
+    BENCH_PATHS
+        .into_iter()
+        .find(|path| {
+            path.on_vf == on_vf
+                && path.paths != NetPaths::Both
+                && path.virtio_properties.is_empty()
+                && path.cmdline.is_empty()
+        })
+        .expect("BENCH_PATHS has a plain set-up per NIC")
 }
 
 /// The median vCPU ns per received frame of the host→guest runs on `path` with `streams`.
