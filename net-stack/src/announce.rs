@@ -137,46 +137,61 @@ mod tests {
 
     const MAC: MacAddress = MacAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
 
-    #[test]
-    fn gratuitous_arp_parses_as_an_announcement() {
-        let address = Ipv4Address::new(10, 0, 2, 15);
-        let frame = gratuitous_arp(MAC, address);
-        let ethernet = EthernetFrame::new_checked(&frame[..]).unwrap();
-        assert_eq!(ethernet.dst_addr(), EthernetAddress::BROADCAST);
+    /// The destination and ARP content of an ARP frame from [`MAC`].
+    fn parse_arp_frame(frame: &[u8]) -> (EthernetAddress, ArpRepr) {
+        let ethernet = EthernetFrame::new_checked(frame).unwrap();
         assert_eq!(ethernet.src_addr(), EthernetAddress(MAC.0));
         assert_eq!(ethernet.ethertype(), EthernetProtocol::Arp);
         let arp = ArpRepr::parse(&ArpPacket::new_checked(ethernet.payload()).unwrap()).unwrap();
-        assert_eq!(
-            arp,
-            ArpRepr::EthernetIpv4 {
-                operation: ArpOperation::Request,
-                source_hardware_addr: EthernetAddress(MAC.0),
-                source_protocol_addr: address,
-                target_hardware_addr: EthernetAddress([0; 6]),
-                target_protocol_addr: address,
-            }
-        );
+        (ethernet.dst_addr(), arp)
+    }
+
+    /// An ARP request from [`MAC`] at `sender` for `target`.
+    fn request_from_mac(sender: Ipv4Address, target: Ipv4Address) -> ArpRepr {
+        ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Request,
+            source_hardware_addr: EthernetAddress(MAC.0),
+            source_protocol_addr: sender,
+            target_hardware_addr: EthernetAddress([0; 6]),
+            target_protocol_addr: target,
+        }
+    }
+
+    /// The destinations and ICMPv6 message of a neighbour-discovery frame; parsing verifies
+    /// the checksum (software checksum capabilities) and the hop limit is checked.
+    fn parse_neighbor_discovery_frame(frame: &[u8]) -> (EthernetAddress, Ipv6Repr, Icmpv6Repr<'_>) {
+        let ethernet = EthernetFrame::new_checked(frame).unwrap();
+        assert_eq!(ethernet.src_addr(), EthernetAddress(MAC.0));
+        let destination_mac = ethernet.dst_addr();
+        let ip = Ipv6Packet::new_checked(&frame[ETHERNET_HEADER_LEN..]).unwrap();
+        let ip_repr = Ipv6Repr::parse(&ip).unwrap();
+        assert_eq!(ip_repr.hop_limit, 255);
+        let payload = &frame[ETHERNET_HEADER_LEN + ip_repr.buffer_len()..];
+        let icmp = Icmpv6Repr::parse(
+            &ip_repr.src_addr,
+            &ip_repr.dst_addr,
+            &Icmpv6Packet::new_checked(payload).unwrap(),
+            &ChecksumCapabilities::default(),
+        )
+        .unwrap();
+        (destination_mac, ip_repr, icmp)
+    }
+
+    #[test]
+    fn gratuitous_arp_parses_as_an_announcement() {
+        let address = Ipv4Address::new(10, 0, 2, 15);
+        let (destination, arp) = parse_arp_frame(&gratuitous_arp(MAC, address));
+        assert_eq!(destination, EthernetAddress::BROADCAST);
+        assert_eq!(arp, request_from_mac(address, address));
     }
 
     #[test]
     fn neighbor_advertisement_parses_with_valid_checksum() {
         let address = Ipv6Address::from_str("fe80::5054:ff:fe12:3456").unwrap();
         let frame = unsolicited_neighbor_advertisement(MAC, address);
-        let ethernet = EthernetFrame::new_checked(&frame[..]).unwrap();
-        assert_eq!(ethernet.dst_addr(), ALL_NODES_MAC);
-        let ip = Ipv6Packet::new_checked(ethernet.payload()).unwrap();
-        let ip_repr = Ipv6Repr::parse(&ip).unwrap();
-        assert_eq!(ip_repr.hop_limit, 255);
-        assert_eq!(ip_repr.dst_addr, IPV6_LINK_LOCAL_ALL_NODES);
-        let icmp_packet = Icmpv6Packet::new_checked(ip.payload()).unwrap();
-        // Parsing verifies the checksum (software checksum capabilities).
-        let icmp = Icmpv6Repr::parse(
-            &ip_repr.src_addr,
-            &ip_repr.dst_addr,
-            &icmp_packet,
-            &ChecksumCapabilities::default(),
-        )
-        .unwrap();
+        let (destination, ip, icmp) = parse_neighbor_discovery_frame(&frame);
+        assert_eq!(destination, ALL_NODES_MAC);
+        assert_eq!(ip.dst_addr, IPV6_LINK_LOCAL_ALL_NODES);
         assert_eq!(
             icmp,
             Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
@@ -186,24 +201,14 @@ mod tests {
             })
         );
     }
+
     #[test]
     fn arp_request_asks_for_the_target_from_the_sender() {
         let sender = Ipv4Address::new(10, 0, 2, 15);
         let gateway = Ipv4Address::new(10, 0, 2, 2);
-        let frame = arp_request(MAC, sender, gateway);
-        let ethernet = EthernetFrame::new_checked(&frame[..]).unwrap();
-        assert_eq!(ethernet.dst_addr(), EthernetAddress::BROADCAST);
-        let arp = ArpRepr::parse(&ArpPacket::new_checked(ethernet.payload()).unwrap()).unwrap();
-        assert_eq!(
-            arp,
-            ArpRepr::EthernetIpv4 {
-                operation: ArpOperation::Request,
-                source_hardware_addr: EthernetAddress(MAC.0),
-                source_protocol_addr: sender,
-                target_hardware_addr: EthernetAddress([0; 6]),
-                target_protocol_addr: gateway,
-            }
-        );
+        let (destination, arp) = parse_arp_frame(&arp_request(MAC, sender, gateway));
+        assert_eq!(destination, EthernetAddress::BROADCAST);
+        assert_eq!(arp, request_from_mac(sender, gateway));
     }
 
     #[test]
@@ -211,26 +216,16 @@ mod tests {
         let source = Ipv6Address::from_str("fe80::5054:ff:fe12:3456").unwrap();
         let gateway = Ipv6Address::from_str("2001:db8::1:2:3").unwrap();
         let frame = neighbor_solicitation(MAC, source, gateway);
-        let ethernet = EthernetFrame::new_checked(&frame[..]).unwrap();
+        let (destination, ip, icmp) = parse_neighbor_discovery_frame(&frame);
         assert_eq!(
-            ethernet.dst_addr(),
+            destination,
             EthernetAddress([0x33, 0x33, 0xff, 0x02, 0x00, 0x03])
         );
-        let ip = Ipv6Packet::new_checked(ethernet.payload()).unwrap();
-        let ip_repr = Ipv6Repr::parse(&ip).unwrap();
-        assert_eq!(ip_repr.hop_limit, 255);
-        assert_eq!(ip_repr.src_addr, source);
+        assert_eq!(ip.src_addr, source);
         assert_eq!(
-            ip_repr.dst_addr,
+            ip.dst_addr,
             Ipv6Address::from_str("ff02::1:ff02:3").unwrap()
         );
-        let icmp = Icmpv6Repr::parse(
-            &ip_repr.src_addr,
-            &ip_repr.dst_addr,
-            &Icmpv6Packet::new_checked(ip.payload()).unwrap(),
-            &ChecksumCapabilities::default(),
-        )
-        .unwrap();
         assert_eq!(
             icmp,
             Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {

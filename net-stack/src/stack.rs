@@ -1453,7 +1453,8 @@ impl NetStack {
         })
     }
 
-    /// Sends a gratuitous ARP / unsolicited NA for every address out of the active path.
+    /// Sends an ARP request / neighbour solicitation for each default gateway, then a
+    /// gratuitous ARP / unsolicited NA for every address, out of the active path.
     fn announce(&mut self) {
         let mac = self.bond.mac();
         // The gateways first. smoltcp answers a peer it has no neighbour entry for (a ping, a
