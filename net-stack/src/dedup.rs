@@ -147,10 +147,13 @@ impl Table {
 /// One path's frames delivered while the other path was quiet, oldest first, in a ring.
 struct Recent {
     ring: Vec<Entry>,
+    /// The ring's length minus one (a power of two).
+    mask: usize,
     /// Frames appended since the window was created or cleared (the ring position is this
-    /// modulo the ring's length).
+    /// masked).
     written: u64,
-    /// Of those, the ones moved into the table (or skipped as expired or overwritten).
+    /// Of those, the ones moved into the table (or skipped as expired or overwritten); never
+    /// more than the ring's length behind `written`.
     indexed: u64,
     /// When this path last had a frame checked; 0 for never.
     last_ns: u64,
@@ -160,16 +163,30 @@ impl Recent {
     fn new(size: usize) -> Recent {
         Recent {
             ring: vec![EMPTY; size],
+            mask: size - 1,
             written: 0,
             indexed: 0,
             last_ns: 0,
         }
     }
 
-    fn push(&mut self, entry: Entry) {
-        let position = (self.written % self.ring.len() as u64) as usize;
+    fn position(&self, count: u64) -> usize {
+        count as usize & self.mask
+    }
+
+    /// Appends `entry`; true when that overwrote an entry that had not reached the table and
+    /// was still live (its copy could still have come).
+    fn push(&mut self, entry: Entry, window_ns: u64) -> bool {
+        let position = self.position(self.written);
+        let mut overran = false;
+        if self.written - self.indexed == self.ring.len() as u64 {
+            let oldest = self.ring[position];
+            overran = entry.arrived_ns.saturating_sub(oldest.arrived_ns) <= window_ns;
+            self.indexed += 1;
+        }
         self.ring[position] = entry;
         self.written += 1;
+        overran
     }
 }
 
@@ -179,7 +196,7 @@ pub struct DedupWindow {
     /// Per path, by [`path_index`].
     recent: [Recent; 2],
     window_ns: u64,
-    /// Ring entries overwritten before they reached the table.
+    /// Ring entries overwritten while still live, before they reached the table.
     ring_overruns: u64,
 }
 
@@ -231,7 +248,9 @@ impl DedupWindow {
         self.recent[this].last_ns = entry.arrived_ns;
         if other_last_ns == 0 || entry.arrived_ns.saturating_sub(other_last_ns) > self.window_ns {
             // Everything the other path had is older than the window: nothing can match.
-            self.recent[this].push(entry);
+            if self.recent[this].push(entry, self.window_ns) {
+                self.ring_overruns += 1;
+            }
             return Verdict::Deliver;
         }
         // Both paths deliver: the table must hold every live frame of both before matching.
@@ -245,14 +264,8 @@ impl DedupWindow {
     /// older than the window.
     fn move_to_table(&mut self, path: usize, now_ns: u64) {
         let recent = &mut self.recent[path];
-        let size = recent.ring.len() as u64;
-        if recent.written - recent.indexed > size {
-            // Overwritten before they got here.
-            self.ring_overruns += recent.written - recent.indexed - size;
-            recent.indexed = recent.written - size;
-        }
         while recent.indexed < recent.written {
-            let entry = recent.ring[(recent.indexed % size) as usize];
+            let entry = recent.ring[recent.position(recent.indexed)];
             recent.indexed += 1;
             if now_ns.saturating_sub(entry.arrived_ns) <= self.window_ns {
                 self.table.match_or_insert(entry, self.window_ns);
@@ -413,6 +426,13 @@ mod tests {
     #[test]
     fn ring_entries_overwritten_before_the_other_path_woke_up_are_counted() {
         let mut window = DedupWindow::new(64, 50 * MS);
+        // A long lone-path stretch overwrites only entries already out of the window: not
+        // counted.
+        for frame in 0..200u64 {
+            window.check(frame_key(&frame.to_le_bytes()), PathId::Vf, frame * MS);
+        }
+        assert_eq!(window.evictions(), 0);
+        window.clear();
         for frame in 0..100u64 {
             window.check(frame_key(&frame.to_le_bytes()), PathId::Vf, MS + frame);
         }
