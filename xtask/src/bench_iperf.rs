@@ -1254,11 +1254,8 @@ fn raw_ceiling(
         if !announced {
             qemu.wait_for_line(ANNOUNCED_LINE, BOOT_TIMEOUT)?;
         }
-        let tap = if path.paths == NetPaths::Vf {
-            TAP_VF
-        } else {
-            TAP_SYNTHETIC
-        };
+        // The NIC the set-up's traffic uses (the bond's is the VF).
+        let tap = if path.on_vf { TAP_VF } else { TAP_SYNTHETIC };
         flood = Some(
             Command::new("python3")
                 .args(["-c", FLOOD_SCRIPT, tap, "9"])
