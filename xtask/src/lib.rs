@@ -13,6 +13,7 @@ pub mod bench_namespace;
 pub mod bench_openvmm;
 pub mod cli;
 pub mod conformance;
+pub mod digest;
 pub mod disk_image;
 pub mod error;
 pub mod exit;

@@ -213,6 +213,49 @@ fn cargo_step(title: &str, args: &[&str]) -> Result<bool> {
     Ok(status.success())
 }
 
+/// [`cargo_step`] for a test run whose failures should be explained at the very end: its
+/// stdout (where libtest prints failed tests' messages) is passed through and kept, and when
+/// the step fails, [`xtask::digest`] prints each failed test's panic message, head and tail.
+fn cargo_test_step_with_digest(title: &str, args: &[&str]) -> Result<bool> {
+    eprintln!("xtask: === {title}: cargo {} ===", args.join(" "));
+    let mut child = image::cargo()
+        .args(args)
+        .current_dir(image::workspace_root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|error| Error::io(format!("starting cargo {}", args.join(" ")), error))?;
+    let mut kept = String::new();
+    if let Some(stdout) = child.stdout.take() {
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match std::io::BufRead::read_until(&mut reader, b'\n', &mut line) {
+                Ok(0) => break,
+                Ok(_) => {
+                    let text = String::from_utf8_lossy(&line);
+                    print!("{text}");
+                    kept.push_str(&text);
+                }
+                Err(error) => {
+                    eprintln!("xtask: reading the test output: {error}");
+                    break;
+                }
+            }
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|error| Error::io(format!("waiting for cargo {}", args.join(" ")), error))?;
+    if !status.success() {
+        for line in xtask::digest::render(&xtask::digest::failures(&kept)) {
+            eprintln!("{line}");
+        }
+    }
+    Ok(status.success())
+}
+
 /// `cargo xtask test`: host unit tests, image builds, QEMU integration tests.
 /// Debian packages the disk-image tests need that no program check covers (GRUB's platform
 /// files, OVMF's firmware files).
@@ -288,7 +331,7 @@ fn test() -> Result<i32> {
     }
     if !images_built {
         failed.push("image build");
-    } else if !cargo_step(
+    } else if !cargo_test_step_with_digest(
         "QEMU integration tests",
         &[
             "test",
