@@ -269,9 +269,9 @@ fn echo_over_netvsc_answers_udp() {
     }
 }
 
-/// Runs the host's stock `iperf3` client against 127.0.0.1:`port` (bounded by `timeout`) and
-/// returns its report; fails the test unless it exits 0 with a receiver rate above zero.
-fn iperf3_client(port: u16, extra: &[&str], guest: &NestedGuest) -> String {
+/// One run of the host's stock `iperf3` client against 127.0.0.1:`port`, bounded by
+/// `timeout`: its exit status and report (stdout, then stderr).
+fn run_iperf3_client(port: u16, extra: &[&str]) -> (std::process::ExitStatus, String) {
     let output = std::process::Command::new("timeout")
         .args(["90", "iperf3", "-c", "127.0.0.1", "-p", &port.to_string()])
         .args(["-t", "3", "--connect-timeout", "20000"])
@@ -283,6 +283,49 @@ fn iperf3_client(port: u16, extra: &[&str], guest: &NestedGuest) -> String {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+    (output.status, report)
+}
+
+/// Sessions the iperf app has logged so far (`iperf: session N from ...`).
+fn iperf_sessions_seen(guest: &NestedGuest) -> usize {
+    guest
+        .l1
+        .serial_lines()
+        .iter()
+        .filter(|line| line.contains("iperf: session ") && line.contains(" from "))
+        .count()
+}
+
+/// Runs the host's stock `iperf3` client against 127.0.0.1:`port` and returns its report;
+/// fails the test unless it exits 0 with a receiver rate above zero.
+///
+/// A client whose control connection never reached the guest is run once more: now and then
+/// a new connection through L0's slirp and L1's consomme is lost on the way (seen: the client
+/// connected, as slirp accepts on the host at once, then waited in vain; the app never logged
+/// the session, and answered the next connection at once). Whatever reached the app counts:
+/// a session it logged and failed fails the test.
+fn iperf3_client(port: u16, extra: &[&str], guest: &NestedGuest) -> String {
+    let sessions_before = iperf_sessions_seen(guest);
+    let (mut status, mut report) = run_iperf3_client(port, extra);
+    if !iperf3_succeeded(status, &report) && iperf_sessions_seen(guest) == sessions_before {
+        eprintln!(
+            "iperf3 {extra:?}: the connection never reached the guest (no session logged); \
+             trying once more. The first try's report:\n{report}"
+        );
+        (status, report) = run_iperf3_client(port, extra);
+    }
+    assert!(
+        iperf3_succeeded(status, &report),
+        "iperf3 {extra:?} against the app over netvsc must complete with throughput \
+         ({status}; the app logged {} of its sessions for it):\n{report}\n{}",
+        iperf_sessions_seen(guest) - sessions_before,
+        guest.l1.serial_lines().join("\n")
+    );
+    report
+}
+
+/// True when iperf3 exited 0 and its report has a receiver rate above zero.
+fn iperf3_succeeded(status: std::process::ExitStatus, report: &str) -> bool {
     let receiver_rate = report
         .lines()
         .filter(|line| line.trim_end().ends_with("receiver"))
@@ -291,19 +334,12 @@ fn iperf3_client(port: u16, extra: &[&str], guest: &NestedGuest) -> String {
             let unit = words.iter().position(|word| word.ends_with("bits/sec"))?;
             words.get(unit.checked_sub(1)?)?.parse::<f64>().ok()
         });
-    assert!(
-        output.status.success() && receiver_rate.is_some_and(|rate| rate > 0.0),
-        "iperf3 {extra:?} against the app over netvsc must complete with throughput \
-         ({}):\n{report}\n{}",
-        output.status,
-        guest.l1.serial_lines().join("\n")
-    );
-    report
+    status.success() && receiver_rate.is_some_and(|rate| rate > 0.0)
 }
 
 /// The iperf app over netvsc: stock `iperf3` TCP tests host → guest and (`-R`) guest → host,
 /// 3 s each, through host → L1 → consomme → guest; each completes with throughput and the app
-/// reports each test done.
+/// reports each test done and its session finished (before the next client connects).
 #[test]
 fn iperf_over_netvsc_completes_stock_iperf3_tcp_both_ways() {
     let port = free_port();
@@ -332,6 +368,9 @@ fn iperf_over_netvsc_completes_stock_iperf3_tcp_both_ways() {
             .wait_for_line("iperf: test done", Duration::from_secs(30))
             .unwrap_or_else(|error| panic!("{error}\n{report}"));
         eprintln!("iperf3 {extra:?}: {done}");
+        guest
+            .wait_for_line(" finished (", Duration::from_secs(30))
+            .unwrap_or_else(|error| panic!("the iperf session did not end: {error}\n{report}"));
     }
 }
 

@@ -135,6 +135,11 @@ pub trait NetvscChannel {
     /// next `try_send`. Only our own sends take room, so the answer stays a lower bound until
     /// the next send. Errors mean the channel is unusable.
     fn outgoing_free(&mut self) -> Result<usize, Error>;
+    /// Asks the host to signal the channel once `bytes` are free in the guest → host ring
+    /// (0 = no such signal). Without it a host signals only for packets it writes, so a
+    /// driver that found the ring full would learn of the room only at its next unrelated
+    /// wake-up. Errors mean the channel is unusable.
+    fn request_room_signal(&mut self, bytes: usize) -> Result<(), Error>;
     /// Reads the next packet of the host → guest ring into `into`. `Ok(false)` when empty.
     /// Malformed packets are the implementation's to count and skip, or an error if the ring
     /// itself cannot be trusted any more.

@@ -150,6 +150,9 @@ pub struct NetvscCounters {
     pub tx_refused_ring_full: u64,
     /// Frames refused because every section and transmit slot they fit was in flight.
     pub tx_refused_no_buffer: u64,
+    /// Times the ring lacked room for a data packet and the host was asked to signal once it
+    /// has room (VMBus `pending_send_size`).
+    pub room_signal_requests: u64,
 }
 
 /// The host's latest VF association message.
@@ -287,6 +290,8 @@ pub struct Netvsc<C: NetvscChannel> {
     ring_room: usize,
     /// Ring bytes the largest data packet takes (a GPA-direct send of the largest slot).
     data_packet_ring_len: usize,
+    /// The host was asked to signal once the ring has `data_packet_ring_len` bytes free.
+    room_signal_requested: bool,
     announce: bool,
     data_path: DataPathState,
     stats: Stats,
@@ -377,6 +382,7 @@ impl<C: NetvscChannel> Netvsc<C> {
             next_request_id: 1,
             pending_flush: false,
             ring_room: 0,
+            room_signal_requested: false,
             data_packet_ring_len: 0,
             announce: false,
             data_path: DataPathState::default(),
@@ -678,9 +684,29 @@ impl<C: NetvscChannel> Netvsc<C> {
         .ring_len()
     }
 
-    /// Looks at the ring's free bytes again (the host may have read packets since).
+    /// Looks at the ring's free bytes again (the host may have read packets since). While
+    /// they are too few for a data packet, the host is asked to signal once they are not
+    /// (`hyperv-vmbus-netvsc.md` §2.4, `pending_send_size`): it signals on its own only for
+    /// packets it writes, so a full ring would otherwise be noticed at the next unrelated
+    /// wake-up (a frame received, a timer), and a sender blocked on it would crawl. The
+    /// request is withdrawn once there is room, so the host does not signal needlessly.
     fn refresh_ring_room(&mut self) {
         self.ring_room = self.channel.outgoing_free().unwrap_or(0);
+        let short = self.ring_room < self.data_packet_ring_len;
+        if short == self.room_signal_requested {
+            return;
+        }
+        let threshold = if short { self.data_packet_ring_len } else { 0 };
+        // An error means an unusable channel, which the next receive reports.
+        if self.channel.request_room_signal(threshold).is_ok() {
+            self.room_signal_requested = short;
+            if short {
+                self.counters.room_signal_requests += 1;
+                // The host may have made the room before it saw the request (and would not
+                // signal a crossing that already happened): look once more.
+                self.ring_room = self.channel.outgoing_free().unwrap_or(0);
+            }
+        }
     }
 
     /// Writes one packet to the ring and keeps `ring_room` a lower bound of what is left.

@@ -145,6 +145,10 @@ struct HostState {
     ring_full: bool,
     /// Bytes the guest → host ring reports free (the fake never fills up on its own).
     ring_free: usize,
+    /// What the driver last asked for with `request_room_signal` (0 = nothing).
+    room_signal_bytes: usize,
+    /// How often it asked (a change of the value).
+    room_signal_requests: u64,
     hold_tx_completions: bool,
     held_tx_completions: Vec<u64>,
     rescinded: bool,
@@ -595,6 +599,8 @@ impl FakeNetvscHost {
             config: Some(config),
             next_gpadl: 1,
             ring_free: 64 * 1024,
+            room_signal_bytes: 0,
+            room_signal_requests: 0,
             ..HostState::default()
         }));
         (
@@ -705,6 +711,13 @@ impl FakeNetvscHost {
     /// Makes the guest → host ring report full (or not).
     pub fn set_ring_full(&self, full: bool) {
         self.state().ring_full = full;
+    }
+
+    /// The free guest → host ring bytes the driver last asked to be signalled at (0 = none)
+    /// and how many times it asked.
+    pub fn room_signal(&self) -> (usize, u64) {
+        let state = self.state();
+        (state.room_signal_bytes, state.room_signal_requests)
     }
 
     /// Sets the bytes the guest → host ring has free (64 KiB at start; the host drains it at
@@ -907,6 +920,16 @@ impl NetvscChannel for FakeChannel {
             return Err(Error::ChannelRescinded);
         }
         Ok(if state.ring_full { 0 } else { state.ring_free })
+    }
+
+    fn request_room_signal(&mut self, bytes: usize) -> Result<(), Error> {
+        let mut state = lock(&self.state);
+        if state.rescinded {
+            return Err(Error::ChannelRescinded);
+        }
+        state.room_signal_bytes = bytes;
+        state.room_signal_requests += 1;
+        Ok(())
     }
 
     fn flush(&mut self) {

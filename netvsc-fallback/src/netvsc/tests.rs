@@ -598,6 +598,47 @@ fn a_full_ring_and_held_completions_report_ring_full_then_recover() {
     assert_eq!(device.stats().tx_ring_full, 2);
 }
 
+/// A sender blocked on a full guest → host ring must be woken when the host makes room: the
+/// driver asks for the host's signal (`pending_send_size`) for as long as a data packet does
+/// not fit, and withdraws the request once one does.
+#[test]
+fn a_full_ring_asks_the_host_to_signal_room_until_there_is_room() {
+    let (host, mut device, _dma) = bring_up(FakeHostConfig::default(), NetvscConfig::default());
+    assert_eq!(host.room_signal(), (0, 0), "no request while there is room");
+    host.set_ring_full(true);
+    assert_eq!(
+        send(&mut device, &frame_of(100, 1), TxMeta::default()),
+        Err(DeviceError::RingFull)
+    );
+    let (threshold, requests) = host.room_signal();
+    assert_eq!(requests, 1);
+    // The largest data packet's ring bytes: the descriptor of a GPA-direct send of the
+    // largest transmit slot (its page list), not the frame.
+    assert!(
+        (100..1024).contains(&threshold),
+        "room for the largest data packet, asked {threshold}"
+    );
+    // Still full: polls and refused sends do not repeat the request.
+    device.poll(0);
+    assert!(!device.can_transmit());
+    assert!(send(&mut device, &frame_of(100, 2), TxMeta::default()).is_err());
+    assert_eq!(host.room_signal(), (threshold, 1));
+    assert_eq!(device.counters().room_signal_requests, 1);
+    // The host made room (and signalled): the next poll sees it and withdraws the request.
+    host.set_ring_full(false);
+    device.poll(0);
+    assert!(device.can_transmit());
+    assert_eq!(host.room_signal(), (0, 2));
+    send(&mut device, &frame_of(100, 3), TxMeta::default()).unwrap();
+    device.poll(0);
+    assert_eq!(host.take_tx_frames().len(), 1);
+    assert_eq!(
+        host.room_signal(),
+        (0, 2),
+        "sends with room ask for nothing"
+    );
+}
+
 #[test]
 fn checksum_offload_metadata_goes_out_and_comes_back() {
     let (host, mut device, _dma) = bring_up(FakeHostConfig::default(), NetvscConfig::default());

@@ -178,6 +178,17 @@ impl<V: VmbusChannelControl> NetvscChannel for VmbusNetvscChannel<V> {
             .map_err(channel_error)
     }
 
+    fn request_room_signal(&mut self, bytes: usize) -> Result<(), Error> {
+        if self.control.is_rescinded(self.relid) {
+            return Err(Error::ChannelRescinded);
+        }
+        let Some(channel) = self.channel.as_mut() else {
+            return Err(Error::ChannelRescinded);
+        };
+        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
+        channel.set_pending_send_size(bytes).map_err(channel_error)
+    }
+
     fn flush(&mut self) {
         // vmbus::Channel signals on the empty → non-empty transition of every send.
     }
