@@ -256,7 +256,6 @@ fn cargo_test_step_with_digest(title: &str, args: &[&str]) -> Result<bool> {
     Ok(status.success())
 }
 
-/// `cargo xtask test`: host unit tests, image builds, QEMU integration tests.
 /// Debian packages the disk-image tests need that no program check covers (GRUB's platform
 /// files, OVMF's firmware files).
 fn missing_image_packages() -> Vec<&'static str> {
@@ -272,6 +271,7 @@ fn missing_image_packages() -> Vec<&'static str> {
     packages
 }
 
+/// `cargo xtask test`: host unit tests, image builds, QEMU integration tests.
 fn test() -> Result<i32> {
     tools::ensure_tools(tools::TEST_TOOLS)?;
     tools::ensure_packages(&missing_image_packages(), "the disk image tests")?;
