@@ -181,8 +181,16 @@ fn image_info(path: &Path, driver: &str) -> (String, u64) {
     )
 }
 
+/// `path` converted to a raw image beside it, named after its own format (`hello.vhdx.raw`):
+/// two sources never share an output, so one conversion cannot meet the lock a QEMU that is
+/// still shutting down holds on the other's (CI saw "Failed to get "write" lock" when both
+/// were `hello.back.img`).
 fn convert_to_raw(path: &Path, driver: &str) -> PathBuf {
-    let raw = path.with_extension("back.img");
+    let source_extension = path
+        .extension()
+        .and_then(|extension| extension.to_str())
+        .unwrap_or(driver);
+    let raw = path.with_extension(format!("{source_extension}.raw"));
     let status = Command::new("qemu-img")
         .args(["convert", "-f", driver, "-O", "raw"])
         .arg(path)
