@@ -225,31 +225,16 @@ fn cargo_test_step_with_digest(title: &str, args: &[&str]) -> Result<bool> {
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|error| Error::io(format!("starting cargo {}", args.join(" ")), error))?;
-    let mut kept = String::new();
-    if let Some(stdout) = child.stdout.take() {
-        let mut reader = std::io::BufReader::new(stdout);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            match std::io::BufRead::read_until(&mut reader, b'\n', &mut line) {
-                Ok(0) => break,
-                Ok(_) => {
-                    let text = String::from_utf8_lossy(&line);
-                    print!("{text}");
-                    kept.push_str(&text);
-                }
-                Err(error) => {
-                    eprintln!("xtask: reading the test output: {error}");
-                    break;
-                }
-            }
-        }
-    }
+    let kept = child
+        .stdout
+        .take()
+        .map(|stdout| xtask::openvmm_run::tee_lines(stdout, std::io::stdout()))
+        .unwrap_or_default();
     let status = child
         .wait()
         .map_err(|error| Error::io(format!("waiting for cargo {}", args.join(" ")), error))?;
     if !status.success() {
-        for line in xtask::digest::render(&xtask::digest::failures(&kept)) {
+        for line in xtask::digest::render(&xtask::digest::failures(&kept.join("\n"))) {
             eprintln!("{line}");
         }
     }

@@ -253,7 +253,7 @@ pub fn run(spec: &GuestSpec) -> Result<i32> {
 
 /// Copies `pipe` to `sink` byte for byte (the terminal sees exactly what was sent) while
 /// collecting its lines.
-fn tee_lines(pipe: impl Read, mut sink: impl Write) -> Vec<String> {
+pub fn tee_lines(pipe: impl Read, mut sink: impl Write) -> Vec<String> {
     let mut reader = std::io::BufReader::new(pipe);
     let mut lines = Vec::new();
     let mut buffer = Vec::new();
