@@ -1516,7 +1516,7 @@ impl Bond {
                 return;
             }
             if dedup_active
-                && dedup.check(frame_key(frame), which, now_ns) == Verdict::Duplicate
+                && dedup.check(frame_key(frame, meta.checksum_partial), which, now_ns) == Verdict::Duplicate
             {
                 counters.rx_duplicates += 1;
                 return;

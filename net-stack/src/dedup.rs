@@ -27,18 +27,29 @@ use crate::bond::PathId;
 /// the payload counts too: the checksum covers it).
 const HEAD_BYTES: usize = 80;
 /// Bytes hashed from the end of the frame, so frames with equal headers but different payload
-/// tails (and no checksum) still differ.
+/// tails (and no checksum) still differ. Skipped for TCP (see [`frame_key`]).
 const TAIL_BYTES: usize = 64;
+/// Ethernet header length (no VLAN tag: a tagged frame is hashed head and tail).
+const ETHERNET_HEADER: usize = 14;
 /// Slots per bucket, all inspected per lookup: 4 × 16 bytes, one cache line.
 const PROBES: usize = 4;
 
 /// A 64-bit fingerprint of a frame: its length, its first [`HEAD_BYTES`] and last
 /// [`TAIL_BYTES`]. Hashing only part of the frame keeps the cost flat at line rate.
-pub fn frame_key(frame: &[u8]) -> u64 {
+///
+/// A TCP segment whose checksum field lies within the head is hashed without the tail: that
+/// checksum covers the payload (the bond verified it, or the NIC did, before asking), so the
+/// head already tells segments apart, and the tail is another cache line and often another
+/// page of the receive buffer, the dearer half of the key under an emulated CPU. With
+/// `checksum_partial` (the field holds only the pseudo-header sum) the tail is hashed too.
+pub fn frame_key(frame: &[u8], checksum_partial: bool) -> u64 {
     let mut hash = (frame.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x6a09_e667_f3bc_c908;
     let head = &frame[..frame.len().min(HEAD_BYTES)];
-    let tail_start = frame.len().saturating_sub(TAIL_BYTES).max(head.len());
-    let tail = &frame[tail_start..];
+    let tail = if !checksum_partial && tcp_checksum_in_head(frame) {
+        &[][..]
+    } else {
+        &frame[frame.len().saturating_sub(TAIL_BYTES).max(head.len())..]
+    };
     let mut mix = |word: u64| {
         hash = (hash ^ word).wrapping_mul(0x0000_0100_0000_01b3);
         hash ^= hash >> 29;
@@ -62,6 +73,35 @@ pub fn frame_key(frame: &[u8]) -> u64 {
         }
     }
     hash
+}
+
+/// True for an untagged IPv4 or IPv6 frame carrying TCP whose checksum field (16 bytes into
+/// the TCP header) lies within [`HEAD_BYTES`]. IPv6 counts only without extension headers.
+fn tcp_checksum_in_head(frame: &[u8]) -> bool {
+    const TCP_CHECKSUM_END: usize = 18;
+    const PROTOCOL_TCP: u8 = 6;
+    let transport = match (frame.get(12..14), frame.get(ETHERNET_HEADER)) {
+        (Some([0x08, 0x00]), Some(&version_and_length)) if version_and_length >> 4 == 4 => {
+            let header_len = usize::from(version_and_length & 0x0f) * 4;
+            // A fragment's transport header is not where the IP header says.
+            let fragment = frame
+                .get(ETHERNET_HEADER + 6..ETHERNET_HEADER + 8)
+                .is_none_or(|field| field[0] & 0x3f != 0 || field[1] != 0);
+            if header_len < 20 || fragment || frame.get(ETHERNET_HEADER + 9) != Some(&PROTOCOL_TCP)
+            {
+                return false;
+            }
+            ETHERNET_HEADER + header_len
+        }
+        (Some([0x86, 0xdd]), _) => {
+            if frame.get(ETHERNET_HEADER + 6) != Some(&PROTOCOL_TCP) {
+                return false;
+            }
+            ETHERNET_HEADER + 40
+        }
+        _ => return false,
+    };
+    transport + TCP_CHECKSUM_END <= HEAD_BYTES.min(frame.len())
 }
 
 /// 16 bytes, so a probe sequence spans two cache lines.
@@ -283,7 +323,7 @@ mod tests {
     #[test]
     fn copy_on_other_path_within_window_is_a_duplicate() {
         let mut window = DedupWindow::new(256, 5 * MS);
-        let key = frame_key(b"some frame bytes");
+        let key = frame_key(b"some frame bytes", false);
         assert_eq!(window.check(key, PathId::Vf, 0), Verdict::Deliver);
         assert_eq!(window.check(key, PathId::Synthetic, MS), Verdict::Duplicate);
         // The entry was consumed: a third copy is delivered.
@@ -296,10 +336,10 @@ mod tests {
     #[test]
     fn same_path_repeat_and_late_copy_are_delivered() {
         let mut window = DedupWindow::new(256, 5 * MS);
-        let key = frame_key(b"retransmitted");
+        let key = frame_key(b"retransmitted", false);
         assert_eq!(window.check(key, PathId::Vf, 0), Verdict::Deliver);
         assert_eq!(window.check(key, PathId::Vf, MS), Verdict::Deliver);
-        let other = frame_key(b"another");
+        let other = frame_key(b"another", false);
         assert_eq!(window.check(other, PathId::Vf, 0), Verdict::Deliver);
         assert_eq!(
             window.check(other, PathId::Synthetic, 6 * MS),
@@ -331,7 +371,7 @@ mod tests {
             0, 1, 7, 8, 13, 60, 79, 80, 81, 143, 144, 145, 150, 1514, 1600,
         ] {
             assert_eq!(
-                frame_key(&frame[..len]),
+                frame_key(&frame[..len], false),
                 reference_key(&frame[..len]),
                 "len {len}"
             );
@@ -344,11 +384,89 @@ mod tests {
         let mut b = [0u8; 1500];
         a[1490] = 1;
         b[1490] = 2;
-        assert_ne!(frame_key(&a), frame_key(&b), "tail bytes count");
-        assert_ne!(frame_key(&a[..100]), frame_key(&a[..101]), "length counts");
+        assert_ne!(
+            frame_key(&a, false),
+            frame_key(&b, false),
+            "tail bytes count"
+        );
+        assert_ne!(
+            frame_key(&a[..100], false),
+            frame_key(&a[..101], false),
+            "length counts"
+        );
         b[1490] = 1;
         b[20] = 7;
-        assert_ne!(frame_key(&a), frame_key(&b), "head bytes count");
+        assert_ne!(
+            frame_key(&a, false),
+            frame_key(&b, false),
+            "head bytes count"
+        );
+    }
+
+    /// An untagged IPv4 (or IPv6) TCP frame of `len` bytes whose bytes beyond the head are
+    /// `tail`.
+    fn tcp_frame(ipv6: bool, ip_options: usize, len: usize, tail: u8) -> Vec<u8> {
+        let mut frame = vec![0x11; len];
+        frame[HEAD_BYTES..].fill(tail);
+        if ipv6 {
+            frame[12..14].copy_from_slice(&[0x86, 0xdd]);
+            frame[14] = 0x60;
+            frame[20] = 6;
+        } else {
+            frame[12..14].copy_from_slice(&[0x08, 0x00]);
+            frame[14] = 0x45 + (ip_options / 4) as u8;
+            frame[20..22].copy_from_slice(&[0x40, 0]);
+            frame[23] = 6;
+        }
+        frame
+    }
+
+    #[test]
+    fn tcp_keys_rest_on_the_header_and_its_checksum_others_on_the_tail_too() {
+        let key = |frame: &[u8]| frame_key(frame, false);
+        for ipv6 in [false, true] {
+            let (a, b) = (tcp_frame(ipv6, 0, 1514, 1), tcp_frame(ipv6, 0, 1514, 2));
+            assert_eq!(
+                key(&a),
+                key(&b),
+                "ipv6 {ipv6}: the checksum in the head covers the tail"
+            );
+            assert_ne!(
+                frame_key(&a, true),
+                frame_key(&b, true),
+                "a partial checksum does not"
+            );
+            let mut other_header = a.clone();
+            other_header[40] ^= 1;
+            assert_ne!(
+                key(&a),
+                key(&other_header),
+                "ipv6 {ipv6}: header bytes count"
+            );
+        }
+        // IPv4 options push the checksum beyond the head.
+        let (a, b) = (tcp_frame(false, 40, 1514, 1), tcp_frame(false, 40, 1514, 2));
+        assert_ne!(key(&a), key(&b));
+        // Not TCP, a fragment, or a tagged frame: the tail counts.
+        for change in [
+            |frame: &mut Vec<u8>| frame[23] = 17,
+            |frame: &mut Vec<u8>| frame[21] = 1,
+            |frame: &mut Vec<u8>| frame[12..14].copy_from_slice(&[0x81, 0x00]),
+        ] {
+            let (mut a, mut b) = (tcp_frame(false, 0, 1514, 1), tcp_frame(false, 0, 1514, 2));
+            change(&mut a);
+            change(&mut b);
+            assert_ne!(key(&a), key(&b));
+        }
+        // A frame cut short inside its headers is hashed whole, never read beyond its end.
+        let short = tcp_frame(false, 0, 1514, 1);
+        for len in [0, 13, 14, 24, 40, 51, 52, 53] {
+            assert_eq!(
+                key(&short[..len]),
+                reference_key(&short[..len]),
+                "len {len}"
+            );
+        }
     }
 
     #[test]
@@ -374,14 +492,14 @@ mod tests {
         let mut window = DedupWindow::new(1024, 50 * MS);
         // The VF alone for a second: its frames only go to its ring.
         for frame in 0..800u64 {
-            let key = frame_key(&frame.to_le_bytes());
+            let key = frame_key(&frame.to_le_bytes(), false);
             assert_eq!(window.check(key, PathId::Vf, frame * MS), Verdict::Deliver);
         }
         // The synthetic path delivers copies: those of frames within the window are
         // duplicates, older ones are delivered.
         let now = 800 * MS;
         for frame in (700..800u64).rev() {
-            let key = frame_key(&frame.to_le_bytes());
+            let key = frame_key(&frame.to_le_bytes(), false);
             let expected = if now - frame * MS <= 50 * MS {
                 Verdict::Duplicate
             } else {
@@ -405,7 +523,7 @@ mod tests {
         for round in 0..3u64 {
             let start = round * 200 * MS;
             for frame in 0..1000u64 {
-                let key = frame_key(&(round << 32 | frame).to_le_bytes());
+                let key = frame_key(&(round << 32 | frame).to_le_bytes(), false);
                 let (first, second) = if frame % 3 == 0 {
                     (PathId::Synthetic, PathId::Vf)
                 } else {
@@ -429,14 +547,22 @@ mod tests {
         // A long lone-path stretch overwrites only entries already out of the window: not
         // counted.
         for frame in 0..200u64 {
-            window.check(frame_key(&frame.to_le_bytes()), PathId::Vf, frame * MS);
+            window.check(
+                frame_key(&frame.to_le_bytes(), false),
+                PathId::Vf,
+                frame * MS,
+            );
         }
         assert_eq!(window.evictions(), 0);
         window.clear();
         for frame in 0..100u64 {
-            window.check(frame_key(&frame.to_le_bytes()), PathId::Vf, MS + frame);
+            window.check(
+                frame_key(&frame.to_le_bytes(), false),
+                PathId::Vf,
+                MS + frame,
+            );
         }
-        let newest = frame_key(&99u64.to_le_bytes());
+        let newest = frame_key(&99u64.to_le_bytes(), false);
         assert_eq!(
             window.check(newest, PathId::Synthetic, 2 * MS),
             Verdict::Duplicate
