@@ -454,6 +454,11 @@ pub trait NetDevice {
     fn arm_interrupts(&mut self) -> bool {
         false
     }
+    /// When the driver wants `poll` called even if no interrupt comes (a register check it
+    /// deferred while busy); `None` = only on interrupts. The caller sleeps no longer than this.
+    fn next_poll_ns(&self) -> Option<u64> {
+        None
+    }
     /// Counters.
     fn stats(&self) -> Stats;
     /// Stops the device so that no DMA is in flight afterwards (orderly removal).

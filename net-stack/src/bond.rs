@@ -1076,7 +1076,19 @@ impl Bond {
         // a busy loop.
         let hold_down_end =
             hold_down_end.filter(|end| self.host_path.is_none() || *end > self.last_device_poll_ns);
-        Some(hold_down_end.map_or(watchdog, |end| end.min(watchdog)))
+        // A driver's own wish (a register check it deferred while busy).
+        let drivers = [
+            self.paths.synthetic.device.next_poll_ns(),
+            self.paths
+                .vf
+                .as_ref()
+                .and_then(|vf| vf.path.device.next_poll_ns()),
+        ];
+        let earliest = [hold_down_end, drivers[0], drivers[1]]
+            .into_iter()
+            .flatten()
+            .fold(watchdog, u64::min);
+        Some(earliest)
     }
 
     /// True once per requested announcement, when the active path is up to carry it.
@@ -1748,6 +1760,23 @@ mod tests {
 
     fn drain(bond: &mut Bond) -> Vec<Vec<u8>> {
         core::iter::from_fn(|| bond.pop_rx()).collect()
+    }
+
+    #[test]
+    fn a_driver_asking_to_be_polled_bounds_the_sleep() {
+        let (mut bond, synthetic, vf) = bond_on_vf();
+        let watchdog = bond.next_deadline_ns().expect("the watchdog");
+        vf.set_next_poll(Some(51 * MS));
+        assert_eq!(bond.next_deadline_ns(), Some(51 * MS));
+        synthetic.set_next_poll(Some(50 * MS + 1));
+        assert_eq!(bond.next_deadline_ns(), Some(50 * MS + 1));
+        vf.set_next_poll(None);
+        synthetic.set_next_poll(Some(watchdog + MS));
+        assert_eq!(
+            bond.next_deadline_ns(),
+            Some(watchdog),
+            "never past the watchdog"
+        );
     }
 
     #[test]

@@ -68,6 +68,8 @@ struct FakeState {
     host: Option<FakeHostPath>,
     /// Calls of `arm_interrupts` (the stack was about to sleep).
     arms: u64,
+    /// What `next_poll_ns` reports (a driver's deferred work).
+    next_poll_ns: Option<u64>,
 }
 
 /// The device half; see the module documentation.
@@ -107,6 +109,7 @@ impl FakeDevice {
             announces_done: 0,
             host: None,
             arms: 0,
+            next_poll_ns: None,
         }));
         (
             FakeDevice {
@@ -245,6 +248,11 @@ impl FakeControl {
     pub fn arms(&self) -> u64 {
         self.state.borrow().arms
     }
+
+    /// Makes the device ask to be polled at `at` (like a driver that deferred a check).
+    pub fn set_next_poll(&self, at: Option<u64>) {
+        self.state.borrow_mut().next_poll_ns = at;
+    }
 }
 
 impl NetDevice for FakeDevice {
@@ -348,6 +356,10 @@ impl NetDevice for FakeDevice {
         let mut state = self.state.borrow_mut();
         state.arms += 1;
         !state.rx.is_empty()
+    }
+
+    fn next_poll_ns(&self) -> Option<u64> {
+        self.state.borrow().next_poll_ns
     }
 
     fn flush(&mut self) {

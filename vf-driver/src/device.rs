@@ -96,6 +96,12 @@ pub struct Config {
     /// that waits for the device model's lock, and a busy event loop polls many times per
     /// millisecond; PF messages also raise the mailbox interrupt.
     pub register_check_period_ns: u64,
+    /// While frames keep arriving (a receive write-back within the last
+    /// `register_check_period_ns`), the period stretches to this: a VF that is writing back
+    /// frames is present and has link. Removal, link loss and a PF reset all stop reception,
+    /// so they are still seen within `register_check_period_ns` of the last frame; only a PF
+    /// message that leaves traffic flowing waits up to this long.
+    pub busy_register_check_period_ns: u64,
 }
 
 impl Default for Config {
@@ -116,6 +122,7 @@ impl Default for Config {
             mailbox_vector_encoding: MailboxVectorEncoding::QemuBitmask,
             offloads: true,
             register_check_period_ns: 1_000_000,
+            busy_register_check_period_ns: 10_000_000,
         }
     }
 }
@@ -317,9 +324,13 @@ pub struct IgbVf<R: RegisterIo, D: DmaAllocator> {
     /// When `poll` last read STATUS and the mailbox (see [`Config::register_check_period_ns`]);
     /// `None` forces the next poll to read them.
     registers_read_ns: Option<u64>,
-    /// A poll skipped those reads (within the period): they are made before the caller
-    /// sleeps, since the skipped poll may have been woken by a PF message's interrupt.
+    /// A poll skipped those reads (within the period): [`NetDevice::next_poll_ns`] asks for
+    /// a poll when they are due, since the skipped poll may have been woken by a PF message's
+    /// interrupt and the caller may sleep next.
     register_check_deferred: bool,
+    /// When a poll last found receive write-backs (see
+    /// [`Config::busy_register_check_period_ns`]).
+    received_ns: Option<u64>,
     /// The queue vector is masked because the driver is being polled (NAPI-style): unmasked
     /// again by [`NetDevice::arm_interrupts`] before the caller sleeps.
     queue_interrupt_masked: bool,
@@ -408,6 +419,7 @@ impl<R: RegisterIo, D: DmaAllocator> IgbVf<R, D> {
             counters_read_ns: 0,
             registers_read_ns: None,
             register_check_deferred: false,
+            received_ns: None,
             queue_interrupt_masked: false,
             config,
             _allocator: dma,
@@ -686,6 +698,22 @@ impl<R: RegisterIo, D: DmaAllocator> IgbVf<R, D> {
         status
     }
 
+    /// When the registers read at `read_ns` are next due (see
+    /// [`Config::busy_register_check_period_ns`]).
+    fn register_check_due_ns(&self, read_ns: u64) -> u64 {
+        let period = self.config.register_check_period_ns;
+        if period == 0 {
+            return 0;
+        }
+        let busy_period = self.config.busy_register_check_period_ns.max(period);
+        let quiet_from = self
+            .received_ns
+            .map_or(0, |received| received.saturating_add(period));
+        read_ns
+            .saturating_add(period)
+            .max(quiet_from.min(read_ns.saturating_add(busy_period)))
+    }
+
     fn become_gone(&mut self) {
         if self.state != State::Gone {
             self.counters.removals_detected += u64::from(self.hw.regs.is_removed());
@@ -860,9 +888,9 @@ impl<R: RegisterIo, D: DmaAllocator> NetDevice for IgbVf<R, D> {
             return;
         }
         if self.state == State::Up
-            && self.registers_read_ns.is_some_and(|read| {
-                now_ns.saturating_sub(read) < self.config.register_check_period_ns
-            })
+            && self
+                .registers_read_ns
+                .is_some_and(|read| self.register_check_due_ns(read) > now_ns)
         {
             // Descriptor write-backs are memory, not registers: completions stay per poll.
             self.reclaim_tx();
@@ -903,6 +931,7 @@ impl<R: RegisterIo, D: DmaAllocator> NetDevice for IgbVf<R, D> {
             self.hw.regs.write(regs::RDT, u32::from(tail));
         }
         if frames > 0 {
+            self.received_ns = Some(self.now_ns);
             self.mask_queue_interrupt();
         }
         self.stats.rx_frames += frames as u64;
@@ -1011,25 +1040,26 @@ impl<R: RegisterIo, D: DmaAllocator> NetDevice for IgbVf<R, D> {
     }
 
     fn arm_interrupts(&mut self) -> bool {
-        let mut work = false;
-        if self.register_check_deferred {
-            // Poll again at once, reading STATUS and the mailbox this time.
-            self.register_check_deferred = false;
-            self.registers_read_ns = None;
-            work = true;
-        }
         if !self.queue_interrupt_masked || !matches!(self.state, State::Up | State::Down) {
-            return work;
+            return false;
         }
         let Some(setup) = self.msix else {
-            return work;
+            return false;
         };
         self.hw.unmask_causes(1 << setup.queue_vector);
         self.queue_interrupt_masked = false;
         self.counters.interrupt_rearms += 1;
         // A write-back that landed after the caller's last poll but before the latched cause
         // was cleared raised no interrupt: look once more.
-        work || self.rx.has_write_back() || self.tx.has_completion()
+        self.rx.has_write_back() || self.tx.has_completion()
+    }
+
+    fn next_poll_ns(&self) -> Option<u64> {
+        // A deferred check is due by the clock, not by an interrupt (a sleep would otherwise
+        // last until the next frame or the caller's watchdog).
+        self.registers_read_ns
+            .filter(|_| self.register_check_deferred && self.state == State::Up)
+            .map(|read| self.register_check_due_ns(read))
     }
 
     fn stats(&self) -> Stats {

@@ -966,19 +966,88 @@ fn a_busy_driver_reads_link_and_mailbox_once_per_period() {
         "seen without waiting a period"
     );
 
-    // The loop runs out of work within the period: arming before the sleep asks for one more
-    // poll, which reads them (the skipped poll may have been a PF message's wake-up).
-    let read = start + 1_000_010;
-    vf.arm_interrupts();
+    // The loop runs out of work within the period: the deferred check asks for a poll when
+    // it is due, so a sleep cannot outlast it (the skipped poll may have been a PF message's
+    // wake-up).
+    let read = start + 3_000_000;
     vf.poll(read);
-    assert!(
-        !vf.arm_interrupts(),
+    assert_eq!(
+        vf.next_poll_ns(),
+        None,
         "that poll read them: nothing deferred"
     );
     bench.fake.set_cable(false);
     vf.poll(read + 100_000);
     assert_eq!(vf.link_state(), LinkState::Up, "deferred");
-    assert!(vf.arm_interrupts(), "a deferred register check is work");
-    vf.poll(read + 200_000);
-    assert_eq!(vf.link_state(), LinkState::Down, "read before sleeping");
+    assert!(!vf.arm_interrupts(), "no work: the caller may sleep");
+    assert_eq!(
+        vf.next_poll_ns(),
+        Some(read + 1_000_000),
+        "but not past the period"
+    );
+    vf.poll(read + 1_000_000);
+    assert_eq!(vf.link_state(), LinkState::Down, "read when due");
+    assert_eq!(vf.next_poll_ns(), None);
+}
+
+#[test]
+fn while_frames_arrive_the_register_check_stretches_and_resumes_once_they_stop() {
+    let mut bench = new_bench(Some(PF_MAC));
+    let mut vf = bench
+        .start(Config {
+            register_check_period_ns: 1_000_000,
+            busy_register_check_period_ns: 10_000_000,
+            ..test_config()
+        })
+        .expect("init");
+    let start = bench.now();
+    vf.poll(start);
+    // A frame every 0.5 ms: the VF is plainly there with link, so a PF message that leaves
+    // traffic flowing waits for the busy period.
+    bench
+        .fake
+        .pf_send(0, &[mailbox::PF_CONTROL_MSG | mailbox::MSGTYPE_CTS]);
+    let mut now = start;
+    for _ in 0..19 {
+        now += 500_000;
+        assert!(bench.fake.inject_rx_frame(0, &frame(PF_MAC.0, 64, 0)));
+        vf.poll(now);
+        assert_eq!(receive_all(&mut vf).len(), 1);
+        assert_eq!(
+            vf.driver_counters().pf_control_messages,
+            0,
+            "at {} ns: deferred",
+            now - start
+        );
+    }
+    assert_eq!(vf.next_poll_ns(), Some(start + 10_000_000));
+    vf.poll(start + 10_000_000);
+    assert_eq!(
+        vf.driver_counters().pf_control_messages,
+        1,
+        "read at the busy period"
+    );
+
+    // Frames stop: the plain period applies again from the last one.
+    bench.fake.set_cable(true);
+    vf.poll(start + 12_000_000);
+    assert_eq!(vf.link_state(), LinkState::Up);
+    let last_frame = start + 12_500_000;
+    assert!(bench.fake.inject_rx_frame(0, &frame(PF_MAC.0, 64, 1)));
+    vf.poll(last_frame);
+    assert_eq!(receive_all(&mut vf).len(), 1);
+    bench.fake.set_cable(false);
+    vf.poll(last_frame + 600_000);
+    assert_eq!(
+        vf.link_state(),
+        LinkState::Up,
+        "within a period of the last frame"
+    );
+    assert_eq!(vf.next_poll_ns(), Some(last_frame + 1_000_000));
+    vf.poll(last_frame + 1_000_000);
+    assert_eq!(
+        vf.link_state(),
+        LinkState::Down,
+        "a period after the last frame, not the busy period"
+    );
 }

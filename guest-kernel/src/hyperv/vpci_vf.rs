@@ -534,6 +534,14 @@ impl NetDevice for VfSlot {
             .is_some_and(|device| device.arm_interrupts())
     }
 
+    fn next_poll_ns(&self) -> Option<u64> {
+        self.state
+            .borrow()
+            .device
+            .as_ref()
+            .and_then(|device| device.next_poll_ns())
+    }
+
     fn stats(&self) -> Stats {
         let state = self.state.borrow();
         let mut stats = state.retired;
@@ -1133,6 +1141,10 @@ impl<S: NetDevice + SyntheticSide, F: VfPlatform> NetDevice for HyperVNic<S, F> 
 
     fn arm_interrupts(&mut self) -> bool {
         self.netvsc.arm_interrupts()
+    }
+
+    fn next_poll_ns(&self) -> Option<u64> {
+        self.netvsc.next_poll_ns()
     }
 
     fn stats(&self) -> Stats {
