@@ -25,6 +25,7 @@ pub mod mm;
 #[cfg(not(any(test, feature = "host")))]
 pub mod net;
 pub mod pci;
+pub mod pending_vectors;
 pub mod pvclock;
 #[cfg(not(any(test, feature = "host")))]
 mod rt;

@@ -1764,7 +1764,7 @@ mod tests {
 
     #[test]
     fn a_driver_asking_to_be_polled_bounds_the_sleep() {
-        let (mut bond, synthetic, vf) = bond_on_vf();
+        let (bond, synthetic, vf) = bond_on_vf();
         let watchdog = bond.next_deadline_ns().expect("the watchdog");
         vf.set_next_poll(Some(51 * MS));
         assert_eq!(bond.next_deadline_ns(), Some(51 * MS));

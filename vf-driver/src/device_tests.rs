@@ -1028,6 +1028,31 @@ fn while_frames_arrive_the_register_check_stretches_and_resumes_once_they_stop()
         "read at the busy period"
     );
 
+    // The mailbox vector firing reads the message at once, busy or not.
+    let fired = Rc::new(Cell::new(false));
+    let flag = fired.clone();
+    vf.set_mailbox_interrupt(Box::new(move || flag.replace(false)));
+    bench
+        .fake
+        .pf_send(0, &[mailbox::PF_CONTROL_MSG | mailbox::MSGTYPE_CTS]);
+    now = start + 10_500_000;
+    assert!(bench.fake.inject_rx_frame(0, &frame(PF_MAC.0, 64, 0)));
+    vf.poll(now);
+    assert_eq!(receive_all(&mut vf).len(), 1);
+    assert_eq!(
+        vf.driver_counters().pf_control_messages,
+        1,
+        "deferred, no interrupt"
+    );
+    fired.set(true);
+    vf.poll(now + 1);
+    assert_eq!(
+        vf.driver_counters().pf_control_messages,
+        2,
+        "read on the interrupt"
+    );
+    assert!(!fired.get(), "the flag was taken");
+
     // Frames stop: the plain period applies again from the last one.
     bench.fake.set_cable(true);
     vf.poll(start + 12_000_000);

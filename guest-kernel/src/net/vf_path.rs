@@ -19,7 +19,7 @@ use crate::interrupts::msi_message;
 use crate::mm::heap::KernelDma;
 use crate::mm::mmio::MmioRegion;
 use crate::pci::{Command, ConfigAccess, PciAddress, PciDevice, capability};
-use crate::{interrupts, time};
+use crate::{interrupts, pending_vectors, time};
 
 /// Intel's PCI vendor ID.
 const INTEL_VENDOR: u16 = 0x8086;
@@ -271,9 +271,10 @@ pub fn start_vf(vf: PciAddress) -> Result<Box<dyn NetDevice>, KernelError> {
         pci.claim(vf);
         pci.enable_command(vf, Command::MEMORY_SPACE | Command::BUS_MASTER)?;
         let registers = pci.map_bar(vf, 0)?;
+        // Queue, mailbox (noted, so the driver reads PF messages at once), spare.
         let vectors = [
             interrupts::allocate_vector(wake_event_loop)?,
-            interrupts::allocate_vector(wake_event_loop)?,
+            interrupts::allocate_vector(pending_vectors::note_pending)?,
             interrupts::allocate_vector(wake_event_loop)?,
         ];
         let msix = match pci.enable_msix(vf, &vectors) {
@@ -284,7 +285,7 @@ pub fn start_vf(vf: PciAddress) -> Result<Box<dyn NetDevice>, KernelError> {
                 false
             }
         };
-        (registers, msix)
+        (registers, msix.then_some(vectors[1]))
     };
     let config = Config {
         name: name.clone(),
@@ -302,8 +303,13 @@ pub fn start_vf(vf: PciAddress) -> Result<Box<dyn NetDevice>, KernelError> {
                 reason: error.to_string(),
             }
         })?;
-    if msix && let Err(error) = driver.configure_msix(0, 1) {
-        log::warn!("{name}: MSI-X vector mapping refused: {error}");
+    if let Some(mailbox_vector) = msix {
+        match driver.configure_msix(0, 1) {
+            Ok(()) => driver.set_mailbox_interrupt(Box::new(move || {
+                pending_vectors::take_pending(mailbox_vector)
+            })),
+            Err(error) => log::warn!("{name}: MSI-X vector mapping refused: {error}"),
+        }
     }
     log::info!("{name}: up, MAC {}", driver.mac_address());
     Ok(Box::new(driver))

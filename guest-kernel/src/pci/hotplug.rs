@@ -10,7 +10,6 @@ use crate::error::KernelError;
 use alloc::vec::Vec;
 use bitflags::bitflags;
 use core::fmt;
-use core::sync::atomic::{AtomicU64, Ordering};
 
 bitflags! {
     /// Slot Control (PCIe Base §7.5.3.10).
@@ -176,24 +175,15 @@ pub(super) struct HotplugState {
     service_calls: u32,
 }
 
-/// Vectors whose hot-plug interrupt fired and has not been serviced yet.
-static PENDING_VECTORS: [AtomicU64; 4] = [
-    AtomicU64::new(0),
-    AtomicU64::new(0),
-    AtomicU64::new(0),
-    AtomicU64::new(0),
-];
-
 /// Interrupt handler for hot-plug port vectors: notes the event for the next `service` call.
 /// Pass it to `crate::interrupts::allocate_vector`.
 pub fn interrupt_handler(vector: u8) {
-    PENDING_VECTORS[usize::from(vector / 64)].fetch_or(1 << (vector % 64), Ordering::Release);
+    crate::pending_vectors::note_pending(vector);
 }
 
 /// Takes the pending flag of `vector`.
 fn take_pending(vector: u8) -> bool {
-    let bit = 1u64 << (vector % 64);
-    PENDING_VECTORS[usize::from(vector / 64)].fetch_and(!bit, Ordering::AcqRel) & bit != 0
+    crate::pending_vectors::take_pending(vector)
 }
 
 impl<A: ConfigAccess> PciBus<A> {
