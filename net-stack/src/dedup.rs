@@ -37,18 +37,27 @@ const PROBES: usize = 4;
 /// A 64-bit fingerprint of a frame: its length, its first [`HEAD_BYTES`] and last
 /// [`TAIL_BYTES`]. Hashing only part of the frame keeps the cost flat at line rate.
 ///
-/// A TCP segment whose checksum field lies within the head is hashed without the tail: that
-/// checksum covers the payload (the bond verified it, or the NIC did, before asking), so the
-/// head already tells segments apart, and the tail is another cache line and often another
-/// page of the receive buffer, the dearer half of the key under an emulated CPU. With
-/// `checksum_partial` (the field holds only the pseudo-header sum) the tail is hashed too.
+/// A TCP segment is hashed as its length, IP header and the first 20 bytes of its TCP header
+/// only: those carry the IP ID, addresses, ports, sequence and acknowledgement numbers and the
+/// TCP checksum, which covers the options and the payload (the bond verified it, or the NIC
+/// did, before asking), so they tell segments apart. The MACs, the options and the tail are
+/// more loads (the tail another cache line, often another page of the receive buffer), each
+/// dear under an emulated CPU. With `checksum_partial` (the field holds only the
+/// pseudo-header sum) the frame is hashed head and tail like any other.
 pub fn frame_key(frame: &[u8], checksum_partial: bool) -> u64 {
     let mut hash = (frame.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x6a09_e667_f3bc_c908;
-    let head = &frame[..frame.len().min(HEAD_BYTES)];
-    let tail = if !checksum_partial && tcp_checksum_in_head(frame) {
-        &[][..]
-    } else {
-        &frame[frame.len().saturating_sub(TAIL_BYTES).max(head.len())..]
+    let tcp_headers = tcp_header_end(frame)
+        .filter(|_| !checksum_partial)
+        .and_then(|end| frame.get(ETHERNET_HEADER..end));
+    let (head, tail) = match tcp_headers {
+        Some(headers) => (headers, &[][..]),
+        None => {
+            let head = &frame[..frame.len().min(HEAD_BYTES)];
+            (
+                head,
+                &frame[frame.len().saturating_sub(TAIL_BYTES).max(head.len())..],
+            )
+        }
     };
     let mut mix = |word: u64| {
         hash = (hash ^ word).wrapping_mul(0x0000_0100_0000_01b3);
@@ -75,10 +84,10 @@ pub fn frame_key(frame: &[u8], checksum_partial: bool) -> u64 {
     hash
 }
 
-/// True for an untagged IPv4 or IPv6 frame carrying TCP whose checksum field (16 bytes into
-/// the TCP header) lies within [`HEAD_BYTES`]. IPv6 counts only without extension headers.
-fn tcp_checksum_in_head(frame: &[u8]) -> bool {
-    const TCP_CHECKSUM_END: usize = 18;
+/// For an untagged IPv4 or IPv6 frame carrying TCP, where the fixed 20 bytes of its TCP header
+/// end, when the frame holds them. IPv6 counts only without extension headers.
+fn tcp_header_end(frame: &[u8]) -> Option<usize> {
+    const TCP_HEADER: usize = 20;
     const PROTOCOL_TCP: u8 = 6;
     let transport = match (frame.get(12..14), frame.get(ETHERNET_HEADER)) {
         (Some([0x08, 0x00]), Some(&version_and_length)) if version_and_length >> 4 == 4 => {
@@ -89,19 +98,20 @@ fn tcp_checksum_in_head(frame: &[u8]) -> bool {
                 .is_none_or(|field| field[0] & 0x3f != 0 || field[1] != 0);
             if header_len < 20 || fragment || frame.get(ETHERNET_HEADER + 9) != Some(&PROTOCOL_TCP)
             {
-                return false;
+                return None;
             }
             ETHERNET_HEADER + header_len
         }
         (Some([0x86, 0xdd]), _) => {
             if frame.get(ETHERNET_HEADER + 6) != Some(&PROTOCOL_TCP) {
-                return false;
+                return None;
             }
             ETHERNET_HEADER + 40
         }
-        _ => return false,
+        _ => return None,
     };
-    transport + TCP_CHECKSUM_END <= HEAD_BYTES.min(frame.len())
+    let end = transport + TCP_HEADER;
+    (end <= frame.len()).then_some(end)
 }
 
 /// 16 bytes, so a probe sequence spans two cache lines.
@@ -444,7 +454,13 @@ mod tests {
                 "ipv6 {ipv6}: header bytes count"
             );
         }
-        // IPv4 options push the checksum beyond the head.
+        // The TCP options are not hashed (the checksum covers them); the MACs neither.
+        let a = tcp_frame(false, 0, 1514, 1);
+        let mut options = a.clone();
+        options[60] ^= 1;
+        options[0] ^= 1;
+        assert_eq!(key(&a), key(&options));
+        // IPv4 options move the TCP header, which is hashed wherever it is.
         let (a, b) = (tcp_frame(false, 40, 1514, 1), tcp_frame(false, 40, 1514, 2));
         assert_ne!(key(&a), key(&b));
         // Not TCP, a fragment, or a tagged frame: the tail counts.
