@@ -10,8 +10,8 @@ pub const PANIC_EXIT_CODE: i32 = 101;
 /// Standard C `memcpy` contract: valid, non-overlapping regions of `len` bytes.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memcpy(destination: *mut u8, source: *const u8, len: usize) -> *mut u8 {
-    // SAFETY: the caller's contract is `copy_forward`'s.
-    unsafe { crate::mm::copy::copy_forward(destination, source, len) };
+    // SAFETY: the caller's contract is `copy_disjoint`'s.
+    unsafe { crate::mm::copy::copy_disjoint(destination, source, len) };
     destination
 }
 

@@ -32,6 +32,13 @@ fn allocate(
         .ok_or(Error::DmaAllocation { purpose, bytes })
 }
 
+/// `index + by` on a ring of `size` slots (`by` ≤ `size`). A compare instead of `%`: a
+/// division by a runtime value is a helper call under an emulated CPU, on every frame.
+fn wrapping_advance(index: usize, by: usize, size: usize) -> usize {
+    let next = index + by;
+    if next >= size { next - size } else { next }
+}
+
 fn read_descriptor(ring: &DmaRegion, index: usize) -> Option<[u64; 2]> {
     let offset = index * DESCRIPTOR_SIZE;
     Some([
@@ -263,7 +270,7 @@ impl TxRing {
                 write_descriptor(&mut self.descriptors, slot, words);
                 self.contexts[index] = Some(words);
                 self.contexts_written += 1;
-                slot = (slot + 1) % size;
+                slot = wrapping_advance(slot, 1, size);
             }
             let mut done = 0;
             while done < packet.len {
@@ -282,7 +289,7 @@ impl TxRing {
                     olinfo_status,
                 );
                 write_descriptor(&mut self.descriptors, slot, descriptor.to_words());
-                slot = (slot + 1) % size;
+                slot = wrapping_advance(slot, 1, size);
                 done += piece;
             }
         }
@@ -321,7 +328,7 @@ impl TxRing {
             log::error!("igbvf: TX slot {first} has no transmit recorded");
             return None;
         }
-        let last = (first + usize::from(unit.slots) - 1) % usize::from(self.size);
+        let last = wrapping_advance(first, usize::from(unit.slots) - 1, usize::from(self.size));
         read_descriptor(&self.descriptors, last)
             .filter(|&words| AdvancedTxDataDescriptor::from_words(words).is_done())
             .map(|_| (first, unit))
@@ -340,7 +347,7 @@ impl TxRing {
             reclaimed.bytes += u64::from(unit.bytes);
             self.units[first] = TxUnit::default();
             self.next_to_clean =
-                ((first + usize::from(unit.slots)) % usize::from(self.size)) as u16;
+                wrapping_advance(first, usize::from(unit.slots), usize::from(self.size)) as u16;
             self.in_use -= unit.slots;
         }
         reclaimed
@@ -525,7 +532,8 @@ impl RxRing {
             );
             self.posted[slot] = true;
             self.posted_count += 1;
-            self.next_to_use = (self.next_to_use + 1) % self.size;
+            self.next_to_use =
+                wrapping_advance(usize::from(self.next_to_use), 1, usize::from(self.size)) as u16;
             posted_any = true;
         }
         if posted_any {
@@ -562,7 +570,8 @@ impl RxRing {
             debug_assert!(self.posted[slot], "next_to_clean only walks posted slots");
             self.posted[slot] = false;
             self.posted_count -= 1;
-            self.next_to_clean = (self.next_to_clean + 1) % self.size;
+            self.next_to_clean =
+                wrapping_advance(usize::from(self.next_to_clean), 1, usize::from(self.size)) as u16;
             write_descriptor(&mut self.descriptors, slot, [0, 0]);
 
             let length = usize::from(write_back.length.get());
