@@ -1023,16 +1023,23 @@ fn measure_all(elf: &Path, runs: usize, only: Option<NetPaths>) -> Result<()> {
     let mut rows = Vec::new();
     let mut memory = GUEST_MEMORY;
     let selected = |path: &BenchPath| only.is_none_or(|only| only == path.paths);
-    // Each set-up's ceiling is measured right after its rows (this host's speed drifts by
-    // tens of percent within minutes): (set-up name, direction, ceiling).
+    // This host's speed drifts by tens of percent within minutes, so each set-up's ceilings
+    // are measured next to its rows: the receive ceiling (the one the targets are shares of)
+    // right before and right after them, averaged; the send ceiling after them.
+    // (set-up name, direction, ceiling).
     let mut ceilings = Vec::new();
     for path in BENCH_PATHS.into_iter().filter(selected) {
-        measure_rows(elf, path, runs, &mut memory, &mut rows)?;
         let nic = plain_setup(path.on_vf);
-        for direction in [Direction::In, Direction::Out] {
-            let raw = raw_ceiling(elf, nic, memory, direction)?;
-            ceilings.push((path.name, direction, raw));
-        }
+        let receive_before = raw_ceiling(elf, nic, memory, Direction::In)?;
+        measure_rows(elf, path, runs, &mut memory, &mut rows)?;
+        let receive_after = raw_ceiling(elf, nic, memory, Direction::In)?;
+        ceilings.push((
+            path.name,
+            Direction::In,
+            RawCeiling::mean(receive_before, receive_after),
+        ));
+        let send = raw_ceiling(elf, nic, memory, Direction::Out)?;
+        ceilings.push((path.name, Direction::Out, send));
     }
     println!("--- bench iperf (TCG, 1 vCPU, tap; {runs} runs per row) ---");
     print!("{}", format_table(&rows, memory));
@@ -1040,8 +1047,9 @@ fn measure_all(elf: &Path, runs: usize, only: Option<NetPaths>) -> Result<()> {
     print!("{}", format_stages(&rows));
     println!(
         "--- raw-frame ceiling (1514-byte frames, no TCP/IP: the host floods the guest for `in`, \
-         the guest sends pre-built frames for `out`; on the set-up's NIC alone, measured right \
-         after the set-up's rows) ---"
+         the guest sends pre-built frames for `out`; on the set-up's NIC alone; `in` is the mean \
+         of a measurement right before and one right after the set-up's rows, `out` is measured \
+         right after them) ---"
     );
     for path in BENCH_PATHS.iter().filter(|path| selected(path)) {
         for direction in [Direction::In, Direction::Out] {
@@ -1070,9 +1078,15 @@ fn measure_all(elf: &Path, runs: usize, only: Option<NetPaths>) -> Result<()> {
                     }
                     _ => String::new(),
                 };
+                let measured = raw
+                    .measured_gbits
+                    .map(|(before, after)| {
+                        format!(", {before:.3} before / {after:.3} after the rows")
+                    })
+                    .unwrap_or_default();
                 println!(
-                    "{:<20} {:>3} x{streams} {gbits:>7.3} Gbit/s raw ({} NIC); iperf {stack:.3} \
-                     Gbit/s = {:.0} % of the ceiling{cpu}",
+                    "{:<20} {:>3} x{streams} {gbits:>7.3} Gbit/s raw ({} NIC{measured}); iperf \
+                     {stack:.3} Gbit/s = {:.0} % of the ceiling{cpu}",
                     path.name,
                     direction.name(),
                     if path.on_vf { "VF" } else { "virtio" },
@@ -1302,6 +1316,7 @@ fn raw_ceiling(
     Ok(RawCeiling {
         gbits: median(&rates).unwrap_or(0.0),
         vcpu_ns_per_frame,
+        measured_gbits: None,
     })
 }
 
@@ -1312,6 +1327,22 @@ struct RawCeiling {
     gbits: f64,
     /// On-CPU ns of QEMU's vCPU thread per frame over those seconds.
     vcpu_ns_per_frame: Option<f64>,
+    /// For a mean of two measurements: their Gbit/s, in order.
+    measured_gbits: Option<(f64, f64)>,
+}
+
+impl RawCeiling {
+    /// The mean of two measurements of one ceiling (a vCPU figure only if both have one).
+    fn mean(first: RawCeiling, second: RawCeiling) -> RawCeiling {
+        RawCeiling {
+            gbits: (first.gbits + second.gbits) / 2.0,
+            vcpu_ns_per_frame: first
+                .vcpu_ns_per_frame
+                .zip(second.vcpu_ns_per_frame)
+                .map(|(first, second)| (first + second) / 2.0),
+            measured_gbits: Some((first.gbits, second.gbits)),
+        }
+    }
 }
 
 /// `cargo xtask bench iperf [--runs N]`: builds the iperf image, creates the namespace, runs
@@ -1394,6 +1425,33 @@ mod tests {
                 .iter()
                 .any(|path| path.paths == NetPaths::Both && path.on_vf)
         );
+    }
+
+    #[test]
+    fn a_ceiling_measured_twice_is_their_mean_and_keeps_both() {
+        let before = RawCeiling {
+            gbits: 3.0,
+            vcpu_ns_per_frame: Some(1500.0),
+            measured_gbits: None,
+        };
+        let after = RawCeiling {
+            gbits: 2.0,
+            vcpu_ns_per_frame: None,
+            measured_gbits: None,
+        };
+        let mean = RawCeiling::mean(before, after);
+        assert_eq!(mean.gbits, 2.5);
+        assert_eq!(mean.measured_gbits, Some((3.0, 2.0)));
+        // Half a CPU figure would be no figure.
+        assert_eq!(mean.vcpu_ns_per_frame, None);
+        let both = RawCeiling::mean(
+            before,
+            RawCeiling {
+                gbits: 2.0,
+                ..before
+            },
+        );
+        assert_eq!(both.vcpu_ns_per_frame, Some(1500.0));
     }
 
     fn sample(gbits: f64, retransmits: Option<u64>, active: &str) -> RunSample {
