@@ -2,6 +2,31 @@
 
 use core::arch::asm;
 
+/// Assembly that moves the 64 bytes at `rsi` to `rdi` in 8-byte moves through the scratch
+/// registers `{a}`..`{d}` (the loop body of both copies).
+macro_rules! move_64_bytes {
+    () => {
+        concat!(
+            "mov {a}, [rsi]\n",
+            "mov {b}, [rsi + 8]\n",
+            "mov {c}, [rsi + 16]\n",
+            "mov {d}, [rsi + 24]\n",
+            "mov [rdi], {a}\n",
+            "mov [rdi + 8], {b}\n",
+            "mov [rdi + 16], {c}\n",
+            "mov [rdi + 24], {d}\n",
+            "mov {a}, [rsi + 32]\n",
+            "mov {b}, [rsi + 40]\n",
+            "mov {c}, [rsi + 48]\n",
+            "mov {d}, [rsi + 56]\n",
+            "mov [rdi + 32], {a}\n",
+            "mov [rdi + 40], {b}\n",
+            "mov [rdi + 48], {c}\n",
+            "mov [rdi + 56], {d}",
+        )
+    };
+}
+
 /// Copies `len` bytes from `source` to `destination`, lowest address first.
 ///
 /// Under QEMU TCG a `rep` string instruction costs a translated-block exit and lookup per
@@ -26,22 +51,7 @@ pub unsafe fn copy_forward(destination: *mut u8, source: *const u8, len: usize) 
         asm!("test {blocks}, {blocks}",
              "jz 3f",
              "2:",
-             "mov {a}, [rsi]",
-             "mov {b}, [rsi + 8]",
-             "mov {c}, [rsi + 16]",
-             "mov {d}, [rsi + 24]",
-             "mov [rdi], {a}",
-             "mov [rdi + 8], {b}",
-             "mov [rdi + 16], {c}",
-             "mov [rdi + 24], {d}",
-             "mov {a}, [rsi + 32]",
-             "mov {b}, [rsi + 40]",
-             "mov {c}, [rsi + 48]",
-             "mov {d}, [rsi + 56]",
-             "mov [rdi + 32], {a}",
-             "mov [rdi + 40], {b}",
-             "mov [rdi + 48], {c}",
-             "mov [rdi + 56], {d}",
+             move_64_bytes!(),
              "add rsi, 64",
              "add rdi, 64",
              "dec {blocks}",
@@ -85,22 +95,7 @@ pub unsafe fn copy_disjoint(destination: *mut u8, source: *const u8, len: usize)
     // because `len` ≥ 64; the regions do not overlap, so rewritten bytes get their own values.
     unsafe {
         asm!("2:",
-             "mov {a}, [rsi]",
-             "mov {b}, [rsi + 8]",
-             "mov {c}, [rsi + 16]",
-             "mov {d}, [rsi + 24]",
-             "mov [rdi], {a}",
-             "mov [rdi + 8], {b}",
-             "mov [rdi + 16], {c}",
-             "mov [rdi + 24], {d}",
-             "mov {a}, [rsi + 32]",
-             "mov {b}, [rsi + 40]",
-             "mov {c}, [rsi + 48]",
-             "mov {d}, [rsi + 56]",
-             "mov [rdi + 32], {a}",
-             "mov [rdi + 40], {b}",
-             "mov [rdi + 48], {c}",
-             "mov [rdi + 56], {d}",
+             move_64_bytes!(),
              "add rsi, 64",
              "add rdi, 64",
              "dec {blocks}",
@@ -109,22 +104,7 @@ pub unsafe fn copy_disjoint(destination: *mut u8, source: *const u8, len: usize)
              "jz 3f",
              "lea rsi, [rsi + {rest} - 64]",
              "lea rdi, [rdi + {rest} - 64]",
-             "mov {a}, [rsi]",
-             "mov {b}, [rsi + 8]",
-             "mov {c}, [rsi + 16]",
-             "mov {d}, [rsi + 24]",
-             "mov [rdi], {a}",
-             "mov [rdi + 8], {b}",
-             "mov [rdi + 16], {c}",
-             "mov [rdi + 24], {d}",
-             "mov {a}, [rsi + 32]",
-             "mov {b}, [rsi + 40]",
-             "mov {c}, [rsi + 48]",
-             "mov {d}, [rsi + 56]",
-             "mov [rdi + 32], {a}",
-             "mov [rdi + 40], {b}",
-             "mov [rdi + 48], {c}",
-             "mov [rdi + 56], {d}",
+             move_64_bytes!(),
              "3:",
              blocks = inout(reg) blocks => _, rest = in(reg) rest,
              a = out(reg) _, b = out(reg) _, c = out(reg) _, d = out(reg) _,
