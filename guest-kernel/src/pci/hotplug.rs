@@ -7,6 +7,7 @@ use super::capability::{PcieCapability, SlotCapabilities, find_capability, id, p
 use super::config::{Command, ConfigAccess, write_command};
 use super::{PciAddress, PciBus, PciDevice, bad_value, gone};
 use crate::error::KernelError;
+use crate::pending_vectors;
 use alloc::vec::Vec;
 use bitflags::bitflags;
 use core::fmt;
@@ -175,17 +176,6 @@ pub(super) struct HotplugState {
     service_calls: u32,
 }
 
-/// Interrupt handler for hot-plug port vectors: notes the event for the next `service` call.
-/// Pass it to `crate::interrupts::allocate_vector`.
-pub fn interrupt_handler(vector: u8) {
-    crate::pending_vectors::note_pending(vector);
-}
-
-/// Takes the pending flag of `vector`.
-fn take_pending(vector: u8) -> bool {
-    crate::pending_vectors::take_pending(vector)
-}
-
 impl<A: ConfigAccess> PciBus<A> {
     /// Records every root/downstream port with a hot-plug capable slot not yet known; returns
     /// the ports added. They are not armed until [`PciBus::arm_hotplug_slot`].
@@ -315,7 +305,7 @@ impl<A: ConfigAccess> PciBus<A> {
         let mut index = 0;
         while index < self.hotplug.slots.len() {
             let slot = &self.hotplug.slots[index];
-            let interrupted = slot.vector.is_some_and(take_pending);
+            let interrupted = slot.vector.is_some_and(pending_vectors::take_pending);
             let due = slot.armed
                 && (slot.vector.is_none()
                     || interrupted

@@ -7,10 +7,11 @@ use super::config::{ConfigAccess, Q35_HOST_BRIDGE_ID, Q35_PCIEXBAR, decode_pciex
 use super::ecam::Ecam;
 use super::msix::MsixTable;
 use super::port_io::PortIo;
-use super::{AddressRange, PciBus, RootResources, bad_value, hotplug};
+use super::{AddressRange, PciBus, RootResources, bad_value};
 use crate::error::{KernelError, PciErrorKind};
 use crate::interrupts::{allocate_vector, msi_message};
 use crate::mm::mmio::MmioRegion;
+use crate::pending_vectors::note_pending;
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -200,13 +201,14 @@ impl PciBus<PlatformConfig> {
                 ));
             }
             let region = self.map_bar(port, usize::from(capability.table_bar))?;
-            let vector = allocate_vector(hotplug::interrupt_handler)?;
+            // The handler only notes the event; the next hot-plug `service` call looks.
+            let vector = allocate_vector(note_pending)?;
             let messages = vec![msi_message(vector); usize::from(message_number) + 1];
             self.enable_msix_with(port, region, &messages)?;
             return Ok(vector);
         }
         if capabilities.find(id::MSI).is_some() {
-            let vector = allocate_vector(hotplug::interrupt_handler)?;
+            let vector = allocate_vector(note_pending)?;
             self.enable_msi(port, msi_message(vector))?;
             return Ok(vector);
         }
