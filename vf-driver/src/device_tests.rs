@@ -406,6 +406,35 @@ fn received_frames_arrive_exactly_and_in_order_across_ring_wraps() {
 }
 
 #[test]
+fn buffers_go_back_to_the_device_half_a_ring_at_a_time() {
+    // The test ring has 16 slots: 15 buffers posted, handed back in batches of 7.
+    let (bench, mut vf) = started();
+    let writes = bench.fake.rx_tail_writes(0);
+    for i in 0..6 {
+        assert!(bench.fake.inject_rx_frame(0, &frame(PF_MAC.0, 64, i)));
+    }
+    assert_eq!(receive_all(&mut vf).len(), 6);
+    assert_eq!(
+        bench.fake.rx_tail_writes(0),
+        writes,
+        "6 free buffers wait for a batch"
+    );
+    assert!(bench.fake.inject_rx_frame(0, &frame(PF_MAC.0, 64, 6)));
+    assert_eq!(receive_all(&mut vf).len(), 1);
+    assert_eq!(
+        bench.fake.rx_tail_writes(0),
+        writes + 1,
+        "the 7th is a batch: one tail write"
+    );
+    // All 15 buffers are the device's again: 15 frames fit, the 16th finds none.
+    for i in 0..15 {
+        assert!(bench.fake.inject_rx_frame(0, &frame(PF_MAC.0, 64, i)));
+    }
+    assert!(!bench.fake.inject_rx_frame(0, &frame(PF_MAC.0, 64, 15)));
+    assert_eq!(receive_all(&mut vf).len(), 15);
+}
+
+#[test]
 fn receive_respects_the_budget() {
     let (bench, mut vf) = started();
     for i in 0..6 {
@@ -847,7 +876,10 @@ fn every_driver_counter_is_reachable() {
     assert!(bench.fake.inject_rx_frame(0, &good));
     receive_all(&mut vf);
     bench.fake.write_back_unposted_rx(0);
-    assert!(bench.fake.inject_rx_frame(0, &good));
+    // Seven consumed buffers make a refill batch, which finds the hostile write-back.
+    for _ in 0..3 {
+        assert!(bench.fake.inject_rx_frame(0, &good));
+    }
     receive_all(&mut vf);
     bench.fake.stall_tx(0, true);
     send(&mut vf, &good).expect("room");
