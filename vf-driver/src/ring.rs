@@ -498,11 +498,12 @@ impl RxRing {
     /// Buffers handed back per RDT write at least (half the ring, at most 512): each tail
     /// write is a register access, under emulation an exit that waits for the device model's
     /// lock, which QEMU's I/O thread holds while it receives a burst from the tap (`perf` of a
-    /// bulk receive: the vCPU thread was off CPU ~40 % of the time, nearly all of it waiting
-    /// for that lock at register accesses). A ring that still holds half its buffers loses
-    /// nothing by waiting: 512 of the 1024 the kernel gives the VF are 0.7 MB, several
-    /// milliseconds of frames at line rate, and every poll refills (Linux igbvf writes every
-    /// 16 on 256-entry rings; one write per 128 took ~2 per poll of 256 frames here).
+    /// bulk receive: the vCPU thread was off CPU ~40 % of the time, and ~70 % of its context
+    /// switches were waits for that lock at register accesses). A ring that still holds half
+    /// its buffers loses nothing by waiting: 512 of the 1024 the kernel gives the VF are
+    /// 0.7 MB, several milliseconds of frames at line rate, and every receive call checks
+    /// again (Linux igbvf writes every 16 on 256-entry rings; one write per 128 took ~2 per
+    /// poll of 256 frames here).
     fn refill_batch(&self) -> u16 {
         ((self.size - 1) / 2).clamp(1, 512)
     }
