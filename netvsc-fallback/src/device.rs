@@ -6,6 +6,7 @@ mod control;
 mod receive;
 mod transmit;
 
+use alloc::boxed::Box;
 use alloc::string::String;
 
 use log::{error, info, warn};
@@ -252,6 +253,8 @@ pub struct VirtioNet<R: RegisterIo, D: DmaAllocator> {
     announce: AnnounceState,
     health_check_forced: bool,
     last_health_check_ns: Option<u64>,
+    /// Takes the "configuration vector fired" flag (see [`VirtioNet::set_config_interrupt`]).
+    config_interrupt: Option<Box<dyn FnMut() -> bool>>,
     rx_warnings: LogLimiter,
     tx_warnings: LogLimiter,
     control_warnings: LogLimiter,
@@ -292,6 +295,7 @@ impl<R: RegisterIo, D: DmaAllocator> VirtioNet<R, D> {
             announce: AnnounceState::default(),
             health_check_forced: false,
             last_health_check_ns: None,
+            config_interrupt: None,
             rx_warnings: LogLimiter::default(),
             tx_warnings: LogLimiter::default(),
             control_warnings: LogLimiter::default(),
@@ -360,6 +364,14 @@ impl<R: RegisterIo, D: DmaAllocator> VirtioNet<R, D> {
         {
             self.health_check_forced = true;
         }
+    }
+
+    /// Lets `poll` learn that the configuration vector fired: `take` returns (and clears) the
+    /// interrupt owner's flag, and a set flag makes that poll re-read status and link at once.
+    /// The device raises that vector for every link change and reset request (§2.1.2,
+    /// §4.1.4.3), so with it the periodic check is only a safety net and can be rare.
+    pub fn set_config_interrupt(&mut self, take: Box<dyn FnMut() -> bool>) {
+        self.config_interrupt = Some(take);
     }
 
     /// Makes the next `poll` check device status and link state regardless of the interval.
@@ -916,6 +928,9 @@ impl<R: RegisterIo, D: DmaAllocator> NetDevice for VirtioNet<R, D> {
     fn poll(&mut self, now_ns: u64) {
         if matches!(self.state, DriverState::Gone | DriverState::Stopped) {
             return;
+        }
+        if self.config_interrupt.as_mut().is_some_and(|take| take()) {
+            self.health_check_forced = true;
         }
         if self.health_check_due(now_ns) {
             self.health_check_forced = false;

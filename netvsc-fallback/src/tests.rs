@@ -983,6 +983,53 @@ fn link_down_and_up_follow_the_device() {
 }
 
 #[test]
+fn a_configuration_interrupt_makes_the_next_poll_read_the_link_before_the_interval() {
+    let Setup {
+        device, mut driver, ..
+    } = setup_with(
+        FakeDeviceConfig::default(),
+        VirtioNetConfig {
+            health_check_interval_ns: 100_000_000,
+            ..VirtioNetConfig::default()
+        },
+    );
+    let fired = std::rc::Rc::new(core::cell::Cell::new(false));
+    let flag = fired.clone();
+    driver.set_config_interrupt(Box::new(move || flag.replace(false)));
+    driver.poll(0);
+    device.set_link(false);
+    driver.poll(1_000_000);
+    assert_eq!(
+        driver.link_state(),
+        LinkState::Up,
+        "without the vector the change waits for the interval"
+    );
+    fired.set(true);
+    driver.poll(2_000_000);
+    assert_eq!(
+        driver.link_state(),
+        LinkState::Down,
+        "read at the interrupt"
+    );
+    assert!(!fired.get(), "the flag was taken");
+    device.set_link(true);
+    driver.poll(3_000_000);
+    assert_eq!(driver.link_state(), LinkState::Down);
+    driver.poll(101_000_000);
+    assert_eq!(
+        driver.link_state(),
+        LinkState::Down,
+        "not yet 100 ms after the last read"
+    );
+    driver.poll(102_000_000);
+    assert_eq!(
+        driver.link_state(),
+        LinkState::Up,
+        "the interval still backs the vector up"
+    );
+}
+
+#[test]
 fn announce_requests_are_raised_once_and_acknowledged() {
     let Setup {
         device, mut driver, ..

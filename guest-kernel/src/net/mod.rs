@@ -27,7 +27,7 @@ use crate::mm::mmio::MmioRegion;
 use crate::pci::{
     self, Command, ConfigAccess, HotplugEvent, Pci, PciAddress, PciDevice, capability,
 };
-use crate::{arch, interrupts, time};
+use crate::{arch, interrupts, pending_vectors, time};
 
 /// virtio's PCI vendor ID.
 const VIRTIO_VENDOR: u16 = 0x1af4;
@@ -150,32 +150,43 @@ fn start_virtio_net(
         complete_partial_checksums: false,
         ..VirtioNetConfig::default()
     };
+    // Configuration (noted, so the driver re-reads status and link at once), receive,
+    // transmit.
     let vectors = [
-        interrupts::allocate_vector(wake_event_loop)?,
+        interrupts::allocate_vector(pending_vectors::note_pending)?,
         interrupts::allocate_vector(wake_event_loop)?,
         interrupts::allocate_vector(wake_event_loop)?,
     ];
-    match pci.enable_msix(address, &vectors) {
+    let config_vector = match pci.enable_msix(address, &vectors) {
         Ok(_table) => {
             config.msix = Some(MsixVectors {
                 config: 0,
                 rx: 1,
                 tx: 2,
-            })
+            });
+            // Every status or link change raises the configuration vector: the periodic
+            // check (two register reads, each an exit that waits for the device model's lock
+            // under emulation, while a VF carries the traffic too) only backs it up.
+            config.health_check_interval_ns = VIRTIO_HEALTH_CHECK_WITH_INTERRUPT_NS;
+            Some(vectors[0])
         }
         Err(error) => {
             log::warn!("{name}: no MSI-X ({error}); falling back to polling");
             for vector in vectors {
                 interrupts::free_vector(vector);
             }
+            None
         }
-    }
+    };
     let mut driver =
         VirtioNet::new(regions, KernelDma, config).map_err(|error| KernelError::Driver {
             device: name.clone(),
             reason: error.to_string(),
         })?;
     driver.set_name(&name);
+    if let Some(vector) = config_vector {
+        driver.set_config_interrupt(Box::new(move || pending_vectors::take_pending(vector)));
+    }
     pci.claim(address);
     log::info!(
         "{name}: up, MAC {}, features {:?}",
@@ -405,13 +416,22 @@ fn service_hotplug(stack: &mut NetStack, arrival: &mut VfArrival) {
     }
 }
 
-/// The event loop services the lab PF at most this often: each service is several register
+/// The event loop services the lab PF at least this often: each service is three register
 /// reads, and under emulation each is an exit that waits for the device model's lock (with
-/// traffic flowing, up to a whole burst of frames). The VF's own mailbox waits service the lab
-/// PF directly, so this only bounds how soon a VF reset or link change is noticed on its own.
-const LAB_PF_SERVICE_PERIOD_NS: u64 = 10_000_000;
-/// The event loop reads the lab control channel (a port read) at most this often.
-const LAB_CONTROL_SERVICE_PERIOD_NS: u64 = 1_000_000;
+/// traffic flowing, up to a whole burst of frames). The lab PF runs on events otherwise, as a
+/// PF driver runs on its interrupts: the VF's own mailbox waits service it directly, lab events
+/// send their message at once, and the VF's mailbox vector (the VF reading a PF message, which
+/// it then acknowledges) makes the next round service it. This bounds how soon anything else,
+/// e.g. a PF link change, is noticed.
+const LAB_PF_SERVICE_PERIOD_NS: u64 = 100_000_000;
+/// The event loop reads the lab control channel's port at most this often. Like every
+/// register access under emulation, each read waits whenever QEMU's I/O thread is in a burst;
+/// at once a millisecond they were the guest's most frequent exit while receiving. Commands
+/// are rare and their callers wait seconds for an answer.
+const LAB_CONTROL_SERVICE_PERIOD_NS: u64 = 10_000_000;
+/// The virtio-net driver's periodic status and link check when the configuration vector
+/// reports changes (a safety net, e.g. for a device that stops answering).
+const VIRTIO_HEALTH_CHECK_WITH_INTERRUPT_NS: u64 = 100_000_000;
 
 /// Runs the event loop: hot-plug service, stack poll, then the app; sleeps until an interrupt
 /// or the next deadline whenever a round did nothing. Returns the app's exit code.
@@ -430,7 +450,9 @@ pub fn run(stack: &mut NetStack, mut app: impl FnMut(&mut NetStack) -> ControlFl
     loop {
         service_hotplug(stack, &mut arrival);
         let now_ns = time::now_ns();
-        if due(&mut lab_pf_serviced_ns, now_ns, LAB_PF_SERVICE_PERIOD_NS) {
+        if vf_path::take_lab_pf_due()
+            || due(&mut lab_pf_serviced_ns, now_ns, LAB_PF_SERVICE_PERIOD_NS)
+        {
             vf_path::service_lab_pf();
         }
         if let Some(control) = control.as_mut()
