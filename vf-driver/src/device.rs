@@ -347,11 +347,9 @@ pub struct IgbVf<R: RegisterIo, D: DmaAllocator> {
 /// First automatic re-initialisation attempt after the VF is seen `Resetting` (lets the PF
 /// finish its own reset first).
 const REINIT_INITIAL_BACKOFF_NS: u64 = 10_000_000;
-/// How often `poll` folds the hardware statistics registers into the 64-bit totals (five
-/// register reads; `hardware_stats` reads them on demand too). The fastest of them, the
-/// 32-bit octet counters, wrap after 34 s at 1 Gbit/s (9 s at the 3.7 Gbit/s QEMU's model
-/// reaches): once a second keeps every wrap seen.
-const HARDWARE_COUNTER_PERIOD_NS: u64 = 1_000_000_000;
+/// How often `poll` reads the hardware statistics registers. `stats` reports what was last
+/// read, and readers (the lab's `stats`, tests) expect it fresh within a fraction of a second.
+const HARDWARE_COUNTER_PERIOD_NS: u64 = 100_000_000;
 /// Longest delay between automatic re-initialisation attempts.
 const REINIT_MAX_BACKOFF_NS: u64 = 1_000_000_000;
 
@@ -928,7 +926,7 @@ impl<R: RegisterIo, D: DmaAllocator> NetDevice for IgbVf<R, D> {
             self.reinitialize_when_due(now_ns);
             return;
         }
-        // Counter registers are VM exits under emulation: fold them in once a second only.
+        // Counter registers are VM exits under emulation: fold them in every 100 ms only.
         if now_ns.saturating_sub(self.counters_read_ns) >= HARDWARE_COUNTER_PERIOD_NS {
             self.counters_read_ns = now_ns;
             self.hardware_counters.accumulate(self.hw.read_counters());
