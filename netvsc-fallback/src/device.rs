@@ -368,8 +368,9 @@ impl<R: RegisterIo, D: DmaAllocator> VirtioNet<R, D> {
 
     /// Lets `poll` learn that the configuration vector fired: `take` returns (and clears) the
     /// interrupt owner's flag, and a set flag makes that poll re-read status and link at once.
-    /// The device raises that vector for every link change and reset request (§2.1.2,
-    /// §4.1.4.3), so with it the periodic check is only a safety net and can be rare.
+    /// The device raises that vector for every reset request (DEVICE_NEEDS_RESET, §2.1.2) and
+    /// link change (the link bit is in the device configuration space, whose changes it
+    /// notifies), so with it the periodic check is only a safety net and can be rare.
     pub fn set_config_interrupt(&mut self, take: Box<dyn FnMut() -> bool>) {
         self.config_interrupt = Some(take);
     }
