@@ -1063,9 +1063,10 @@ fn measure_all(elf: &Path, runs: usize, only: Option<NetPaths>) -> Result<()> {
                 let stack = stack_rate(&rows, path, direction, streams);
                 let gbits = raw.gbits;
                 // Host→guest only: per frame received, both sides count the same frames.
-                let cpu = match (raw.vcpu_ns_per_frame, direction) {
+                let mut cpu = match (raw.vcpu_ns_per_frame, direction) {
                     (Some(raw_ns), Direction::In) => {
-                        let stack_ns = stack_vcpu_ns(&rows, path, streams);
+                        let stack_ns =
+                            stack_cpu_ns(&rows, path, streams, |sample| sample.vcpu_ns_per_frame);
                         format!(
                             "; vCPU {raw_ns:.0} ns/frame raw, {stack_ns:.0} with TCP = {:.0} % \
                              by CPU",
@@ -1078,6 +1079,15 @@ fn measure_all(elf: &Path, runs: usize, only: Option<NetPaths>) -> Result<()> {
                     }
                     _ => String::new(),
                 };
+                // QEMU's other threads read the tap and run the NIC model: the side that
+                // bounds the ceiling when the vCPU idles.
+                if let (Some(raw_ns), Direction::In) = (raw.io_ns_per_frame, direction) {
+                    let stack_ns =
+                        stack_cpu_ns(&rows, path, streams, |sample| sample.io_ns_per_frame);
+                    cpu.push_str(&format!(
+                        "; I/O threads {raw_ns:.0} ns/frame raw, {stack_ns:.0} with TCP"
+                    ));
+                }
                 let measured = raw
                     .measured_gbits
                     .map(|(before, after)| {
@@ -1172,16 +1182,18 @@ fn plain_setup(on_vf: bool) -> BenchPath {
         .expect("BENCH_PATHS has a plain set-up per NIC")
 }
 
-/// The median vCPU ns per received frame of the host→guest runs on `path` with `streams`.
-fn stack_vcpu_ns(rows: &[BenchRow], path: &BenchPath, streams: u32) -> f64 {
+/// The median of one of QEMU's CPU figures (`figure`: vCPU or I/O threads, ns per received
+/// frame) over the host→guest runs on `path` with `streams`.
+fn stack_cpu_ns(
+    rows: &[BenchRow],
+    path: &BenchPath,
+    streams: u32,
+    figure: fn(&RunSample) -> Option<f64>,
+) -> f64 {
     rows.iter()
         .filter(|row| row.path == *path && row.direction == Direction::In && row.streams == streams)
         .filter_map(|row| {
-            let values: Vec<f64> = row
-                .samples
-                .iter()
-                .filter_map(|sample| sample.vcpu_ns_per_frame)
-                .collect();
+            let values: Vec<f64> = row.samples.iter().filter_map(figure).collect();
             median(&values)
         })
         .fold(0.0, f64::max)
@@ -1203,18 +1215,61 @@ fn stack_rate(rows: &[BenchRow], path: &BenchPath, direction: Direction, streams
 }
 
 /// Floods a tap with 1514-byte broadcast frames (ethertype 0x88B5) for the given seconds.
-const FLOOD_SCRIPT: &str = "import socket, sys, time
+///
+/// The tap's queue (1000 frames) is kept full at little CPU cost, because on a 2-CPU host every
+/// cycle the flood burns is taken from QEMU's two threads: a `send` per frame in a busy loop took
+/// a whole CPU, the vCPU then idled half the time, and the "ceiling" measured the flood, below
+/// what TCP reached on the same NIC. So frames go out through a packet socket's transmit ring
+/// (`PACKET_TX_RING`, TPACKET_V2, qdisc bypassed; written once, each `send` hands the kernel 64
+/// ready slots), and when the tap dropped frames (its queue was full: QEMU had not read them) the
+/// flood sleeps half a millisecond, in which QEMU reads about a tenth of the queue. The tap's
+/// drop count is printed with the ceiling: none would mean the flood, not QEMU, set the rate.
+const FLOOD_SCRIPT: &str = "import mmap, os, socket, struct, sys, time
+SOL_PACKET, PACKET_VERSION, PACKET_TX_RING, PACKET_QDISC_BYPASS, TPACKET_V2 = 263, 10, 13, 20, 1
+SLOT, SLOTS_PER_BLOCK, BLOCKS, BATCH = 2048, 32, 8, 64
+SLOTS = SLOTS_PER_BLOCK * BLOCKS
+DATA = 32  # TPACKET_ALIGN(sizeof(struct tpacket2_hdr)): where a slot's frame starts
+tap = sys.argv[1]
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
-s.bind((sys.argv[1], 0))
+s.bind((tap, 0))
+s.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
+s.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+s.setsockopt(SOL_PACKET, PACKET_TX_RING, struct.pack('IIII', SLOT * SLOTS_PER_BLOCK, BLOCKS, SLOT, SLOTS))
+ring = mmap.mmap(s.fileno(), SLOT * SLOTS)
 frame = bytes([255] * 6 + [2, 0, 0, 0, 0, 1, 0x88, 0xb5]) + bytes(1500)
+for slot in range(SLOTS):
+    base = slot * SLOT
+    ring[base + DATA:base + DATA + len(frame)] = frame
+    struct.pack_into('II', ring, base + 4, len(frame), len(frame))  # tp_len, tp_snaplen
+status = memoryview(ring).cast('I')
+batches = [[slot * SLOT // 4 for slot in range(first, first + BATCH)] for first in range(0, SLOTS, BATCH)]
+dropped = os.open('/sys/class/net/%s/statistics/tx_dropped' % tap, os.O_RDONLY)
+drops = lambda: int(os.pread(dropped, 32, 0))
+last = drops()
 end = time.time() + float(sys.argv[2])
 while time.time() < end:
-    for _ in range(100):
+    for batch in batches:
+        for index in batch:
+            if status[index] == 0:  # TP_STATUS_AVAILABLE
+                status[index] = 1  # TP_STATUS_SEND_REQUEST
         try:
-            s.send(frame)
+            s.send(b'')
         except OSError:
             pass
+        now = drops()
+        if now != last:
+            last = now
+            time.sleep(0.0005)
 ";
+
+/// Frames the kernel dropped sending to `tap` so far (its queue to QEMU was full).
+fn tap_dropped(tap: &str) -> Result<u64> {
+    let path = format!("/sys/class/net/{tap}/statistics/tx_dropped");
+    let text = std::fs::read_to_string(&path).map_err(|error| Error::io(&path, error))?;
+    text.trim()
+        .parse()
+        .map_err(|_| Error::Environment(format!("{path} holds {text:?}, not a count")))
+}
 
 /// Raw-frame ceiling of `path` in `direction`: boots the app with `iperf.raw=tx` (out) or with
 /// `iperf.raw=rx` while the host floods the path's tap (in), and takes the median of the
@@ -1257,6 +1312,7 @@ fn raw_ceiling(
     )?;
     let mut qemu = launch.builder.echo(false).spawn()?;
     let mut flood = None;
+    let mut flooded_tap = None;
     if direction == Direction::In {
         qemu.wait_for_line("iperf: raw receive", BOOT_TIMEOUT)?;
         // The VF's link may come up after the app started (the lab PF brings it up): a flood
@@ -1270,6 +1326,7 @@ fn raw_ceiling(
         }
         // The NIC the set-up's traffic uses (the bond's is the VF).
         let tap = if path.on_vf { TAP_VF } else { TAP_SYNTHETIC };
+        flooded_tap = Some((tap, tap_dropped(tap)?));
         flood = Some(
             Command::new("python3")
                 .args(["-c", FLOOD_SCRIPT, tap, "9"])
@@ -1282,7 +1339,7 @@ fn raw_ceiling(
     }
     let mut rates = Vec::new();
     let mut frames = 0.0;
-    let mut vcpu_start_ns = None;
+    let mut cpu_start_ns = None;
     for second in 0..6 {
         let line = qemu.wait_for_line(marker, BOOT_TIMEOUT)?;
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -1293,29 +1350,41 @@ fn raw_ceiling(
                 .and_then(|pair| pair[0].parse::<f64>().ok())
         };
         if second == 0 {
-            vcpu_start_ns = Some(qemu_thread_cpu_ns(&qemu)?.0);
+            cpu_start_ns = Some(qemu_thread_cpu_ns(&qemu)?);
         } else if let Some(gbits) = value_before("Gbit/s") {
             rates.push(gbits);
             frames += value_before("frames/s").unwrap_or(0.0);
         }
     }
-    let vcpu_ns = qemu_thread_cpu_ns(&qemu)?.0;
+    let (vcpu_ns, io_ns) = qemu_thread_cpu_ns(&qemu)?;
+    // Before the flood stops: frames the tap dropped because QEMU had not read its queue.
+    let dropped = match flooded_tap {
+        Some((tap, before)) => Some(tap_dropped(tap)?.saturating_sub(before)),
+        None => None,
+    };
     if let Some(mut flood) = flood {
         let _ = flood.kill();
         let _ = flood.wait();
     }
     let _ = std::fs::remove_file(&socket);
+    let flood_note = match dropped {
+        Some(0) => {
+            "; WARNING: the tap dropped nothing, so the flood, not QEMU, set this rate".to_string()
+        }
+        Some(dropped) => format!("; the tap dropped {dropped} flood frames (its queue was full)"),
+        None => String::new(),
+    };
     eprintln!(
-        "xtask: {} raw {}: {rates:?} Gbit/s per second",
+        "xtask: {} raw {}: {rates:?} Gbit/s per second{flood_note}",
         path.name,
         direction.name()
     );
-    let vcpu_ns_per_frame = vcpu_start_ns
-        .filter(|_| frames > 0.0)
-        .map(|start| vcpu_ns.saturating_sub(start) as f64 / frames);
+    let per_frame =
+        |end: u64, start: u64| (frames > 0.0).then(|| end.saturating_sub(start) as f64 / frames);
     Ok(RawCeiling {
         gbits: median(&rates).unwrap_or(0.0),
-        vcpu_ns_per_frame,
+        vcpu_ns_per_frame: cpu_start_ns.and_then(|(vcpu, _)| per_frame(vcpu_ns, vcpu)),
+        io_ns_per_frame: cpu_start_ns.and_then(|(_, io)| per_frame(io_ns, io)),
         measured_gbits: None,
     })
 }
@@ -1327,18 +1396,24 @@ struct RawCeiling {
     gbits: f64,
     /// On-CPU ns of QEMU's vCPU thread per frame over those seconds.
     vcpu_ns_per_frame: Option<f64>,
+    /// On-CPU ns of QEMU's other threads (tap, NIC model) per frame over those seconds.
+    io_ns_per_frame: Option<f64>,
     /// For a mean of two measurements: their Gbit/s, in order.
     measured_gbits: Option<(f64, f64)>,
 }
 
 impl RawCeiling {
-    /// The mean of two measurements of one ceiling (a vCPU figure only if both have one).
+    /// The mean of two measurements of one ceiling (a CPU figure only if both have one).
     fn mean(first: RawCeiling, second: RawCeiling) -> RawCeiling {
         RawCeiling {
             gbits: (first.gbits + second.gbits) / 2.0,
             vcpu_ns_per_frame: first
                 .vcpu_ns_per_frame
                 .zip(second.vcpu_ns_per_frame)
+                .map(|(first, second)| (first + second) / 2.0),
+            io_ns_per_frame: first
+                .io_ns_per_frame
+                .zip(second.io_ns_per_frame)
                 .map(|(first, second)| (first + second) / 2.0),
             measured_gbits: Some((first.gbits, second.gbits)),
         }
@@ -1432,11 +1507,13 @@ mod tests {
         let before = RawCeiling {
             gbits: 3.0,
             vcpu_ns_per_frame: Some(1500.0),
+            io_ns_per_frame: Some(4000.0),
             measured_gbits: None,
         };
         let after = RawCeiling {
             gbits: 2.0,
             vcpu_ns_per_frame: None,
+            io_ns_per_frame: Some(6000.0),
             measured_gbits: None,
         };
         let mean = RawCeiling::mean(before, after);
@@ -1444,6 +1521,7 @@ mod tests {
         assert_eq!(mean.measured_gbits, Some((3.0, 2.0)));
         // Half a CPU figure would be no figure.
         assert_eq!(mean.vcpu_ns_per_frame, None);
+        assert_eq!(mean.io_ns_per_frame, Some(5000.0));
         let both = RawCeiling::mean(
             before,
             RawCeiling {
