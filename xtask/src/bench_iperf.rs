@@ -1217,13 +1217,13 @@ fn stack_rate(rows: &[BenchRow], path: &BenchPath, direction: Direction, streams
 /// Floods a tap with 1514-byte broadcast frames (ethertype 0x88B5) for the given seconds.
 ///
 /// The tap's queue (1000 frames) is kept full at little CPU cost, because on a 2-CPU host every
-/// cycle the flood burns is taken from QEMU's two threads: a `send` per frame in a busy loop took
-/// a whole CPU, the vCPU then idled half the time, and the "ceiling" measured the flood, below
-/// what TCP reached on the same NIC. So frames go out through a packet socket's transmit ring
-/// (`PACKET_TX_RING`, TPACKET_V2, qdisc bypassed; written once, each `send` hands the kernel 64
-/// ready slots), and when the tap dropped frames (its queue was full: QEMU had not read them) the
-/// flood sleeps half a millisecond, in which QEMU reads about a tenth of the queue. The tap's
-/// drop count is printed with the ceiling: none would mean the flood, not QEMU, set the rate.
+/// cycle the flood burns may be taken from QEMU's two threads: a `send` per frame in a busy
+/// loop took a whole host CPU (this takes a quarter to a third of one). So frames go out
+/// through a packet socket's transmit ring (`PACKET_TX_RING`, TPACKET_V2, qdisc bypassed;
+/// written once, each `send` hands the kernel 64 ready slots), and when the tap dropped frames
+/// (its queue was full: QEMU had not read them) the flood sleeps half a millisecond, in which
+/// QEMU reads about a tenth of the queue. The tap's drop count is printed with the ceiling:
+/// none would mean the flood, not QEMU, set the rate.
 const FLOOD_SCRIPT: &str = "import mmap, os, socket, struct, sys, time
 SOL_PACKET, PACKET_VERSION, PACKET_TX_RING, PACKET_QDISC_BYPASS, TPACKET_V2 = 263, 10, 13, 20, 1
 SLOT, SLOTS_PER_BLOCK, BLOCKS, BATCH = 2048, 32, 8, 64
