@@ -1311,8 +1311,8 @@ fn raw_ceiling(
         &socket,
     )?;
     let mut qemu = launch.builder.echo(false).spawn()?;
+    // The flood, the tap it fills and that tap's drop count before it started.
     let mut flood = None;
-    let mut flooded_tap = None;
     if direction == Direction::In {
         qemu.wait_for_line("iperf: raw receive", BOOT_TIMEOUT)?;
         // The VF's link may come up after the app started (the lab PF brings it up): a flood
@@ -1326,14 +1326,13 @@ fn raw_ceiling(
         }
         // The NIC the set-up's traffic uses (the bond's is the VF).
         let tap = if path.on_vf { TAP_VF } else { TAP_SYNTHETIC };
-        flooded_tap = Some((tap, tap_dropped(tap)?));
-        flood = Some(
-            Command::new("python3")
-                .args(["-c", FLOOD_SCRIPT, tap, "9"])
-                .stdout(Stdio::null())
-                .spawn()
-                .map_err(|error| Error::io("starting the frame flood (python3)", error))?,
-        );
+        let dropped_before = tap_dropped(tap)?;
+        let child = Command::new("python3")
+            .args(["-c", FLOOD_SCRIPT, tap, "9"])
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|error| Error::io("starting the frame flood (python3)", error))?;
+        flood = Some((child, tap, dropped_before));
         // The second in which the flood starts is partial too.
         qemu.wait_for_line(marker, BOOT_TIMEOUT)?;
     }
@@ -1358,13 +1357,12 @@ fn raw_ceiling(
     }
     let (vcpu_ns, io_ns) = qemu_thread_cpu_ns(&qemu)?;
     // Before the flood stops: frames the tap dropped because QEMU had not read its queue.
-    let dropped = match flooded_tap {
-        Some((tap, before)) => Some(tap_dropped(tap)?.saturating_sub(before)),
-        None => None,
-    };
-    if let Some(mut flood) = flood {
-        let _ = flood.kill();
-        let _ = flood.wait();
+    let mut dropped = None;
+    if let Some((mut child, tap, before)) = flood {
+        let count = tap_dropped(tap);
+        let _ = child.kill();
+        let _ = child.wait();
+        dropped = Some(count?.saturating_sub(before));
     }
     let _ = std::fs::remove_file(&socket);
     let flood_note = match dropped {
