@@ -335,6 +335,12 @@ pub struct IgbVf<R: RegisterIo, D: DmaAllocator> {
     /// When a poll last found receive write-backs (see
     /// [`Config::busy_register_check_period_ns`]).
     received_ns: Option<u64>,
+    /// The last receive call found write-backs: the VF counts as busy for the register check
+    /// however long ago that call was (see [`IgbVf::register_check_due_ns`]).
+    receiving: bool,
+    /// RX tail of buffers refilled but not yet announced with an RDT write (see
+    /// [`IgbVf::announce_rx_buffers`]).
+    rx_tail_pending: Option<u16>,
     /// Takes the "mailbox vector fired" flag (see [`IgbVf::set_mailbox_interrupt`]).
     mailbox_interrupt: Option<Box<dyn FnMut() -> bool>>,
     /// The queue vector is masked because the driver is being polled (NAPI-style): unmasked
@@ -427,6 +433,8 @@ impl<R: RegisterIo, D: DmaAllocator> IgbVf<R, D> {
             registers_read_ns: None,
             register_check_deferred: false,
             received_ns: None,
+            receiving: false,
+            rx_tail_pending: None,
             mailbox_interrupt: None,
             queue_interrupt_masked: false,
             config,
@@ -473,6 +481,8 @@ impl<R: RegisterIo, D: DmaAllocator> IgbVf<R, D> {
 
     fn bring_up(&mut self) -> Result<(), Error> {
         self.hw.regs.ensure_alive("initialisation")?;
+        // The queues are reset and the ring is handed over afresh below.
+        self.rx_tail_pending = None;
         // Keep what the counters said before the reset; they may restart from 0 after it.
         self.hardware_counters.accumulate(self.hw.read_counters());
         self.quiesce_queues();
@@ -721,9 +731,14 @@ impl<R: RegisterIo, D: DmaAllocator> IgbVf<R, D> {
             return 0;
         }
         let busy_period = self.config.busy_register_check_period_ns.max(period);
-        let quiet_from = self
-            .received_ns
-            .map_or(0, |received| received.saturating_add(period));
+        // A poll cycle under load can outlast the period: as long as the last receive call
+        // found frames the VF counts as busy, whenever that was.
+        let quiet_from = if self.receiving {
+            u64::MAX
+        } else {
+            self.received_ns
+                .map_or(0, |received| received.saturating_add(period))
+        };
         read_ns
             .saturating_add(period)
             .max(quiet_from.min(read_ns.saturating_add(busy_period)))
@@ -736,6 +751,24 @@ impl<R: RegisterIo, D: DmaAllocator> IgbVf<R, D> {
         }
         self.hw.regs.mark_removed();
         self.state = State::Gone;
+    }
+
+    /// Writes RDT for the buffers `receive` refilled, if it has not been written since.
+    ///
+    /// `receive` only notes the new tail: the write waits for the next `flush` (the transmit
+    /// doorbell), `arm_interrupts` or `receive`, whichever comes first. Under emulation each
+    /// register access waits for QEMU's big lock, which its I/O thread holds while it
+    /// receives a burst from the tap (often hundreds of microseconds); the doorbell written
+    /// right after this usually finds the lock still free, so the pair waits about once. The
+    /// ring keeps about half its buffers posted when it is refilled, so a poll's delay costs
+    /// nothing. A queue being reset gets its ring afresh (`bring_up` drops the held tail).
+    fn announce_rx_buffers(&mut self) {
+        if !matches!(self.state, State::Up | State::Down) {
+            return;
+        }
+        if let Some(tail) = self.rx_tail_pending.take() {
+            self.hw.regs.write(regs::RDT, u32::from(tail));
+        }
     }
 
     /// Masks the queue vector once the driver has data work: the caller polls until it runs
@@ -942,13 +975,17 @@ impl<R: RegisterIo, D: DmaAllocator> NetDevice for IgbVf<R, D> {
         if !matches!(self.state, State::Up | State::Down) {
             return 0;
         }
+        // Buffers refilled by the last call that no flush carried go now: never later than
+        // one poll.
+        self.announce_rx_buffers();
         let drops_before = self.rx_drops.total();
         let (frames, bytes) =
             self.rx
                 .receive(budget, &mut self.rx_drops, &mut self.rx_checksums, sink);
         if let Some(tail) = self.rx.refill(&mut self.rx_drops) {
-            self.hw.regs.write(regs::RDT, u32::from(tail));
+            self.rx_tail_pending = Some(tail);
         }
+        self.receiving = frames > 0;
         if frames > 0 {
             self.received_ns = Some(self.now_ns);
             self.mask_queue_interrupt();
@@ -1052,6 +1089,8 @@ impl<R: RegisterIo, D: DmaAllocator> NetDevice for IgbVf<R, D> {
         if self.state == State::Gone {
             return;
         }
+        // Refilled buffers first, so they are there for the burst the peer sends in answer.
+        self.announce_rx_buffers();
         if let Some(tail) = self.tx.take_doorbell() {
             self.hw.regs.write(regs::TDT, u32::from(tail));
             self.mask_queue_interrupt();
@@ -1059,7 +1098,12 @@ impl<R: RegisterIo, D: DmaAllocator> NetDevice for IgbVf<R, D> {
     }
 
     fn arm_interrupts(&mut self) -> bool {
-        if !self.queue_interrupt_masked || !matches!(self.state, State::Up | State::Down) {
+        if !matches!(self.state, State::Up | State::Down) {
+            return false;
+        }
+        // The loop is about to sleep: no buffer may stay unannounced.
+        self.announce_rx_buffers();
+        if !self.queue_interrupt_masked {
             return false;
         }
         let Some(setup) = self.msix else {

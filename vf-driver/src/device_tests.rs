@@ -389,6 +389,7 @@ fn received_frames_arrive_exactly_and_in_order_across_ring_wraps() {
         }
         let rdt_writes = bench.fake.rx_tail_writes(0);
         got.extend(receive_all(&mut vf));
+        vf.flush();
         assert_eq!(
             bench.fake.rx_tail_writes(0),
             rdt_writes + 1,
@@ -421,6 +422,7 @@ fn buffers_go_back_to_the_device_half_a_ring_at_a_time() {
     );
     assert!(bench.fake.inject_rx_frame(0, &frame(PF_MAC.0, 64, 6)));
     assert_eq!(receive_all(&mut vf).len(), 1);
+    vf.flush();
     assert_eq!(
         bench.fake.rx_tail_writes(0),
         writes + 1,
@@ -431,6 +433,57 @@ fn buffers_go_back_to_the_device_half_a_ring_at_a_time() {
         assert!(bench.fake.inject_rx_frame(0, &frame(PF_MAC.0, 64, i)));
     }
     assert!(!bench.fake.inject_rx_frame(0, &frame(PF_MAC.0, 64, 15)));
+    assert_eq!(receive_all(&mut vf).len(), 15);
+}
+
+#[test]
+fn refilled_buffers_are_announced_by_the_next_flush_sleep_or_receive_whichever_comes_first() {
+    // The test ring refills in batches of 7.
+    let (bench, mut vf) = started();
+    let before = bench.fake.rx_tail_writes(0);
+    let refill_a_batch = |vf: &mut Vf| {
+        for i in 0..7 {
+            assert!(bench.fake.inject_rx_frame(0, &frame(PF_MAC.0, 64, i)));
+        }
+        assert_eq!(receive_all(vf).len(), 7);
+    };
+
+    refill_a_batch(&mut vf);
+    assert_eq!(bench.fake.rx_tail_writes(0), before, "held by receive");
+    // With so few buffers the device has, the held ones are not yet its.
+    for i in 0..8 {
+        assert!(bench.fake.inject_rx_frame(0, &frame(PF_MAC.0, 64, i)));
+    }
+    assert!(!bench.fake.inject_rx_frame(0, &frame(PF_MAC.0, 64, 8)));
+    assert_eq!(receive_all(&mut vf).len(), 8);
+    assert_eq!(
+        bench.fake.rx_tail_writes(0),
+        before + 1,
+        "the next receive call announced the first batch"
+    );
+
+    // The transmit doorbell carries the second batch (refilled by that call).
+    let tx_writes = bench.fake.tx_tail_writes(0);
+    send(&mut vf, &frame(PEER_MAC, 64, 1)).expect("room");
+    vf.flush();
+    assert_eq!(
+        bench.fake.rx_tail_writes(0),
+        before + 2,
+        "with the doorbell"
+    );
+    assert_eq!(bench.fake.tx_tail_writes(0), tx_writes + 1);
+    vf.flush();
+    assert_eq!(bench.fake.rx_tail_writes(0), before + 2, "nothing new");
+
+    // The loop going to sleep.
+    refill_a_batch(&mut vf);
+    assert_eq!(bench.fake.rx_tail_writes(0), before + 2);
+    vf.arm_interrupts();
+    assert_eq!(bench.fake.rx_tail_writes(0), before + 3, "before sleeping");
+    // Every buffer is the device's again.
+    for i in 0..15 {
+        assert!(bench.fake.inject_rx_frame(0, &frame(PF_MAC.0, 64, i)));
+    }
     assert_eq!(receive_all(&mut vf).len(), 15);
 }
 
@@ -1095,6 +1148,7 @@ fn while_frames_arrive_the_register_check_stretches_and_resumes_once_they_stop()
     assert_eq!(receive_all(&mut vf).len(), 1);
     bench.fake.set_cable(false);
     vf.poll(last_frame + 600_000);
+    assert!(receive_all(&mut vf).is_empty(), "no frame since");
     assert_eq!(
         vf.link_state(),
         LinkState::Up,
@@ -1106,5 +1160,51 @@ fn while_frames_arrive_the_register_check_stretches_and_resumes_once_they_stop()
         vf.link_state(),
         LinkState::Down,
         "a period after the last frame, not the busy period"
+    );
+}
+
+#[test]
+fn poll_cycles_longer_than_the_period_still_count_as_busy_while_each_finds_frames() {
+    let mut bench = new_bench(Some(PF_MAC));
+    let mut vf = bench
+        .start(Config {
+            register_check_period_ns: 1_000_000,
+            busy_register_check_period_ns: 10_000_000,
+            ..test_config()
+        })
+        .expect("init");
+    let start = bench.now();
+    assert!(bench.fake.inject_rx_frame(0, &frame(PF_MAC.0, 64, 0)));
+    vf.poll(start);
+    assert_eq!(receive_all(&mut vf).len(), 1);
+    bench
+        .fake
+        .pf_send(0, &[mailbox::PF_CONTROL_MSG | mailbox::MSGTYPE_CTS]);
+    // A loaded event loop: 3 ms between polls, each finding frames (within the busy period).
+    let mut now = start;
+    for _ in 0..2 {
+        now += 3_000_000;
+        assert!(bench.fake.inject_rx_frame(0, &frame(PF_MAC.0, 64, 0)));
+        vf.poll(now);
+        assert_eq!(receive_all(&mut vf).len(), 1);
+        assert_eq!(
+            vf.driver_counters().pf_control_messages,
+            0,
+            "at {} ns: busy, registers not read",
+            now - start
+        );
+    }
+    // The next cycle finds nothing: a period after the last frame has passed, so the
+    // registers are due at once.
+    let last_frame = now;
+    now += 3_000_000;
+    vf.poll(now);
+    assert!(receive_all(&mut vf).is_empty());
+    assert_eq!(vf.next_poll_ns(), Some(last_frame + 1_000_000));
+    vf.poll(now + 1);
+    assert_eq!(
+        vf.driver_counters().pf_control_messages,
+        1,
+        "read once quiet"
     );
 }
