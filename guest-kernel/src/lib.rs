@@ -168,6 +168,7 @@ mod kernel {
         // which includes the frame pool; this runs once.
         unsafe { paging::init(mapped.as_slice(), &mut frames)? };
         drop(frames);
+        paging::grow_emulated_tlb(mapped.as_slice());
         let mut heap_bytes = 0;
         for range in usable.as_slice() {
             // SAFETY: usable RAM, now mapped, owned by nobody else (the pool, the kernel and
