@@ -1075,16 +1075,47 @@ fn a_busy_driver_reads_link_and_mailbox_once_per_period() {
     assert_eq!(vf.next_poll_ns(), None);
 }
 
-#[test]
-fn while_frames_arrive_the_register_check_stretches_and_resumes_once_they_stop() {
-    let mut bench = new_bench(Some(PF_MAC));
-    let mut vf = bench
+/// A VF whose register check runs every 1 ms, every 10 ms while frames arrive.
+fn started_with_check_periods(bench: &mut Bench) -> Vf {
+    bench
         .start(Config {
             register_check_period_ns: 1_000_000,
             busy_register_check_period_ns: 10_000_000,
             ..test_config()
         })
-        .expect("init");
+        .expect("init")
+}
+
+/// Polls `vf` `polls` times, `interval_ns` apart after `start`, a frame arriving before each,
+/// and checks that a pending PF message stays unread (the VF is busy: its registers wait for
+/// the busy period). Returns the last poll's time.
+fn poll_busy_leaving_the_message_unread(
+    bench: &Bench,
+    vf: &mut Vf,
+    start: u64,
+    interval_ns: u64,
+    polls: usize,
+) -> u64 {
+    let mut now = start;
+    for _ in 0..polls {
+        now += interval_ns;
+        assert!(bench.fake.inject_rx_frame(0, &frame(PF_MAC.0, 64, 0)));
+        vf.poll(now);
+        assert_eq!(receive_all(vf).len(), 1);
+        assert_eq!(
+            vf.driver_counters().pf_control_messages,
+            0,
+            "at {} ns: busy, registers not read",
+            now - start
+        );
+    }
+    now
+}
+
+#[test]
+fn while_frames_arrive_the_register_check_stretches_and_resumes_once_they_stop() {
+    let mut bench = new_bench(Some(PF_MAC));
+    let mut vf = started_with_check_periods(&mut bench);
     let start = bench.now();
     vf.poll(start);
     // A frame every 0.5 ms: the VF is plainly there with link, so a PF message that leaves
@@ -1092,19 +1123,7 @@ fn while_frames_arrive_the_register_check_stretches_and_resumes_once_they_stop()
     bench
         .fake
         .pf_send(0, &[mailbox::PF_CONTROL_MSG | mailbox::MSGTYPE_CTS]);
-    let mut now = start;
-    for _ in 0..19 {
-        now += 500_000;
-        assert!(bench.fake.inject_rx_frame(0, &frame(PF_MAC.0, 64, 0)));
-        vf.poll(now);
-        assert_eq!(receive_all(&mut vf).len(), 1);
-        assert_eq!(
-            vf.driver_counters().pf_control_messages,
-            0,
-            "at {} ns: deferred",
-            now - start
-        );
-    }
+    poll_busy_leaving_the_message_unread(&bench, &mut vf, start, 500_000, 19);
     assert_eq!(vf.next_poll_ns(), Some(start + 10_000_000));
     vf.poll(start + 10_000_000);
     assert_eq!(
@@ -1120,7 +1139,7 @@ fn while_frames_arrive_the_register_check_stretches_and_resumes_once_they_stop()
     bench
         .fake
         .pf_send(0, &[mailbox::PF_CONTROL_MSG | mailbox::MSGTYPE_CTS]);
-    now = start + 10_500_000;
+    let now = start + 10_500_000;
     assert!(bench.fake.inject_rx_frame(0, &frame(PF_MAC.0, 64, 0)));
     vf.poll(now);
     assert_eq!(receive_all(&mut vf).len(), 1);
@@ -1166,13 +1185,7 @@ fn while_frames_arrive_the_register_check_stretches_and_resumes_once_they_stop()
 #[test]
 fn poll_cycles_longer_than_the_period_still_count_as_busy_while_each_finds_frames() {
     let mut bench = new_bench(Some(PF_MAC));
-    let mut vf = bench
-        .start(Config {
-            register_check_period_ns: 1_000_000,
-            busy_register_check_period_ns: 10_000_000,
-            ..test_config()
-        })
-        .expect("init");
+    let mut vf = started_with_check_periods(&mut bench);
     let start = bench.now();
     assert!(bench.fake.inject_rx_frame(0, &frame(PF_MAC.0, 64, 0)));
     vf.poll(start);
@@ -1181,19 +1194,7 @@ fn poll_cycles_longer_than_the_period_still_count_as_busy_while_each_finds_frame
         .fake
         .pf_send(0, &[mailbox::PF_CONTROL_MSG | mailbox::MSGTYPE_CTS]);
     // A loaded event loop: 3 ms between polls, each finding frames (within the busy period).
-    let mut now = start;
-    for _ in 0..2 {
-        now += 3_000_000;
-        assert!(bench.fake.inject_rx_frame(0, &frame(PF_MAC.0, 64, 0)));
-        vf.poll(now);
-        assert_eq!(receive_all(&mut vf).len(), 1);
-        assert_eq!(
-            vf.driver_counters().pf_control_messages,
-            0,
-            "at {} ns: busy, registers not read",
-            now - start
-        );
-    }
+    let mut now = poll_busy_leaving_the_message_unread(&bench, &mut vf, start, 3_000_000, 2);
     // The next cycle finds nothing: a period after the last frame has passed, so the
     // registers are due at once.
     let last_frame = now;
