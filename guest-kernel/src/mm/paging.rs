@@ -181,8 +181,9 @@ const TLB_GROWTH_ROUNDS: u32 = 9;
 /// kernel flushes only while it builds its tables, so without this the TLB stays small while a
 /// network stack's working set spans thousands of pages (receive buffers, socket buffers): a
 /// `perf` profile of the vCPU thread receiving TCP showed ~18 % of its time in TLB refills
-/// (`tlb_set_page_full` and the slow-path accessors), ~6 % after this. On hardware or a
-/// hardware-assisted hypervisor it costs a few thousand reads and nine TLB flushes at boot.
+/// (`tlb_set_page_full` and the slow-path accessors), 4–6 % after this. On hardware or a
+/// hardware-assisted hypervisor it costs some thousand reads and at most nine TLB flushes at
+/// boot.
 pub fn grow_emulated_tlb(ram: &[super::PhysRange]) -> u64 {
     let root = ROOT.load(Ordering::Acquire);
     if root == 0 {
