@@ -8,7 +8,7 @@
 
 use crate::guid::Guid;
 use crate::hypervisor::{ChannelEvents, EventSignal, HvStatus, HypervisorPort};
-use crate::packet::OutgoingPacket;
+use crate::packet::{IncomingPacket, OutgoingKind, OutgoingPacket};
 use crate::protocol::{
     self, AllOffersDelivered, CloseChannel, GpaRange, GpadlBody, GpadlCreated, GpadlHeader,
     GpadlTeardown, GpadlTorndown, InitiateContact, MAX_MESSAGE_SIZE, MessageType, OfferChannel,
@@ -225,6 +225,34 @@ pub struct FakeHostPort {
 
 fn message<M: VmbusMessage>(body: &M) -> Vec<u8> {
     protocol::encode_message(body).as_bytes().to_vec()
+}
+
+/// A packet of `kind` with `payload`, as a host writes it into the guest's ring (descriptor,
+/// type header, payload, padding; no trailer; no completion requested), written over `buffer`
+/// and parsed back as the guest's channel reads it: for fake ports that hand the guest
+/// packets without a ring.
+///
+/// # Panics
+/// When the packet cannot be encoded (lengths beyond the descriptor's 16-bit fields) or does
+/// not parse back: a test's fake is wrong then.
+pub fn received_by_guest<'b>(
+    kind: OutgoingKind<'_>,
+    transaction_id: u64,
+    payload: &[u8],
+    buffer: &'b mut Vec<u8>,
+) -> IncomingPacket<'b> {
+    let pieces: &[&[u8]] = &[payload];
+    let packet = OutgoingPacket {
+        kind,
+        transaction_id,
+        completion_requested: false,
+        payload: pieces,
+    };
+    buffer.clear();
+    packet
+        .for_each_piece(|piece| buffer.extend_from_slice(piece))
+        .expect("the fake's packet fits a descriptor");
+    IncomingPacket::parse(buffer).expect("an encoded packet parses back")
 }
 
 /// An offer for a device class with relid and connection id, as OpenVMM would send it.

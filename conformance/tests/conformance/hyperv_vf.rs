@@ -68,7 +68,8 @@ use tandem_conformance::vmbus_host::VmbusHost;
 use tandem_conformance::vpci_host::{BarIo, ConfigWindow};
 use tandem_conformance::wire::Wire;
 use vf_driver::{Mana, ManaConfig, WaitHost};
-use vmbus::packet::{IncomingPacket, OutgoingPacket, PACKET_TYPE_IN_BAND, PacketDescriptor};
+use vmbus::packet::{IncomingPacket, OutgoingKind, OutgoingPacket};
+use vmbus::testing::received_by_guest;
 use vmbus::vpci::{VpciBus, VpciEvent, VpciPort, place_bars, protocol};
 use vmbus::{
     Channel, ChannelEvents, ClientConfig, ClientEvent, HypervisorPort, Offer, OpenParams,
@@ -352,19 +353,12 @@ impl VpciPort for HubVpciPort {
                 message_type: protocol::message::EJECT,
                 wslot,
             };
-            let descriptor = PacketDescriptor {
-                packet_type: PACKET_TYPE_IN_BAND,
-                data_offset8: 2,
-                length8: ((16 + size_of::<protocol::FunctionMessage>()) / 8) as u16,
-                flags: 0,
-                transaction_id: 0,
-            };
-            buffer.clear();
-            buffer.extend_from_slice(descriptor.as_bytes());
-            buffer.extend_from_slice(message.as_bytes());
-            return IncomingPacket::parse(buffer)
-                .map(Some)
-                .map_err(vmbus::Error::from);
+            return Ok(Some(received_by_guest(
+                OutgoingKind::InBand,
+                0,
+                message.as_bytes(),
+                buffer,
+            )));
         }
         match self.channel.as_mut() {
             Some(channel) => channel.receive(buffer),

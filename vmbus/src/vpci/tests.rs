@@ -3,7 +3,8 @@
 
 use super::protocol::*;
 use super::*;
-use crate::packet::{IncomingPacket, OutgoingKind, PacketDescriptor};
+use crate::packet::{IncomingPacket, OutgoingKind};
+use crate::testing::received_by_guest;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -213,21 +214,12 @@ impl VpciPort for FakePort {
         else {
             return Ok(None);
         };
-        let padded = payload.len().div_ceil(8) * 8;
-        let descriptor = PacketDescriptor {
-            packet_type: if completion { 11 } else { 6 },
-            data_offset8: 2,
-            length8: ((16 + padded) / 8) as u16,
-            flags: 0,
-            transaction_id: transaction,
+        let kind = if completion {
+            OutgoingKind::Completion
+        } else {
+            OutgoingKind::InBand
         };
-        buffer.clear();
-        buffer.extend_from_slice(descriptor.as_bytes());
-        buffer.extend_from_slice(&payload);
-        buffer.resize(16 + padded, 0);
-        Ok(Some(
-            IncomingPacket::parse(buffer).expect("fake builds valid packets"),
-        ))
+        Ok(Some(received_by_guest(kind, transaction, &payload, buffer)))
     }
 
     fn now_ns(&mut self) -> u64 {

@@ -7,7 +7,8 @@ use alloc::collections::VecDeque;
 use core::cell::Cell;
 use vmbus::Error as VmbusError;
 use vmbus::guid::{Guid, interface};
-use vmbus::packet::{IncomingPacket, PacketDescriptor};
+use vmbus::packet::{IncomingPacket, OutgoingKind};
+use vmbus::testing::received_by_guest;
 use vmbus::vpci::protocol::{self, message};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -161,19 +162,12 @@ impl VpciPort for TestPort {
         else {
             return Ok(None);
         };
-        let padded = payload.len().div_ceil(8) * 8;
-        let descriptor = PacketDescriptor {
-            packet_type: if completion { 11 } else { 6 },
-            data_offset8: 2,
-            length8: ((16 + padded) / 8) as u16,
-            flags: 0,
-            transaction_id: transaction,
+        let kind = if completion {
+            OutgoingKind::Completion
+        } else {
+            OutgoingKind::InBand
         };
-        buffer.clear();
-        buffer.extend_from_slice(descriptor.as_bytes());
-        buffer.extend_from_slice(&payload);
-        buffer.resize(16 + padded, 0);
-        Ok(Some(IncomingPacket::parse(buffer).unwrap()))
+        Ok(Some(received_by_guest(kind, transaction, &payload, buffer)))
     }
 
     fn now_ns(&mut self) -> u64 {
