@@ -174,7 +174,7 @@ const TLB_GROWTH_ROUNDS: u32 = 9;
 
 /// Lets an emulated CPU's software TLB grow to hold the RAM in `ram` (up to 128 MiB of it):
 /// rounds that each read one byte of twice as many pages as the round before, then reload CR3,
-/// until two rounds covered all of RAM. Returns the pages touched.
+/// until two rounds covered all of RAM.
 ///
 /// QEMU's TCG starts each TLB at 256 entries and resizes it only when the guest flushes it, by
 /// one doubling when more than 70 % of the entries were in use (`tlb_mmu_resize_locked`). This
@@ -184,12 +184,11 @@ const TLB_GROWTH_ROUNDS: u32 = 9;
 /// (`tlb_set_page_full` and the slow-path accessors), 4–6 % after this. On hardware or a
 /// hardware-assisted hypervisor it costs some thousand reads and at most nine TLB flushes at
 /// boot.
-pub fn grow_emulated_tlb(ram: &[super::PhysRange]) -> u64 {
+pub fn grow_emulated_tlb(ram: &[super::PhysRange]) {
     let root = ROOT.load(Ordering::Acquire);
     if root == 0 {
-        return 0;
+        return;
     }
-    let mut touched = 0;
     let mut rounds_over_all_ram = 0;
     for round in 0..TLB_GROWTH_ROUNDS {
         let mut left = TLB_GROWTH_FIRST_ROUND_PAGES << round;
@@ -201,7 +200,6 @@ pub fn grow_emulated_tlb(ram: &[super::PhysRange]) -> u64 {
                 unsafe { core::ptr::read_volatile(page as *const u8) };
                 page += PAGE_SIZE;
                 left -= 1;
-                touched += 1;
             }
         }
         // SAFETY: reloading the current root keeps every mapping and flushes the TLB.
@@ -215,7 +213,6 @@ pub fn grow_emulated_tlb(ram: &[super::PhysRange]) -> u64 {
             }
         }
     }
-    touched
 }
 
 /// Identity-maps `[start, start + len)` with the given caching. Pages already mapped keep
